@@ -1,0 +1,128 @@
+"""Merging checkpoints on disk into a checkpoint on disk: the path the CLI and the pipeline use.
+
+Inputs are opened lazily, merged tensors are streamed into an atomically published safetensors output, and the
+input files are hashed on a background thread meanwhile; memory stays at one tensor per input plus scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import samerge
+from samerge.engine import MergeStats, merge_stream, plan_merge
+from samerge.errors import SamergeWarning
+from samerge.io import BackgroundHasher, Checkpoint, SafetensorsSink, open_checkpoint, parse_size
+from samerge.io.hashing import DIGEST_HEX_LEN
+from samerge.io.safetensors_format import PlannedTensor
+from samerge.io.writer import DEFAULT_MAX_SHARD_SIZE
+from samerge.methods import get_method, parse_params
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    method: str
+    params: dict[str, Any]
+    seconds: float
+    relative_norms: list[float]
+    merged_tensors: int
+    copied_tensors: int
+    checksums: dict[str, str]
+
+
+def _checksum_placeholders(files: list[Path]) -> str:
+    return json.dumps({str(f): "0" * DIGEST_HEX_LEN for f in files}, sort_keys=True)
+
+
+def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: Sequence[Checkpoint],
+               checksums: dict[str, str], relative_norms: list[float]) -> str:
+    lines = [
+        "---",
+        "tags: [samerge, merge, " + method + "]",
+        "---",
+        f"# Merged model ({method})",
+        "",
+        f"Merged with [samerge](https://pypi.org/project/samerge/) {samerge.__version__} on "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "",
+        "## Method",
+        "",
+        f"- method: `{method}`",
+    ]
+    lines += [f"- {k}: `{v}`" for k, v in params.items()]
+    lines += ["", "## Inputs", "", "| role | path | sha256 | ‖τ‖/‖θ₀‖ |", "|---|---|---|---|"]
+    for f in base.files:
+        lines.append(f"| base | `{f}` | `{checksums.get(str(f), '')[:16]}…` | |")
+    for i, e in enumerate(experts):
+        for f in e.files:
+            lines.append(f"| expert {i + 1} | `{f}` | `{checksums.get(str(f), '')[:16]}…` | {relative_norms[i]:.4f} |")
+    lines += ["", "The full checksums and parameters are in the safetensors metadata (`samerge.*` keys).", ""]
+    return "\n".join(lines)
+
+
+def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                      method: str = "ties", *, params: dict[str, Any] | None = None, exclude: Sequence[str] = (),
+                      force: bool = False, overwrite: bool = False,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = False) -> MergeReport:
+    """Merge the checkpoints at ``experts`` into ``base`` and write the result to ``out`` atomically.
+
+    ``out`` ending in ``.safetensors`` is one file; anything else is a model directory (sharded above
+    ``max_shard_size``, with the base directory's config and tokenizer files copied so ``from_pretrained`` works).
+    """
+    t0 = time.perf_counter()
+    m = get_method(method)
+    p = parse_params(m, dict(params or {}))
+    shard_size = parse_size(max_shard_size)
+    base_ckpt = open_checkpoint(base)
+    expert_ckpts = [open_checkpoint(e) for e in experts]
+    try:
+        plan = plan_merge(base_ckpt, expert_ckpts, exclude)
+        for note in plan.notes:
+            warnings.warn(note, SamergeWarning, stacklevel=2)
+        files = [*base_ckpt.files, *(f for e in expert_ckpts for f in e.files)]
+        hasher = BackgroundHasher(files)
+        explicit = {k: v for k, v in p.model_dump().items()}
+        metadata = {
+            "format": "pt",
+            "samerge.version": samerge.__version__,
+            "samerge.method": m.name,
+            "samerge.params": json.dumps(explicit, sort_keys=True, default=str),
+            "samerge.base": json.dumps([str(f) for f in base_ckpt.files]),
+            "samerge.experts": json.dumps([[str(f) for f in e.files] for e in expert_ckpts]),
+            "samerge.sha256": _checksum_placeholders(files),
+            "samerge.torch": torch.__version__,
+            "samerge.python": platform.python_version(),
+        }
+        write_plan = [PlannedTensor(k, plan.dtypes[k], plan.shapes[k]) for k in plan.keys]
+        stats = MergeStats()
+        sink = SafetensorsSink(out, write_plan, metadata=metadata, aliases=plan.aliases,
+                               max_shard_size=shard_size, overwrite=overwrite,
+                               copy_from=base_ckpt.directory)
+        with sink:
+            try:
+                for key, tensor in merge_stream(base_ckpt, expert_ckpts, m, p, plan, force=force, fresh=False,
+                                                progress=progress, stats=stats):
+                    sink.write(key, tensor)
+            except BaseException:
+                hasher.cancel()
+                raise
+            checksums = hasher.result()
+            card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms())
+            path = sink.finish({"samerge.sha256": json.dumps(checksums, sort_keys=True)}, model_card=card)
+        return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),
+                           stats.merged_tensors, stats.copied_tensors, checksums)
+    finally:
+        base_ckpt.close()
+        for e in expert_ckpts:
+            e.close()

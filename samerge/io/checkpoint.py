@@ -1,0 +1,304 @@
+"""Lazy checkpoint readers: one tensor at a time, from any layout users hand us.
+
+:func:`open_checkpoint` accepts
+
+* a ``.safetensors`` file;
+* a sharded checkpoint's ``*.index.json`` (safetensors or ``.bin`` shards);
+* a Hugging Face model directory (``model.safetensors``, sharded safetensors, ``pytorch_model.bin`` and their
+  indexes; ``config.json`` is read when present);
+* a ``.bin`` / ``.pt`` / ``.pth`` PyTorch file, loaded with ``weights_only=True`` only (memory-mapped where the
+  file format allows it). samerge never executes pickled code.
+
+and returns a :class:`Checkpoint`, a read-only ``Mapping[str, Tensor]`` whose ``__getitem__`` reads the tensor on
+demand. Shapes and dtypes are known without reading data (:meth:`Checkpoint.info`), so structural validation of a
+whole merge costs no IO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from samerge.errors import CheckpointError
+from samerge.io.safetensors_format import TensorEntry, read_header, read_into
+
+SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+ALIASES_METADATA_KEY = "samerge.aliases"
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A read-only, lazily loaded state dict. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: Path, *, entries: dict[str, TensorEntry] | None = None,
+                 entry_files: dict[str, Path] | None = None, tensors: dict[str, torch.Tensor] | None = None, aliases: dict[str, str] | None = None,
+                 files: list[Path], metadata: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None, directory: Path | None = None) -> None:
+        self.path = path
+        self._entries = entries or {}
+        self._entry_files = entry_files or {}  # key -> the file holding it
+        self._tensors = tensors or {}
+        self.aliases: dict[str, str] = dict(aliases or {})  # alias key -> canonical key (tied weights)
+        self.files = files
+        self.metadata = metadata or {}
+        self.config = config
+        self.directory = directory  # the model directory, when the checkpoint came from one
+        self._handles: dict[Path, BinaryIO] = {}
+        self._keys = list(self._entries) + list(self._tensors) + [a for a in self.aliases if a not in self._entries]
+
+    # Mapping protocol ----------------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries or key in self._tensors or key in self.aliases
+
+    # Lazy access -----------------------------------------------------------------------------------------------
+    def _canonical(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of ``key`` without reading its data."""
+        key = self._canonical(key)
+        if key in self._entries:
+            e = self._entries[key]
+            return e.shape, e.dtype
+        if key in self._tensors:
+            t = self._tensors[key]
+            return tuple(t.shape), t.dtype
+        raise KeyError(key)
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read ``key``; into the contiguous buffer ``out`` (matching dtype and size) when given."""
+        key = self._canonical(key)
+        if key in self._entries:
+            entry = self._entries[key]
+            return read_into(self._handle(entry), entry, out)
+        if key in self._tensors:
+            t = self._tensors[key]
+            if out is None:
+                return t.clone()
+            return out.view(t.shape).copy_(t)
+        raise KeyError(key)
+
+    def _handle(self, entry: TensorEntry) -> BinaryIO:
+        path = self._entry_files[entry.name]
+        f = self._handles.get(path)
+        if f is None:
+            try:
+                f = self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        return f
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+# ------------------------------------------------------------------------------------------------ opening
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open ``path`` lazily; see the module docstring for the accepted layouts."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _open_directory(p)
+    name = p.name
+    if name.endswith(".index.json"):
+        return _open_index(p, directory=None)
+    if name.endswith(".safetensors"):
+        return _open_safetensors_files(p, [p], directory=None)
+    if name.endswith(PICKLE_SUFFIXES):
+        return _open_pickle_files(p, [p], directory=None)
+    # An unknown suffix: sniff the content rather than guessing from the name.
+    return _open_safetensors_files(p, [p], directory=None)
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    cfg = directory / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg}: cannot parse config.json ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _open_directory(d: Path) -> Checkpoint:
+    for name in SAFETENSORS_NAMES + BIN_NAMES:
+        candidate = d / name
+        if candidate.is_file():
+            if name.endswith(".index.json"):
+                return _open_index(candidate, directory=d)
+            if name.endswith(".safetensors"):
+                return _open_safetensors_files(d, [candidate], directory=d)
+            return _open_pickle_files(d, [candidate], directory=d)
+    singles = sorted(d.glob("*.safetensors"))
+    indexes = sorted(d.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _open_index(indexes[0], directory=d)
+    if singles and not indexes:
+        return _open_safetensors_files(d, singles, directory=d)
+    if (d / "adapter_config.json").is_file():
+        raise CheckpointError(f"{d}: this is a PEFT LoRA adapter, not a model; merge adapters with "
+                              "`samerge merge-lora`")
+    raise CheckpointError(f"{d}: no model weights found (looked for {', '.join(SAFETENSORS_NAMES + BIN_NAMES)} "
+                          "or *.safetensors)")
+
+
+def _open_index(index: Path, directory: Path | None) -> Checkpoint:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: not a valid sharded-checkpoint index (expected a JSON object with a "
+                              "'weight_map')") from None
+    shards = sorted({index.parent / str(f) for f in weight_map.values()})
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0].name} listed in the index is missing")
+    if all(s.name.endswith(".safetensors") for s in shards):
+        ckpt = _open_safetensors_files(index, shards, directory=directory or index.parent)
+    else:
+        ckpt = _open_pickle_files(index, shards, directory=directory or index.parent)
+    extra = set(ckpt._entries) | set(ckpt._tensors)
+    listed = set(weight_map)
+    if listed - extra:
+        first = sorted(listed - extra)[0]
+        raise CheckpointError(f"{index}: tensor {first!r} is listed in the index but not found in its shard")
+    return ckpt
+
+
+def _open_safetensors_files(path: Path, files: list[Path], directory: Path | None) -> Checkpoint:
+    entries: dict[str, TensorEntry] = {}
+    by_key: dict[str, Path] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        header = read_header(f)
+        for name, entry in header.entries.items():
+            if name in entries:
+                raise CheckpointError(f"{f}: tensor {name!r} also appears in {by_key[name].name}")
+            entries[name] = entry
+            by_key[name] = f
+        metadata.update(header.metadata)
+    aliases: dict[str, str] = {}
+    if ALIASES_METADATA_KEY in metadata:
+        try:
+            aliases = {str(k): str(v) for k, v in json.loads(metadata[ALIASES_METADATA_KEY]).items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{path}: corrupt {ALIASES_METADATA_KEY} metadata") from None
+        bad = [a for a, c in aliases.items() if c not in entries]
+        if bad:
+            raise CheckpointError(f"{path}: tied tensor {bad[0]!r} points to a missing tensor")
+    config = _read_config(directory) if directory else None
+    return Checkpoint(path, entries=entries, entry_files=by_key, aliases=aliases, files=list(files),
+                      metadata=metadata, config=config, directory=directory)
+
+
+def _load_pickle(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"{f}: refusing to load: the pickle contains objects other than tensors "
+                                  "(samerge loads pickles only with weights_only=True; convert it to safetensors)"
+                                  ) from None
+        raise CheckpointError(f"{f}: cannot read as a PyTorch checkpoint (truncated or corrupt: {first})") from None
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module"):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"{f}: expected a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _open_pickle_files(path: Path, files: list[Path], directory: Path | None) -> Checkpoint:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in _load_pickle(f).items():
+            if k in tensors:
+                raise CheckpointError(f"{f}: tensor {k!r} appears in more than one shard")
+            tensors[k] = v
+    # Tied weights share storage in a pickle: keep the first name as canonical, the others as aliases.
+    canonical: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    aliases: dict[str, str] = {}
+    for k, v in list(tensors.items()):
+        if v.numel() == 0:
+            continue
+        sig = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if sig in canonical:
+            aliases[k] = canonical[sig]
+            del tensors[k]
+        else:
+            canonical[sig] = k
+    config = _read_config(directory) if directory else None
+    return Checkpoint(path, tensors=tensors, aliases=aliases, files=list(files), config=config, directory=directory)
+
+
+def tensor_info(state: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of ``state[key]``, without reading data when ``state`` is a :class:`Checkpoint`."""
+    if isinstance(state, Checkpoint):
+        return state.info(key)
+    t = state[key]
+    if not isinstance(t, torch.Tensor):
+        from samerge.errors import SamergeError
+
+        raise SamergeError(f"value for {key!r} is a {type(t).__name__}, not a torch.Tensor")
+    return tuple(t.shape), t.dtype
+
+
+def aliases_of(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Tied keys of ``state`` (alias -> canonical), from a Checkpoint's record or shared storage in a dict."""
+    if isinstance(state, Checkpoint):
+        return dict(state.aliases)
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    out: dict[str, str] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.numel() == 0:
+            continue
+        sig = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if sig in seen:
+            out[k] = seen[sig]
+        else:
+            seen[sig] = k
+    return out

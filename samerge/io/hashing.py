@@ -1,0 +1,33 @@
+"""Input checksums, computed on a background thread while the merge runs (hashlib releases the GIL)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+DIGEST_HEX_LEN = 64  # sha256
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class BackgroundHasher:
+    """Hash a list of files on one worker thread; :meth:`result` waits and returns ``{path: sha256}``."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samerge-sha256")
+        self._futures: dict[str, Future[str]] = {str(f): self._pool.submit(sha256_file, f) for f in files}
+
+    def result(self) -> dict[str, str]:
+        try:
+            return {k: f.result() for k, f in self._futures.items()}
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def cancel(self) -> None:
+        for f in self._futures.values():
+            f.cancel()
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,289 @@
+"""Atomic, streaming safetensors output.
+
+:class:`SafetensorsSink` knows every tensor's name, dtype and shape before the first byte is written, so it lays
+out the file(s) up front and writes each tensor at its final offset the moment it is produced: the merged model is
+never held in memory as a whole. Everything goes to a hidden temporary sibling of the output path, is fsync'ed, and
+only then renamed into place; a crash or a kill at any point leaves no file at the output path.
+
+* ``out`` ending in ``.safetensors``: one file (plus ``<stem>.md``, the model card).
+* any other ``out``: a Hugging Face style directory: ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
+  shards with ``model.safetensors.index.json``, ``README.md`` (model card), and the non-weight files of the base
+  model directory (``config.json``, tokenizer files) so that ``from_pretrained`` works on the result.
+
+Tied weights (several names, one tensor) are written once; the other names are recorded in the metadata key
+``samerge.aliases`` and restored by :func:`samerge.io.open_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samerge.errors import SamergeError
+from samerge.io.checkpoint import ALIASES_METADATA_KEY
+from samerge.io.safetensors_format import PlannedTensor, encode_header, layout
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
+TEMP_MARK = ".samerge-tmp-"
+
+
+def parse_size(value: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes."""
+    if isinstance(value, int):
+        n = value
+    else:
+        s = value.strip().upper().replace(" ", "")
+        units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+                 "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+        for unit, mult in units.items():
+            if s.endswith(unit):
+                try:
+                    n = int(float(s[: -len(unit)]) * mult)
+                except ValueError:
+                    raise SamergeError(f"cannot parse size {value!r} (examples: 500MB, 5GB, 2GiB)") from None
+                break
+        else:
+            try:
+                n = int(s)
+            except ValueError:
+                raise SamergeError(f"cannot parse size {value!r} (examples: 500MB, 5GB, 2GiB)") from None
+    if n <= 0:
+        raise SamergeError(f"size must be positive, got {value!r}")
+    return n
+
+
+def _nbytes(t: PlannedTensor) -> int:
+    return math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
+
+
+class _Shard:
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.placed = layout(tensors)
+        self.metadata = metadata
+        header = encode_header(self.placed, metadata)
+        self.data_start = 8 + len(header)
+        self.offsets = {t.name: (self.data_start + b, e - b) for t, b, e in self.placed}
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write_header(metadata)
+
+    def _write_header(self, metadata: dict[str, str]) -> None:
+        header = encode_header(self.placed, metadata)
+        if 8 + len(header) != self.data_start:
+            raise RuntimeError("late metadata changed the header length")  # a bug, not a user error
+        os.pwrite(self.fd, len(header).to_bytes(8, "little") + header, 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, nbytes = self.offsets[name]
+        t = tensor.detach().contiguous()
+        view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        if len(view) != nbytes:
+            raise RuntimeError(f"{name}: {len(view)} bytes produced, {nbytes} planned")
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        self._write_header(metadata)
+        end = self.data_start + sum(e - b for _, b, e in self.placed)
+        os.ftruncate(self.fd, end)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SafetensorsSink:
+    """Streams named tensors to ``out`` and publishes it atomically on :meth:`finish`.
+
+    ``plan`` lists every tensor to be written (canonical names only); ``aliases`` maps tied names to them.
+    ``metadata`` must already contain every key, with values of their final length if they are to be replaced by
+    :meth:`finish` (used for checksums computed while the merge runs).
+    """
+
+    def __init__(self, out: str | os.PathLike[str], plan: list[PlannedTensor], *, metadata: Mapping[str, str],
+                 aliases: Mapping[str, str] | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 overwrite: bool = False, copy_from: Path | None = None) -> None:
+        self.out = Path(out)
+        self.single_file = self.out.name.endswith(".safetensors")
+        if self.out.exists() and not overwrite:
+            raise SamergeError(f"{self.out} already exists (pass --overwrite to replace it)")
+        if self.out.exists() and self.single_file != self.out.is_file():
+            raise SamergeError(f"{self.out} exists and is a {'directory' if self.out.is_dir() else 'file'}; "
+                               "choose another output path")
+        if not self.out.parent.is_dir():
+            raise SamergeError(f"{self.out.parent}: output folder does not exist")
+        names = [t.name for t in plan]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.aliases = dict(aliases or {})
+        self.metadata = dict(metadata)
+        if self.aliases:
+            self.metadata[ALIASES_METADATA_KEY] = json.dumps(self.aliases, sort_keys=True)
+        self.copy_from = copy_from
+        self.tmp = self.out.parent / f".{self.out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._shards: list[_Shard] = []
+        self._by_name: dict[str, _Shard] = {}
+        self._pending = set(names)
+        self._done = False
+        try:
+            if self.single_file:
+                groups = [plan]
+                paths = [self.tmp]
+            else:
+                self.tmp.mkdir()
+                groups = self._split(plan, max_shard_size)
+                n = len(groups)
+                paths = [self.tmp / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+                         for i in range(n)]
+            for path, group in zip(paths, groups):
+                shard = _Shard(path, group, self.metadata)
+                self._shards.append(shard)
+                for t in group:
+                    self._by_name[t.name] = shard
+        except BaseException:
+            self.abort()
+            raise
+
+    @staticmethod
+    def _split(plan: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+        groups: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for t in sorted(plan, key=lambda t: t.name):
+            nb = _nbytes(t)
+            if groups[-1] and size + nb > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += nb
+        return groups
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard = self._by_name.get(name)
+        if shard is None:
+            raise KeyError(f"{name!r} is not in the write plan")
+        shard.write(name, tensor)
+        self._pending.discard(name)
+
+    def finish(self, metadata_updates: Mapping[str, str] | None = None, model_card: str | None = None) -> Path:
+        """Complete the header(s), write index and card, fsync and rename into place. Returns ``out``."""
+        try:
+            if self._pending:
+                raise RuntimeError(f"{len(self._pending)} planned tensors were never written, e.g. "
+                                   f"{sorted(self._pending)[0]!r}")
+            if metadata_updates:
+                for k, v in metadata_updates.items():
+                    if k not in self.metadata or len(self.metadata[k]) != len(v):
+                        raise RuntimeError(f"late metadata {k!r} must replace a placeholder of equal length")
+                self.metadata.update(metadata_updates)
+            for shard in self._shards:
+                shard.finish(self.metadata)
+            if self.single_file:
+                if model_card is not None:
+                    _write_text_atomic(self.out.with_suffix(".md"), model_card)
+                _fsync_dir(self.out.parent)
+                os.replace(self.tmp, self.out)
+            else:
+                self._finish_directory(model_card)
+            _fsync_dir(self.out.parent)
+            self._done = True
+            return self.out
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish_directory(self, model_card: str | None) -> None:
+        if len(self._shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(_nbytes(t) for s in self._shards for t, _, _ in s.placed),
+                             **self.metadata},
+                "weight_map": {name: s.path.name for s in self._shards for name in s.offsets},
+            }
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        if self.copy_from is not None:
+            for src in sorted(self.copy_from.iterdir()):
+                if (src.is_file() and not src.name.endswith(WEIGHT_FILE_SUFFIXES) and src.name != "README.md"
+                        and not src.name.endswith(".index.json") and not src.name.startswith(".")):
+                    shutil.copy2(src, self.tmp / src.name)
+        if model_card is not None:
+            (self.tmp / "README.md").write_text(model_card, encoding="utf-8")
+        for f in self.tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(self.tmp)
+        if self.out.exists():
+            backup = self.out.parent / f".{self.out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, backup)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
+
+    def abort(self) -> None:
+        """Drop everything written so far; the output path is left as it was."""
+        for shard in self._shards:
+            shard.close()
+        if not self._done:
+            if self.tmp.is_dir():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            elif self.tmp.exists():
+                self.tmp.unlink()
+
+    def __enter__(self) -> SafetensorsSink:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike[str], *,
+                     metadata: Mapping[str, str] | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     overwrite: bool = False, model_card: str | None = None) -> Path:
+    """Write a state dict atomically (see module docstring); tied tensors (shared storage) are written once."""
+    from samerge.io.checkpoint import aliases_of
+
+    aliases = aliases_of(tensors)
+    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items() if k not in aliases]
+    sink = SafetensorsSink(out, plan, metadata=dict(metadata or {}), aliases=aliases,
+                           max_shard_size=parse_size(max_shard_size), overwrite=overwrite)
+    with sink:
+        for t in plan:
+            sink.write(t.name, tensors[t.name])
+        return sink.finish(model_card=model_card)

@@ -1,0 +1,102 @@
+"""The interface every merge method implements, and the parameter models they share.
+
+A method sees one tensor at a time (:class:`TensorGroup`): the base tensor and the stacked task vectors of all
+experts, in the compute dtype (float32, or float64 for float64 models). It returns the merged *task vector*
+(``merged - base``), scale already applied; the engine adds the base and casts back. Methods that need statistics
+over the whole model (a global top-k, TADrop's per-tensor densities) implement :meth:`MergeMethod.plan`, which
+receives a fresh stream over all groups and returns a state passed back to every :meth:`merge_tensor` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from samerge.selection import Workspace, keep_count
+
+
+@dataclass
+class TensorGroup:
+    """One tensor across base and experts. ``task_vectors`` has shape ``(N, *base.shape)``.
+
+    Both are scratch buffers owned by the engine: a method may overwrite ``task_vectors`` in place.
+    """
+
+    key: str
+    base: torch.Tensor
+    task_vectors: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    @property
+    def n_experts(self) -> int:
+        return self.task_vectors.shape[0]
+
+
+GroupStream = Callable[[], Iterator[TensorGroup]]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Shared parameter types; a method declares e.g. ``scale: Scale = 0.3``.
+Scale = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False,
+                               description="lambda: the merged task vector is multiplied by this")]
+Density = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
+                                 description="kept fraction of entries, in [0, 1]")]
+DensityRule = Annotated[Literal["uniform", "tadrop"], Field(
+    description="uniform: the same density for every tensor; tadrop: per-tensor adaptive density (TADrop, "
+                "reconstructed) with the same overall parameter-weighted density")]
+
+
+class MergeMethod:
+    """A named merge method. Subclasses set ``name``, ``description``, ``Params`` and implement ``merge_tensor``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+
+    def needs_plan(self, params: Any) -> bool:
+        return getattr(params, "density_rule", "uniform") == "tadrop"
+
+    def plan(self, params: Any, groups: GroupStream, ws: Workspace) -> Any:
+        """Whole-model statistics gathered before merging (default: TADrop densities when asked for)."""
+        if getattr(params, "density_rule", "uniform") == "tadrop":
+            from samerge.tadrop import plan_tadrop
+
+            return plan_tadrop(groups, params.density, ws)
+        return None
+
+    def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def keep_counts(group: TensorGroup, params: Any, state: Any) -> list[int]:
+    """Entries to keep per expert for this tensor: uniform ``density``, or TADrop's planned per-tensor counts."""
+    if getattr(params, "density_rule", "uniform") == "tadrop":
+        return list(state.keep[group.key])
+    k = keep_count(group.numel, params.density)
+    return [k] * group.n_experts
+
+
+def magnitude_trim_(group: TensorGroup, counts: list[int], ws: Workspace) -> None:
+    """Zero all but the ``counts[n]`` largest-|tau| entries of each expert's task vector, in place."""
+    from samerge.selection import topk_mask
+
+    flat = group.task_vectors.view(group.n_experts, -1)
+    mag = ws.get("trim.abs", flat.shape[1], flat.dtype)
+    for n, k in enumerate(counts):
+        if k >= flat.shape[1]:
+            continue
+        torch.abs(flat[n], out=mag)
+        mask = topk_mask(mag, k, ws, slot="trim", nonnegative=True)
+        flat[n].mul_(mask)

@@ -1,0 +1,68 @@
+"""Model Breadcrumbs and Consensus (TALL masks): two sparsifying variants of task arithmetic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from samerge.methods.base import Density, DensityRule, MergeMethod, MethodParams, Scale, TensorGroup, keep_counts
+from samerge.selection import Workspace, keep_count, topk_mask
+
+
+class BreadcrumbsParams(MethodParams):
+    density: Density = 0.1  # kept fraction after dropping both tails
+    gamma: Density = 0.01  # fraction of the largest |tau| dropped as outliers
+    scale: Scale = 0.3
+    density_rule: DensityRule = "uniform"
+
+
+class Breadcrumbs(MergeMethod):
+    name = "breadcrumbs"
+    description = "Model Breadcrumbs: per tensor drop the top `gamma` and the smallest |tau|, keep `density`; then TA."
+    Params = BreadcrumbsParams
+
+    def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        flat = group.task_vectors.view(group.n_experts, -1)
+        n = flat.shape[1]
+        k_top = keep_count(n, params.gamma)
+        mag = ws.get("bc.abs", n, flat.dtype)
+        outliers = ws.get("bc.outliers", n, torch.bool)
+        for i, k in enumerate(keep_counts(group, params, state)):
+            torch.abs(flat[i], out=mag)
+            keep = topk_mask(mag, min(n, k_top + k), ws, slot="bc.keep", nonnegative=True)
+            topk_mask(mag, k_top, ws, slot="bc.top", nonnegative=True, out=outliers)
+            keep.logical_and_(outliers.logical_not_())
+            flat[i].mul_(keep)
+        out = ws.get("out", n, flat.dtype)
+        torch.sum(flat, dim=0, out=out)
+        return out.mul_(params.scale).view(group.base.shape)
+
+
+class ConsensusParams(MethodParams):
+    scale: Scale = 0.3
+    tall_lambda: float = Field(default=0.6, gt=0.0, le=100.0, allow_inf_nan=False,
+                               description="an entry belongs to task t if |tau_t| > tall_lambda * |sum - tau_t|")
+    min_agreement: int = Field(default=2, ge=1, description="keep entries that belong to at least this many tasks")
+
+
+class Consensus(MergeMethod):
+    name = "consensus"
+    description = "Consensus merging: TALL masks per task, keep entries used by >= `min_agreement` tasks; then TA."
+    Params = ConsensusParams
+
+    def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        flat = group.task_vectors.view(group.n_experts, -1)
+        n = flat.shape[1]
+        total = ws.get("out", n, flat.dtype)
+        torch.sum(flat, dim=0, out=total)
+        other = ws.get("cons.other", n, flat.dtype)
+        member = ws.get("cons.member", n, torch.bool)
+        votes = ws.get("cons.votes", n, torch.int32).zero_()
+        for i in range(group.n_experts):
+            torch.sub(total, flat[i], out=other).abs_().mul_(params.tall_lambda)
+            torch.gt(flat[i].abs(), other, out=member)
+            votes.add_(member)
+        torch.ge(votes, params.min_agreement, out=member)
+        return total.mul_(member).mul_(params.scale).view(group.base.shape)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def make_base(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A small model-like state dict: 2-D weights, 1-D biases/norms, an integer buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(40, 16, generator=g).to(dtype),
+        "layer.0.weight": torch.randn(32, 16, generator=g).to(dtype),
+        "layer.0.bias": torch.randn(32, generator=g).to(dtype),
+        "layer.1.weight": torch.randn(16, 32, generator=g).to(dtype),
+        "norm.weight": (1 + 0.1 * torch.randn(16, generator=g)).to(dtype),
+        "position_ids": torch.arange(12).view(1, 12),
+    }
+
+
+def make_experts(base: dict[str, torch.Tensor], n: int, seed: int = 1, rel: float = 0.05
+                 ) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    experts = []
+    for _ in range(n):
+        e = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                e[k] = (v.float() + rel * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+            else:
+                e[k] = v.clone()
+        experts.append(e)
+    return experts
+
+
+@pytest.fixture
+def base() -> dict[str, torch.Tensor]:
+    return make_base()
+
+
+@pytest.fixture
+def experts(base: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return make_experts(base, 3)
