@@ -1,0 +1,4 @@
+from samerge.cli import main
+import sys
+
+sys.exit(main())
