@@ -65,3 +65,21 @@ def test_inspect_reports_tensors_parameters_and_architecture(tmp_path):
     assert "encoder.layer.0.attention.self.query.weight" in r.stdout
     data = json.loads(run("inspect", "--json", str(packaged_minilm())).stdout)
     assert data["architecture"] == "bert" and data["tensors"] == 104
+
+
+def test_architecture_guess_from_parameter_names_and_config():
+    from samerge.architecture import guess_architecture
+
+    cases = {
+        "llama": ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight"],
+        "t5": ["encoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.1.EncDecAttention.q.weight"],
+        "open_clip_vision": ["visual.transformer.resblocks.0.attn.in_proj_weight"],
+        "clip_vision_hf": ["vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+        "bert": ["roberta.encoder.layer.0.attention.self.query.weight"],
+        "gpt2": ["transformer.h.0.attn.c_attn.weight"],
+        "peft_lora": ["base_model.model.q_proj.lora_A.weight", "base_model.model.q_proj.lora_B.weight"],
+    }
+    for family, keys in cases.items():
+        assert guess_architecture(keys).name == family
+    assert guess_architecture(["fc1.weight", "fc2.weight"]) is None
+    assert guess_architecture(["whatever"], {"model_type": "qwen2"}).name == "llama"

@@ -117,8 +117,9 @@ def test_sharded_output_and_sharded_input(tmp_path):
     # and the sharded output serves as input (via the directory and via the index file)
     with open_checkpoint(tmp_path / "sharded" / "model.safetensors.index.json") as ck:
         assert len(ck) == len(base)
-    report = merge_checkpoints(tmp_path / "sharded", [tmp_path / "sharded"], tmp_path / "again.safetensors",
-                               "weight_average")
+    with pytest.warns(samerge.SamergeWarning, match="identical to the base"):
+        report = merge_checkpoints(tmp_path / "sharded", [tmp_path / "sharded"], tmp_path / "again.safetensors",
+                                   "weight_average")
     assert report.merged_tensors == 5
 
 
@@ -220,6 +221,9 @@ def test_killing_the_process_mid_write_leaves_no_file_at_the_output_path(tmp_pat
     proc.wait()
     assert temps, "the write was in progress"
     assert not out.exists()
+    # the next write to the same path removes what the killed process left behind
+    save_safetensors({"a": torch.zeros(2)}, out)
+    assert out.exists() and not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
 
 
 def test_overwrite_replaces_existing_output_atomically(tmp_path):

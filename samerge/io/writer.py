@@ -135,6 +135,7 @@ class SafetensorsSink:
         if self.aliases:
             self.metadata[ALIASES_METADATA_KEY] = json.dumps(self.aliases, sort_keys=True)
         self.copy_from = copy_from
+        remove_stale_temporaries(self.out)
         self.tmp = self.out.parent / f".{self.out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shards: list[_Shard] = []
         self._by_name: dict[str, _Shard] = {}
@@ -252,6 +253,28 @@ class SafetensorsSink:
     def __exit__(self, exc_type: Any, *rest: object) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete temporaries that killed writers left next to ``out`` (those whose process is gone)."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}{TEMP_MARK}*"):
+        pid_part = p.name[len(f".{out.name}{TEMP_MARK}"):].split("-", 1)[0]
+        if not pid_part.isdigit():
+            continue  # a backup of a previous output ("old-..."): never delete automatically
+        try:
+            os.kill(int(pid_part), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:
