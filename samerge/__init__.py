@@ -8,7 +8,8 @@
 from samerge.engine import merge
 from samerge.errors import CheckpointError, SamergeError, SamergeWarning
 from samerge.methods import available_methods
+from samerge.saliency import saliency
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "SamergeError", "SamergeWarning", "__version__", "available_methods", "merge"]
+__all__ = ["CheckpointError", "SamergeError", "SamergeWarning", "__version__", "available_methods", "merge", "saliency"]

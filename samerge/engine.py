@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io.checkpoint import Checkpoint, aliases_of, tensor_info
 from samerge.methods import get_method, parse_params
-from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
+from samerge.methods.base import MergeContext, MergeMethod, MethodParams, TensorGroup
 from samerge.selection import Workspace
 
 StateDict = Mapping[str, torch.Tensor]
@@ -185,7 +185,8 @@ class _Groups:
 
 def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | MergeMethod, params: MethodParams,
                  plan: MergePlan, *, force: bool = False, fresh: bool = True, progress: bool = False,
-                 stats: MergeStats | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 stats: MergeStats | None = None, history: list[Any] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every canonical key of the base, in base order.
 
     With ``fresh=False`` a yielded tensor may be a scratch buffer, valid only until the next one is requested.
@@ -198,7 +199,10 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     ws = Workspace()
     groups = _Groups(base, experts, plan, ws, stats=None)
     if m.needs_plan(params):
-        stats.method_state = m.plan(params, groups, ws)
+        context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
+                               aliases=plan.aliases, config=getattr(base, "config", None), history=history,
+                               progress=progress)
+        stats.method_state = m.plan(params, groups, ws, context)
     groups.stats = stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
     for key in bar:
@@ -242,7 +246,8 @@ def _check_derived(experts: Sequence[StateDict], stats: MergeStats, force: bool)
 
 
 def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,
-          exclude: Sequence[str] = (), progress: bool = False, **params: Any) -> dict[str, torch.Tensor]:
+          exclude: Sequence[str] = (), progress: bool = False, history: list[Any] | None = None,
+          **params: Any) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (full fine-tuned weights, not task vectors) into ``base`` with ``method``.
 
     Returns a new state dict with exactly the base's keys, shapes and dtypes. Floating-point tensors are merged in
@@ -250,6 +255,7 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
     glob pattern, are copied from the base. Tied tensors of the base stay tied (one tensor under both names).
 
     ``method`` is one of :func:`available_methods`; ``params`` are its parameters (``samerge methods`` lists them).
+    Iterative methods (``sa_merging``) append one record per iteration to ``history`` when a list is given.
     Raises :class:`~samerge.errors.SamergeError` (a ``ValueError``) for any problem with the inputs.
     """
     m = get_method(method)
@@ -259,7 +265,8 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
     for note in plan.notes:
         warnings.warn(note, SamergeWarning, stacklevel=2)
     out: dict[str, torch.Tensor] = {}
-    for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress):
+    for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress,
+                               history=history):
         out[key] = t
     result: dict[str, torch.Tensor] = {}
     for k in base.keys():

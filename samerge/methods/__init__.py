@@ -10,13 +10,14 @@ from samerge.errors import SamergeError
 from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
 from samerge.methods.dare import Dare
 from samerge.methods.pcb import Pcb
+from samerge.methods.sa_merging import SaMerging
 from samerge.methods.simple import TaskArithmetic, WeightAverage
 from samerge.methods.sparse import Breadcrumbs, Consensus
 from samerge.methods.ties import Ties
 from samerge.methods.wudi import Wudi
 
 REGISTRY: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, Consensus, Pcb, Wudi)
+    m.name: m for m in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, Consensus, Pcb, Wudi, SaMerging)
 }
 
 

@@ -42,6 +42,18 @@ class TensorGroup:
 GroupStream = Callable[[], Iterator[TensorGroup]]
 
 
+@dataclass
+class MergeContext:
+    """What a whole-model method may know besides the tensors: structure, config, where to report."""
+
+    keys: list[str]  # the merged (floating-point) keys, base order
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]  # tied keys of the base: alias -> canonical
+    config: dict[str, Any] | None = None  # the base's config.json, when it came from a model directory
+    history: list[Any] | None = None  # per-iteration records are appended here when given
+    progress: bool = False
+
+
 class MethodParams(BaseModel):
     """Base of every method's parameters: unknown keys are errors, values are validated."""
 
@@ -68,7 +80,7 @@ class MergeMethod:
     def needs_plan(self, params: Any) -> bool:
         return getattr(params, "density_rule", "uniform") == "tadrop"
 
-    def plan(self, params: Any, groups: GroupStream, ws: Workspace) -> Any:
+    def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> Any:
         """Whole-model statistics gathered before merging (default: TADrop densities when asked for)."""
         if getattr(params, "density_rule", "uniform") == "tadrop":
             from samerge.tadrop import plan_tadrop

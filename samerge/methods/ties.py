@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from samerge.methods.base import (Density, DensityRule, GroupStream, MergeMethod, MethodParams, Scale, TensorGroup,
+from samerge.methods.base import (Density, DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup,
                                   keep_counts, magnitude_trim_)
 from samerge.selection import GlobalThreshold, Workspace, keep_count
 
@@ -61,7 +61,7 @@ class Ties(MergeMethod):
     def needs_plan(self, params: Any) -> bool:
         return params.scope == "global" or params.density_rule == "tadrop"
 
-    def plan(self, params: Any, groups: GroupStream, ws: Workspace) -> Any:
+    def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> Any:
         if params.scope == "global":
             if params.density_rule == "tadrop":
                 from samerge.errors import SamergeError
@@ -69,7 +69,7 @@ class Ties(MergeMethod):
                 raise SamergeError("ties: scope='global' and density_rule='tadrop' exclude each other "
                                    "(TADrop chooses a density per tensor)")
             return global_thresholds(groups, params.density, ws)
-        return super().plan(params, groups, ws)
+        return super().plan(params, groups, ws, context)
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
         flat = group.task_vectors.view(group.n_experts, -1)

@@ -1,0 +1,176 @@
+"""Saliency (spec §3): S = sg ⊙ F ⊙ M per mask unit, computed from rank-1 flow factors one tensor at a time.
+
+A *mask unit* is a chain tensor, or a row block of a packed tensor (open_clip's q/k/v in ``in_proj_weight`` are
+masked separately, spec §1). ``sg`` is ``sign(theta0 + tau_n)`` (``literal``, Eq. 4 as printed),
+``sign(tau_n)`` (``own_sign``) or ``tau_n`` (``own_value``); ``M = sum_n tau_n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from samerge.graphs import Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
+from samerge.graphs.spec import ChainGraph
+from samerge.selection import Workspace
+
+Unit = tuple[str, tuple[int, int] | None]
+
+
+def view2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+
+
+def mask_units(graph: TransformerGraph | ChainGraph, factors: FlowFactors) -> list[Unit]:
+    """Chain keys with their row blocks, in graph order."""
+    units: list[Unit] = []
+    for key in graph.chain_keys():
+        blocks = sorted({f.rows for f in factors.get(key, [])}, key=lambda r: (-1, -1) if r is None else r)
+        if None in blocks or not blocks:
+            units.append((key, None))
+        else:
+            units += [(key, r) for r in blocks]
+    return units
+
+
+class ExpertWeights:
+    """``|theta0 + tau|`` per Ref for one expert, each tensor computed once and reused by forward and backward."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor]) -> None:
+        self.base, self.tau = base, tau
+        self._abs: dict[str, torch.Tensor] = {}
+
+    def absolute(self, key: str) -> torch.Tensor:
+        a = self._abs.get(key)
+        if a is None:
+            t = self.tau.get(key)
+            a = (self.base[key] + t).abs_() if t is not None else self.base[key].abs()
+            self._abs[key] = a
+        return a
+
+    def weights(self, ref: Ref) -> torch.Tensor:
+        w = view2d(self.absolute(ref.key))
+        if ref.rows is not None:
+            w = w[ref.rows[0]: ref.rows[1]]
+        return w.t() if ref.transposed else w
+
+    def gamma(self, key: str) -> torch.Tensor:
+        return self.absolute(key).to(torch.float64).reshape(-1)
+
+
+def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.Tensor],
+                 tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]]
+                 ) -> FlowFactors:
+    ew = ExpertWeights(base, tau)
+    return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes))
+
+
+def unit_view(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    v = view2d(t)
+    return v if rows is None else v[rows[0]: rows[1]]
+
+
+def flow_block(factors: list[Factor], rows: tuple[int, int] | None, shape: tuple[int, int],
+               out: torch.Tensor) -> torch.Tensor:
+    """Write the (max-normalised) flow gradient of one unit into ``out`` (float32, shape ``shape``)."""
+    mine = [f for f in factors if f.rows == rows and f.log != -math.inf]
+    if not mine:
+        return out.zero_()
+    top = max(f.log for f in mine)
+    first = True
+    for f in mine:
+        u = f.u.to(out.dtype)
+        v = f.v.to(out.dtype)
+        scale = math.exp(f.log - top)
+        if first:
+            torch.outer(u, v, out=out)
+            if scale != 1.0:
+                out.mul_(scale)
+            first = False
+        else:
+            out.addr_(u, v, alpha=scale)
+    return out
+
+
+def saliency_into(out: torch.Tensor, factors: list[Factor], rows: tuple[int, int] | None, base_u: torch.Tensor,
+                  tau_u: torch.Tensor, merged_u: torch.Tensor, sign_rule: str, ws: Workspace) -> torch.Tensor:
+    """S = sg ⊙ F ⊙ M for one unit (2-D views), written into ``out``."""
+    flow_block(factors, rows, tuple(out.shape), out)
+    out.mul_(merged_u)
+    if sign_rule == "own_value":
+        out.mul_(tau_u)
+    elif sign_rule == "own_sign":
+        out.mul_(torch.sign(tau_u, out=ws.get("sal.sg", tau_u.shape, tau_u.dtype)))
+    else:  # literal: sign(theta0 + tau)
+        sg = ws.get("sal.sg", tau_u.shape, tau_u.dtype)
+        torch.add(base_u, tau_u, out=sg).sign_()
+        out.mul_(sg)
+    return out.add_(0.0)  # -0.0 -> +0.0, so that zero saliency ranks as one value
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@dataclass
+class TensorSaliency:
+    """Saliency of one expert on one mask unit at t = 1."""
+
+    key: str
+    rows: tuple[int, int] | None
+    expert: int
+    numel: int
+    nonzero: float  # fraction of entries with S != 0
+    negative: float  # fraction with S < 0 (conflict with the merged direction)
+    spearman_abs_tau: float  # rank correlation of S with |tau_n| (the paper's "saliency is not magnitude")
+    spearman_abs_merged: float  # rank correlation of |S| with |sum tau|
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x, dtype=torch.float64)
+    r[x.argsort()] = torch.arange(x.numel(), dtype=torch.float64)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], *,
+             saliency_sign: str = "literal", qk_rule: str = "bilinear", graph: str = "auto",
+             config: Mapping[str, Any] | None = None, sample: int = 200_000, seed: int = 0) -> list[TensorSaliency]:
+    """Per-unit saliency statistics at t = 1 for every expert (Spearman on up to ``sample`` entries per unit)."""
+    from samerge.engine import plan_merge
+
+    experts = list(experts)
+    plan = plan_merge(base, experts)
+    keys = [k for k in plan.keys if k in plan.merged_keys]
+    base_t = {k: base[k].to(plan.compute_dtypes[k]) for k in keys}
+    taus = [{k: e[k].to(plan.compute_dtypes[k]) - base_t[k] for k in keys} for e in experts]
+    g = build_graph(keys, plan.shapes, config if config is not None else getattr(base, "config", None), graph,
+                    plan.aliases)
+    ws = Workspace()
+    gen = torch.Generator().manual_seed(seed)
+    rows_out: list[TensorSaliency] = []
+    for n, tau in enumerate(taus):
+        factors = expert_flows(g, base_t, tau, qk_rule, plan.shapes)
+        for key, rows in mask_units(g, factors):
+            b_u, t_u = unit_view(base_t[key], rows), unit_view(tau[key], rows)
+            m_u = sum(unit_view(t[key], rows) for t in taus)
+            s = saliency_into(torch.empty_like(t_u), factors.get(key, []), rows, b_u, t_u, m_u, saliency_sign, ws)
+            flat_s, flat_t, flat_m = s.reshape(-1), t_u.reshape(-1), m_u.reshape(-1)
+            idx = None
+            if flat_s.numel() > sample:
+                idx = torch.randperm(flat_s.numel(), generator=gen)[:sample]
+                flat_s, flat_t, flat_m = flat_s[idx], flat_t[idx], flat_m[idx]
+            rows_out.append(TensorSaliency(
+                key, rows, n, s.numel(), float((s != 0).float().mean()), float((s < 0).float().mean()),
+                spearman(flat_s, flat_t.abs()), spearman(flat_s.abs(), flat_m.abs())))
+    return rows_out

@@ -1,0 +1,358 @@
+"""SA-Merging: the spec §8 oracles and invariances, and tiny real models of every supported family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import samerge
+from samerge.cli import main
+from samerge.graphs import build_graph
+from samerge.io import save_safetensors
+from samerge.saliency import flow_block, saliency_into
+from samerge.selection import Workspace, topk_mask
+
+
+def mlp_base(seed=0, dims=(40, 64, 48, 32), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = {}
+    for i in range(len(dims) - 1):
+        base[f"fc{i}.weight"] = (torch.randn(dims[i + 1], dims[i], generator=g) / math.sqrt(dims[i])).to(dtype)
+        base[f"fc{i}.bias"] = (0.1 * torch.randn(dims[i + 1], generator=g)).to(dtype)
+    return base
+
+
+def perturb(base, n, seed=1, rel=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return [{k: v + rel * v.abs().mean() * torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point()
+             else v.clone() for k, v in base.items()} for _ in range(n)]
+
+
+def run_sa(base, experts, **kw):
+    hist: list = []
+    out = samerge.merge(base, experts, "sa_merging", history=hist, **kw)
+    return out, hist
+
+
+def masks_of(base, experts, **kw):
+    """Final per-expert masks: merge each expert's surviving task vector separately by exploiting linearity."""
+    from samerge.engine import MergeStats, merge_stream, plan_merge
+    from samerge.methods import get_method, parse_params
+
+    m = get_method("sa_merging")
+    p = parse_params(m, {"outside_rule": "base", **kw})
+    stats = MergeStats()
+    captured = {}
+    # the survivors of every iteration, seen through the per-iteration record hook
+    orig_record = type(m)._record
+
+    def record(t, taus, units, n0, chain, total0):
+        captured[t] = [{k: (tau[k] != 0).clone() for k in chain} for tau in taus]
+        return orig_record(t, taus, units, n0, chain, total0)
+
+    type(m)._record = staticmethod(record)
+    try:
+        list(merge_stream(base, experts, m, p, plan_merge(base, experts), stats=stats))
+    finally:
+        type(m)._record = staticmethod(orig_record)
+    return captured
+
+
+# ---------------------------------------------------------------------------------------------- spec §8 oracles
+
+
+def test_retention_after_ten_iterations_masks_nested_and_survivors_unchanged():
+    base = mlp_base()
+    experts = perturb(base, 3)
+    caps = masks_of(base, experts)
+    total0 = sum(int((experts[n][k] != base[k]).sum()) for n in range(3) for k in caps[1][0])
+    alive_T = sum(int(m.sum()) for masks in caps[10] for m in masks.values())
+    assert 0.107 <= alive_T / total0 <= 0.111
+    for t in range(2, 11):
+        for n in range(3):
+            for k in caps[t][n]:
+                assert torch.all(caps[t - 1][n][k] | ~caps[t][n][k])  # nested: alive at t => alive at t-1
+    out = samerge.merge(base, experts, "sa_merging", outside_rule="base")
+    for k, m in caps[10][0].items():  # merged = base + sum of surviving (unchanged) task-vector entries
+        expected = base[k] + sum((e[k] - base[k]) * caps[10][n][k] for n, e in enumerate(experts))
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
+
+
+def test_one_iteration_without_pruning_is_task_arithmetic_with_scale_one():
+    base = mlp_base(1)
+    experts = perturb(base, 3)
+    sa = samerge.merge(base, experts, "sa_merging", iterations=1, prune_ratio=0.0)
+    ta = samerge.merge(base, experts, "task_arithmetic", scale=1.0)
+    for k in base:
+        torch.testing.assert_close(sa[k], ta[k], rtol=0, atol=1e-6)
+
+
+def test_permuting_experts_permutes_masks_and_identical_experts_get_identical_masks():
+    base = mlp_base(2)
+    experts = perturb(base, 3)
+    a = masks_of(base, experts)[10]
+    b = masks_of(base, experts[::-1])[10]
+    for n in range(3):
+        for k in a[n]:
+            assert torch.equal(a[n][k], b[2 - n][k])
+    same = masks_of(base, [experts[0], experts[0]])[10]
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+
+
+def test_single_expert_zero_task_vector_and_adding_a_zero_expert():
+    base = mlp_base(3)
+    experts = perturb(base, 2)
+    out, hist = run_sa(base, experts[:1])  # N = 1 works
+    assert len(hist) == 10
+    zero = {k: v.clone() for k, v in base.items()}
+    with pytest.warns(samerge.SamergeWarning, match="identical to the base"):
+        caps = masks_of(base, [experts[0], experts[1], zero])
+    assert all(not m.any() for m in caps[10][2].values())  # a zero task vector stays zero
+    ref = masks_of(base, experts)
+    for n in range(2):
+        for k in ref[10][n]:
+            assert torch.equal(ref[10][n][k], caps[10][n][k])  # the zero expert changes no other mask
+
+
+def test_masks_invariant_under_positive_rescaling_of_flow_factors_and_merged_update():
+    g = torch.Generator().manual_seed(4)
+    shape = (20, 30)
+    base_t, tau = torch.randn(shape, generator=g), 0.1 * torch.randn(shape, generator=g)
+    merged = tau + 0.1 * torch.randn(shape, generator=g)
+    from samerge.graphs import Factor
+
+    f = [Factor(None, torch.rand(20, generator=g, dtype=torch.float64), torch.rand(30, generator=g, dtype=torch.float64),
+                0.0)]
+    ws = Workspace()
+    for rule in ["literal", "own_sign", "own_value"]:
+        s1 = saliency_into(torch.empty(shape), f, None, base_t, tau, merged, rule, ws).clone()
+        f2 = [Factor(None, f[0].u, f[0].v, 123.4)]
+        # |W| = |theta0 + tau| scaled by 4 (both parts), M by 8: powers of two keep the arithmetic exact
+        s2 = saliency_into(torch.empty(shape), f2, None, base_t * 4.0, tau * 4.0, merged * 8.0, rule, ws).clone()
+        for k in [5, 60, 300]:
+            assert torch.equal(topk_mask(s1, k, ws).clone(), topk_mask(s2, k, ws).clone()), rule
+
+
+def test_all_negative_saliency_keeps_the_least_negative():
+    ws = Workspace()
+    s = -torch.tensor([5.0, 1.0, 3.0, 0.5, 9.0])
+    assert topk_mask(s, 2, ws).tolist() == [False, True, False, True, False]
+
+
+def test_dead_column_in_next_layer_gives_zero_saliency_on_rows_feeding_it():
+    base = mlp_base(5)
+    experts = perturb(base, 2)
+    # make column 3 of fc1 exactly zero in base and experts: unit 3 of fc0's output feeds nothing
+    for state in [base, *experts]:
+        state["fc1.weight"] = state["fc1.weight"].clone()
+        state["fc1.weight"][:, 3] = 0.0
+    stats = samerge.saliency(base, experts, graph="chain")
+    from samerge.saliency import expert_flows
+
+    graph = build_graph(list(base), {k: tuple(v.shape) for k, v in base.items()}, None, "chain")
+    tau = {k: experts[0][k] - base[k] for k in base}
+    factors = expert_flows(graph, base, tau, "bilinear", {k: tuple(v.shape) for k, v in base.items()})
+    f = flow_block(factors["fc0.weight"], None, (64, 40), torch.empty(64, 40))
+    assert torch.all(f[3] == 0) and torch.all(f[[0, 1, 2, 4]] > 0)
+    assert any(s.key == "fc0.weight" for s in stats)
+
+
+def test_rerun_gives_identical_bytes():
+    base = mlp_base(6)
+    experts = perturb(base, 3)
+    a = samerge.merge(base, experts, "sa_merging", saliency_sign="own_sign")
+    b = samerge.merge(base, experts, "sa_merging", saliency_sign="own_sign")
+    assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+@pytest.mark.parametrize("kw", [{"saliency_sign": "own_value"}, {"outside_rule": "mean"},
+                                {"aggregate": "disjoint_mean"}, {"density_rule": "tadrop"},
+                                {"iterations": 3, "prune_ratio": 0.5, "scale": 0.7}])
+def test_variants_run_and_respect_their_rules(kw):
+    base = mlp_base(7)
+    experts = perturb(base, 3)
+    out, hist = run_sa(base, experts, **kw)
+    assert len(hist) == kw.get("iterations", 10)
+    if kw.get("outside_rule") == "mean":
+        expected = sum(e["fc0.bias"] for e in experts) / 3
+        torch.testing.assert_close(out["fc0.bias"], expected, rtol=0, atol=1e-6)
+    if "prune_ratio" in kw:
+        assert hist[-1].overall_density == pytest.approx(0.125, abs=0.01)
+    if kw.get("density_rule") == "tadrop":
+        assert hist[-1].overall_density == pytest.approx(0.8 ** 10, rel=0.02)
+    assert all(h.conflict >= 0 for h in hist)
+
+
+def test_history_records_density_norm_ratio_and_conflicts():
+    base = mlp_base(8)
+    experts = perturb(base, 4)
+    _, lit = run_sa(base, experts)
+    _, own = run_sa(base, experts, saliency_sign="own_sign")
+    assert [round(h.overall_density, 3) for h in lit][:3] == [0.8, 0.64, 0.512]
+    assert set(lit[0].density) == {"fc0.weight", "fc1.weight", "fc2.weight"}
+    assert lit[-1].norm_ratio < lit[0].norm_ratio <= 1.0 + 1e-6
+    # own_sign never keeps an entry against the merged sign as long as it has agreeing alternatives
+    assert own[-1].conflict < lit[-1].conflict
+
+
+def test_saliency_statistics_report_correlation_with_magnitude():
+    base = mlp_base(9)
+    experts = perturb(base, 3)
+    stats = samerge.saliency(base, experts)
+    assert {s.key for s in stats} == {"fc0.weight", "fc1.weight", "fc2.weight"}
+    for s in stats:
+        assert s.nonzero == 1.0 and -1.0 <= s.spearman_abs_tau <= 1.0 and -1.0 <= s.spearman_abs_merged <= 1.0
+    own = samerge.saliency(base, experts, saliency_sign="own_value")
+    # own_value ranks by tau_n * F * M: far more magnitude-driven than the literal sign(theta0+tau) * F * M
+    lit_corr = sum(s.spearman_abs_tau for s in stats) / len(stats)
+    own_corr = sum(s.spearman_abs_tau for s in own) / len(own)
+    assert own_corr > lit_corr
+
+
+def test_deep_fp32_chain_is_finite_and_matches_float64_masks():
+    g = torch.Generator().manual_seed(10)
+    d, layers = 96, 48
+    base64 = {f"l{i}.weight": 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64) for i in range(layers)}
+    experts64 = [{k: v + 0.02 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base64.items()}
+                 for _ in range(2)]
+    # a literal fp32 product of |W| overflows here: 48 layers with row sums ~ 38
+    prod = torch.ones(d)
+    for v in base64.values():
+        prod = v.abs().float() @ prod
+    assert not torch.isfinite(prod).all()
+    base32 = {k: v.float() for k, v in base64.items()}
+    experts32 = [{k: v.float() for k, v in e.items()} for e in experts64]
+    stats = samerge.saliency(base32, experts32)
+    assert all(s.nonzero == 1.0 and math.isfinite(s.spearman_abs_merged) for s in stats)
+    m32 = masks_of(base32, experts32)[10]
+    m64 = masks_of(base64, experts64)[10]
+    agree = sum(int((m32[n][k] == m64[n][k]).sum()) for n in range(2) for k in m32[n])
+    total = sum(m.numel() for n in range(2) for m in m32[n].values())
+    assert agree / total >= 0.9999
+
+
+def test_unknown_architecture_is_a_clear_error():
+    base = {"a.weight": torch.randn(8, 5), "b.weight": torch.randn(7, 3)}  # does not chain
+    experts = perturb(base, 2)
+    with pytest.raises(samerge.SamergeError, match=r"no connectivity graph.*supported families: bert, llama.*graph='chain'"):
+        samerge.merge(base, experts, "sa_merging")
+
+
+# ---------------------------------------------------------------------------------------------- real families
+
+
+def _tiny_models():
+    from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModelWithProjection, LlamaConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              RobertaConfig, RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration)
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    yield "bert", BertModel(BertConfig(vocab_size=60, max_position_embeddings=16, **small)), None
+    yield "roberta", RobertaForSequenceClassification(RobertaConfig(vocab_size=60, max_position_embeddings=20,
+                                                                    **small)), ["classifier.*"]
+    yield "llama-tied", LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, tie_word_embeddings=True,
+                                                     **small)), None
+    yield "llama", LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=4, tie_word_embeddings=False,
+                                                **small)), None
+    yield "qwen2", Qwen2ForCausalLM(Qwen2Config(vocab_size=64, num_key_value_heads=2, **small)), None
+    yield "mistral", MistralForCausalLM(MistralConfig(vocab_size=64, num_key_value_heads=1, **small)), None
+    yield "t5", T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                    num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                                    tie_word_embeddings=False)), None
+    yield "clip-hf", CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=16, patch_size=8, projection_dim=16,
+                                                                    **small)), None
+    from open_clip.model import CLIP
+
+    yield "open_clip", CLIP(embed_dim=16, vision_cfg=dict(layers=2, width=32, patch_size=8, image_size=16,
+                                                          head_width=8),
+                            text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=4, layers=1)), None
+
+
+TINY = list(_tiny_models())
+
+
+@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
+def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(name, model, exclude):
+    torch.manual_seed(0)
+    sd = model.state_dict()
+    base = dict(sd)  # keeps tied tensors tied (shared storage)
+    config = model.config.to_dict() if hasattr(model, "config") else None
+    g = torch.Generator().manual_seed(1)
+    experts = []
+    for _ in range(3):
+        e, seen = {}, {}
+        for k, v in sd.items():
+            ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if ptr in seen:  # tied
+                e[k] = e[seen[ptr]]
+                continue
+            seen[ptr] = k
+            e[k] = v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        experts.append(e)
+    from samerge.engine import plan_merge
+
+    plan = plan_merge(base, experts, exclude or ())
+    keys = [k for k in plan.keys if k in plan.merged_keys]
+    graph = build_graph(keys, plan.shapes, config, "auto", plan.aliases)
+    assert graph.family != "chain"
+    chain = graph.chain_keys()
+    assert any(".q" in k or "query" in k or "in_proj" in k for k in chain)
+    stats = samerge.saliency(base, experts, config=config)
+    units = {(s.key, s.rows) for s in stats}
+    for s in stats:
+        assert s.nonzero > 0, (s.key, s.rows)
+    assert {k for k, _ in units} == set(chain)
+    if name == "open_clip":
+        assert {r for k, r in units if k.endswith("in_proj_weight")} == {(0, 32), (32, 64), (64, 96)}
+        assert not any(k.startswith("transformer.") for k in chain)  # the text tower stays outside
+    if name == "llama-tied":
+        assert "model.embed_tokens.weight" in chain and "lm_head.weight" not in chain
+
+    wrapped = _with_config(base, config)
+    hist: list = []
+    out = samerge.merge(wrapped, experts, "sa_merging", history=hist, exclude=exclude or ())
+    assert 0.107 <= hist[-1].overall_density <= 0.111
+    again = samerge.merge(wrapped, experts, "sa_merging", exclude=exclude or ())
+    assert all(out[k].numpy().tobytes() == again[k].numpy().tobytes() for k in out)
+    if name == "llama-tied":
+        assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+
+
+def _with_config(state, config):
+    class WithConfig(dict):
+        pass
+
+    d = WithConfig(state)
+    d.config = config  # what a Checkpoint from a model directory carries
+    return d
+
+
+def test_cli_sa_merging_on_hugging_face_directories_and_safetensors_files(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16))
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(2)
+    for i in range(2):
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for k, v in model.state_dict().items()}
+        m2 = BertModel(model.config)
+        m2.load_state_dict(sd)
+        m2.save_pretrained(tmp_path / f"e{i}")
+        save_safetensors(sd, tmp_path / f"e{i}.safetensors")
+    code = main(["merge", "--base", str(tmp_path / "base"), "--expert", str(tmp_path / "e0"), "--expert",
+                 str(tmp_path / "e1"), "--method", "sa_merging", "--out", str(tmp_path / "m")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "sa_merging" in out.out
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tmp_path / "m")
+    code = main(["merge", "--base", str(tmp_path / "base" / "model.safetensors"), "--expert",
+                 str(tmp_path / "e0.safetensors"), "--expert", str(tmp_path / "e1.safetensors"), "--method",
+                 "sa_merging", "--set", "saliency_sign=own_sign", "--out", str(tmp_path / "m.safetensors"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
