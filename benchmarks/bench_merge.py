@@ -7,6 +7,7 @@ folder, then runs each tool in its own process (page cache warmed by one untimed
 peak resident memory, and ratios against samerge. Tools:
 
 * samerge: ``samerge merge --method ties`` (density 0.2, lambda 0.3, per tensor), streaming to a safetensors file;
+* sa: ``samerge merge --method sa_merging`` with the defaults (T = 10, p = 0.2, open_clip connectivity graph);
 * peft: the per-tensor loop users write around ``peft.utils.merge_utils.ties`` (all files loaded with
   ``safetensors.torch.load_file``, merged key by key, saved with ``save_file``);
 * mergekit: ``mergekit-pytorch`` (raw PyTorch merge, TIES, same density and lambda), when installed
@@ -112,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "samerge-bench-clip-b32")
-    ap.add_argument("--tools", default="samerge,peft,mergekit")
+    ap.add_argument("--tools", default="samerge,sa,peft,mergekit")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="also: samerge's peak memory for 1, 2, 4, ... experts")
     args = ap.parse_args()
@@ -124,9 +125,10 @@ def main() -> None:
                 pass
     out_dir = Path(tempfile.mkdtemp(prefix="samerge-bench-out-"))
     bindir = Path(sys.executable).parent
-    def samerge_cmd(exps: list[Path], out: Path) -> list[str]:
-        cmd = [str(bindir / "samerge"), "merge", "--base", str(base), "--method", "ties", "--set", "density=0.2",
-               "--set", "scale=0.3", "--out", str(out), "--overwrite", "--quiet"]
+    def samerge_cmd(exps: list[Path], out: Path, method: str = "ties") -> list[str]:
+        sets = ["--set", "density=0.2", "--set", "scale=0.3"] if method == "ties" else []
+        cmd = [str(bindir / "samerge"), "merge", "--base", str(base), "--method", method, *sets,
+               "--out", str(out), "--overwrite", "--quiet"]
         for e in exps:
             cmd += ["--expert", str(e)]
         return cmd
@@ -135,6 +137,8 @@ def main() -> None:
     wanted = args.tools.split(",")
     if "samerge" in wanted:
         tools["samerge ties"] = samerge_cmd(experts, out_dir / "samerge.safetensors")
+    if "sa" in wanted:
+        tools["samerge sa_merging T=10"] = samerge_cmd(experts, out_dir / "sa.safetensors", "sa_merging")
     if "peft" in wanted:
         tools["peft ties loop"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(out_dir / "peft.safetensors"),
                                    *map(str, experts)]

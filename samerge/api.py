@@ -39,6 +39,7 @@ class MergeReport:
     merged_tensors: int
     copied_tensors: int
     checksums: dict[str, str]
+    history: list[Any]  # per-iteration records of iterative methods (sa_merging)
 
 
 def _checksum_placeholders(files: list[Path]) -> str:
@@ -46,7 +47,7 @@ def _checksum_placeholders(files: list[Path]) -> str:
 
 
 def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: Sequence[Checkpoint],
-               checksums: dict[str, str], relative_norms: list[float]) -> str:
+               checksums: dict[str, str], relative_norms: list[float], history: Sequence[Any] = ()) -> str:
     lines = [
         "---",
         "tags: [samerge, merge, " + method + "]",
@@ -67,6 +68,11 @@ def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: S
     for i, e in enumerate(experts):
         for f in e.files:
             lines.append(f"| expert {i + 1} | `{f}` | `{checksums.get(str(f), '')[:16]}…` | {relative_norms[i]:.4f} |")
+    if history:
+        lines += ["", "## Iterations", "", "| t | density | ‖Σ τ⁽ᵗ⁾‖ / ‖Σ τ‖ | sign conflicts among survivors |",
+                  "|---|---|---|---|"]
+        lines += [f"| {h.iteration} | {h.overall_density:.4f} | {h.norm_ratio:.4f} | {h.conflict:.4f} |"
+                  for h in history]
     lines += ["", "The full checksums and parameters are in the safetensors metadata (`samerge.*` keys).", ""]
     return "\n".join(lines)
 
@@ -106,22 +112,23 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
         }
         write_plan = [PlannedTensor(k, plan.dtypes[k], plan.shapes[k]) for k in plan.keys]
         stats = MergeStats()
+        history: list[Any] = []
         sink = SafetensorsSink(out, write_plan, metadata=metadata, aliases=plan.aliases,
                                max_shard_size=shard_size, overwrite=overwrite,
                                copy_from=base_ckpt.directory)
         with sink:
             try:
                 for key, tensor in merge_stream(base_ckpt, expert_ckpts, m, p, plan, force=force, fresh=False,
-                                                progress=progress, stats=stats):
+                                                progress=progress, stats=stats, history=history):
                     sink.write(key, tensor)
             except BaseException:
                 hasher.cancel()
                 raise
             checksums = hasher.result()
-            card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms())
+            card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms(), history)
             path = sink.finish({"samerge.sha256": json.dumps(checksums, sort_keys=True)}, model_card=card)
         return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),
-                           stats.merged_tensors, stats.copied_tensors, checksums)
+                           stats.merged_tensors, stats.copied_tensors, checksums, history)
     finally:
         base_ckpt.close()
         for e in expert_ckpts:

@@ -4,6 +4,7 @@
                   [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
     samerge methods [--json]
     samerge inspect PATH [--all] [--json]
+    samerge saliency --base PATH --expert PATH [--expert PATH ...] [--set saliency_sign=own_sign] [--json]
     samerge demo --out DIR
 
 A user mistake ends with one line ``samerge: error: ...`` on stderr and exit code 2; an interruption with exit code
@@ -105,6 +106,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
               f"({', '.join(f'{k}={v}' for k, v in report.params.items()) or 'no parameters'})")
         print(f"  tensors: {report.merged_tensors} merged, {report.copied_tensors} copied from the base")
         print("  ||expert - base|| / ||base||: " + ", ".join(f"{r:.4f}" for r in report.relative_norms))
+        if report.history:
+            last = report.history[-1]
+            print(f"  {len(report.history)} iterations: density {last.overall_density:.4f}, "
+                  f"||sum tau^(T)|| / ||sum tau|| {last.norm_ratio:.3f}, sign conflicts among survivors "
+                  f"{last.conflict:.3f}")
         print(f"  wrote {report.out} in {report.seconds:.1f} s")
     return 0
 
@@ -180,6 +186,36 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def cmd_saliency(args: argparse.Namespace) -> int:
+    from samerge.io import open_checkpoint
+    from samerge.saliency import saliency
+
+    params = _parse_set(args.set or [])
+    allowed = {"saliency_sign", "qk_rule", "graph"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise SamergeError(f"unknown parameter {unknown[0]!r} for saliency; valid parameters: {', '.join(sorted(allowed))}")
+    with open_checkpoint(args.base) as base:
+        experts = [open_checkpoint(e) for e in args.expert]
+        try:
+            rows = saliency(base, experts, **params)
+        finally:
+            for e in experts:
+                e.close()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+        return 0
+    print(f"{'tensor':<58} {'expert':>6} {'S!=0':>6} {'S<0':>6} {'rho(S,|tau|)':>12} {'rho(|S|,|M|)':>12}")
+    for r in rows:
+        name = r.key if r.rows is None else f"{r.key}[{r.rows[0]}:{r.rows[1]}]"
+        print(f"{name[-58:]:<58} {r.expert + 1:>6} {r.nonzero:>6.3f} {r.negative:>6.3f} {r.spearman_abs_tau:>12.3f} "
+              f"{r.spearman_abs_merged:>12.3f}")
+    n = len(rows)
+    print(f"mean Spearman: S vs |tau_n| {sum(r.spearman_abs_tau for r in rows) / n:.3f}, "
+          f"|S| vs |sum tau| {sum(r.spearman_abs_merged for r in rows) / n:.3f} over {n} (tensor, expert) pairs")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from samerge.demo import prepare_demo
 
@@ -221,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("saliency", help="SA-Merging saliency statistics at t = 1 (per tensor and expert)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--expert", action="append", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="saliency_sign, qk_rule or graph")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_saliency)
 
     p = sub.add_parser("demo", help="prepare a DEMO: a packaged MiniLM base and experts made by perturbing it")
     p.add_argument("--out", required=True)

@@ -155,7 +155,7 @@ class _Groups:
                  stats: MergeStats | None) -> None:
         self.base, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
 
-    def group(self, key: str) -> TensorGroup:
+    def group(self, key: str, with_experts: bool = True) -> TensorGroup:
         plan, ws = self.plan, self.ws
         shape, cdt = plan.shapes[key], plan.compute_dtypes[key]
         numel = math.prod(shape)
@@ -165,6 +165,8 @@ class _Groups:
 
         b = ws.get("io.base", shape, cdt)
         _load_into(self.base, key, b, staging)
+        if not with_experts:
+            return TensorGroup(key, b, b.new_empty((0, *shape)))
         tvs = ws.get("io.task_vectors", (len(self.experts), *shape), cdt)
         base_sq = _norm_sq_checked(b, key, _name(self.base, None))
         for i, e in enumerate(self.experts):
@@ -197,13 +199,14 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     stats = stats if stats is not None else MergeStats()
     stats.expert_sq = [0.0] * len(experts)
     ws = Workspace()
-    groups = _Groups(base, experts, plan, ws, stats=None)
+    once = not m.merge_needs_task_vectors  # the plan pass is the only pass over the experts
+    groups = _Groups(base, experts, plan, ws, stats=stats if once else None)
     if m.needs_plan(params):
         context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
                                aliases=plan.aliases, config=getattr(base, "config", None), history=history,
                                progress=progress)
         stats.method_state = m.plan(params, groups, ws, context)
-    groups.stats = stats
+    groups.stats = None if once else stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
     for key in bar:
         dtype, shape = plan.dtypes[key], plan.shapes[key]
@@ -212,7 +215,7 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
             yield key, (t.clone() if fresh and not isinstance(base, Checkpoint) else t)
             stats.copied_tensors += 1
             continue
-        group = groups.group(key)
+        group = groups.group(key, with_experts=not once)
         delta = m.merge_tensor(group, params, stats.method_state, ws).view(shape)
         cdt = group.base.dtype
         if fresh or dtype != cdt:

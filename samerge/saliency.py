@@ -16,7 +16,7 @@ import torch
 
 from samerge.graphs import Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
-from samerge.selection import Workspace
+from samerge.selection import Workspace, signed_keys_into
 
 Unit = tuple[str, tuple[int, int] | None]
 
@@ -38,19 +38,30 @@ def mask_units(graph: TransformerGraph | ChainGraph, factors: FlowFactors) -> li
 
 
 class ExpertWeights:
-    """``|theta0 + tau|`` per Ref for one expert, each tensor computed once and reused by forward and backward."""
+    """``|theta0 + tau|`` per Ref for one expert, each tensor computed once and reused by forward and backward.
 
-    def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor]) -> None:
+    ``buffers`` (key -> tensor) may be shared across experts and iterations: they are overwritten, never
+    reallocated, which keeps an SA-Merging iteration free of page faults.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.base, self.tau = base, tau
-        self._abs: dict[str, torch.Tensor] = {}
+        self._buffers = buffers if buffers is not None else {}
+        self._done: set[str] = set()
 
     def absolute(self, key: str) -> torch.Tensor:
-        a = self._abs.get(key)
-        if a is None:
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty_like(self.base[key])
+        if key not in self._done:
             t = self.tau.get(key)
-            a = (self.base[key] + t).abs_() if t is not None else self.base[key].abs()
-            self._abs[key] = a
-        return a
+            if t is not None:
+                torch.add(self.base[key], t, out=buf).abs_()
+            else:
+                torch.abs(self.base[key], out=buf)
+            self._done.add(key)
+        return buf
 
     def weights(self, ref: Ref) -> torch.Tensor:
         w = view2d(self.absolute(ref.key))
@@ -63,9 +74,9 @@ class ExpertWeights:
 
 
 def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.Tensor],
-                 tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]]
-                 ) -> FlowFactors:
-    ew = ExpertWeights(base, tau)
+                 tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]],
+                 buffers: dict[str, torch.Tensor] | None = None) -> FlowFactors:
+    ew = ExpertWeights(base, tau, buffers)
     return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes))
 
 
@@ -109,7 +120,50 @@ def saliency_into(out: torch.Tensor, factors: list[Factor], rows: tuple[int, int
         sg = ws.get("sal.sg", tau_u.shape, tau_u.dtype)
         torch.add(base_u, tau_u, out=sg).sign_()
         out.mul_(sg)
-    return out.add_(0.0)  # -0.0 -> +0.0, so that zero saliency ranks as one value
+    return out  # -0.0 ranks just below +0.0: both between every positive and every negative score
+
+
+def saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: list[Factor], rows: tuple[int, int] | None,
+                       base_u: torch.Tensor, tau_u: torch.Tensor, merged_u: torch.Tensor, sign_rule: str,
+                       ws: Workspace, chunk: int = 1 << 16) -> None:
+    """Ranking keys of S (dead entries, tau = 0, set to -inf) for one unit, fused and computed in row chunks.
+
+    Equivalent to ``saliency_into`` + masking + :func:`~samerge.selection.signed_keys_into`, but every
+    elementwise step of a chunk runs while the chunk is in cache: the SA-Merging loop is memory-bound, and this
+    halves its traffic.
+    """
+    n_rows, n_cols = tau_u.shape
+    step = max(1, chunk // max(1, n_cols))
+    keys2, hi2 = keys.view(n_rows, n_cols), hi.view(n_rows, n_cols)
+    mine = [f for f in factors if f.rows == rows and f.log != -math.inf]
+    top = max((f.log for f in mine), default=0.0)
+    us = [(f.u.to(tau_u.dtype), f.v.to(tau_u.dtype), math.exp(f.log - top)) for f in mine]
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        s = ws.get("salk.s", (r1 - r0, n_cols), tau_u.dtype)
+        if not us:
+            s.zero_()
+        for j, (u, v, scale) in enumerate(us):
+            if j == 0:
+                torch.outer(u[r0:r1], v, out=s)
+                if scale != 1.0:
+                    s.mul_(scale)
+            else:
+                s.addr_(u[r0:r1], v, alpha=scale)
+        s.mul_(merged_u[r0:r1])
+        t = tau_u[r0:r1]
+        if sign_rule == "own_value":
+            s.mul_(t)
+        else:
+            sg = ws.get("salk.sg", s.shape, s.dtype)
+            if sign_rule == "own_sign":
+                torch.sign(t, out=sg)
+            else:
+                torch.add(base_u[r0:r1], t, out=sg).sign_()
+            s.mul_(sg)
+        dead = ws.get("salk.dead", s.shape, torch.bool)
+        s.masked_fill_(torch.eq(t, 0, out=dead), -math.inf)
+        signed_keys_into(s, keys2[r0:r1].reshape(-1), hi2[r0:r1].reshape(-1))
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -97,7 +97,20 @@ def topk_mask(scores: torch.Tensor, k: int, ws: Workspace, *, slot: str = "topk"
     if k <= 0:
         return out.fill_(False)
     keys = ordered_keys(scores, ws, slot, nonnegative=nonnegative)
-    hi = _high_bins(keys, ws, slot)
+    return select_top_keys(keys, _high_bins(keys, ws, slot), k, ws, slot=slot, out=out)
+
+
+def select_top_keys(keys: torch.Tensor, hi: torch.Tensor, k: int, ws: Workspace, *, slot: str = "topk",
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The selection step of :func:`topk_mask`, for callers that computed the keys and their 16-bit buckets
+    themselves (e.g. fused into the loop that produces the scores)."""
+    n = keys.numel()
+    if out is None:
+        out = ws.get(slot + ".mask", n, torch.bool)
+    if k >= n:
+        return out.fill_(True)
+    if k <= 0:
+        return out.fill_(False)
     hist = torch.bincount(hi, minlength=_BINS)
     from_top = hist.flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
@@ -117,6 +130,17 @@ def topk_mask(scores: torch.Tensor, k: int, ws: Workspace, *, slot: str = "topk"
     idx = torch.nonzero(keys == thr).view(-1)[:fill]
     out[idx] = True
     return out
+
+
+def signed_keys_into(scores: torch.Tensor, keys: torch.Tensor, hi: torch.Tensor) -> None:
+    """Order-preserving integer keys of float32/float64 ``scores`` and their 16-bit buckets, into given buffers."""
+    kdt, shift = _key_dtype(scores.dtype)
+    bits = scores.reshape(-1).view(kdt)
+    torch.bitwise_right_shift(bits, 8 * bits.element_size() - 1, out=keys)
+    keys.bitwise_and_(torch.iinfo(kdt).max)
+    torch.bitwise_xor(bits, keys, out=keys)
+    torch.bitwise_right_shift(keys, shift, out=hi)
+    hi.add_(_BINS // 2)
 
 
 class GlobalThreshold:

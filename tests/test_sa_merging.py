@@ -46,17 +46,17 @@ def masks_of(base, experts, **kw):
     stats = MergeStats()
     captured = {}
     # the survivors of every iteration, seen through the per-iteration record hook
-    orig_record = type(m)._record
+    orig_record = type(m).__dict__["_record"]
 
-    def record(t, taus, units, n0, chain, total0):
+    def record(t, taus, units, n0, alive, chain, total0, ws):
         captured[t] = [{k: (tau[k] != 0).clone() for k in chain} for tau in taus]
-        return orig_record(t, taus, units, n0, chain, total0)
+        return orig_record.__func__(type(m), t, taus, units, n0, alive, chain, total0, ws)
 
     type(m)._record = staticmethod(record)
     try:
         list(merge_stream(base, experts, m, p, plan_merge(base, experts), stats=stats))
     finally:
-        type(m)._record = staticmethod(orig_record)
+        type(m)._record = orig_record
     return captured
 
 
@@ -349,9 +349,18 @@ def test_cli_sa_merging_on_hugging_face_directories_and_safetensors_files(tmp_pa
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "sa_merging" in out.out
+    assert "10 iterations: density 0.107" in out.out
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "## Iterations" in card and "| 10 | 0.107" in card
     from transformers import AutoModel
 
     AutoModel.from_pretrained(tmp_path / "m")
+    code = main(["saliency", "--base", str(tmp_path / "base"), "--expert", str(tmp_path / "e0"), "--expert",
+                 str(tmp_path / "e1"), "--set", "qk_rule=value_proxy"])
+    out = capsys.readouterr()
+    assert code == 0 and "encoder.layer.0.attention.self.query.weight" in out.out and "mean Spearman" in out.out
+    code = main(["saliency", "--base", str(tmp_path / "base"), "--expert", str(tmp_path / "e0"), "--set", "T=3"])
+    assert code == 2 and "unknown parameter 'T'" in capsys.readouterr().err
     code = main(["merge", "--base", str(tmp_path / "base" / "model.safetensors"), "--expert",
                  str(tmp_path / "e0.safetensors"), "--expert", str(tmp_path / "e1.safetensors"), "--method",
                  "sa_merging", "--set", "saliency_sign=own_sign", "--out", str(tmp_path / "m.safetensors"), "--quiet"])

@@ -76,6 +76,9 @@ class MergeMethod:
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
+    # False: the plan pass consumes every task vector and merge_tensor needs only the base tensor, so the engine
+    # does not read the experts a second time (and checks the experts during the plan pass instead).
+    merge_needs_task_vectors: ClassVar[bool] = True
 
     def needs_plan(self, params: Any) -> bool:
         return getattr(params, "density_rule", "uniform") == "tadrop"

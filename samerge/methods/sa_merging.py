@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from samerge.graphs import build_graph
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.ties import elect_and_merge
-from samerge.saliency import expert_flows, mask_units, saliency_into, unit_view
-from samerge.selection import Workspace, topk_mask
+from samerge.saliency import expert_flows, mask_units, saliency_keys_into, unit_view
+from samerge.selection import Workspace, select_top_keys
 
 
 class SaMergingParams(MethodParams):
@@ -71,6 +71,7 @@ class SaMerging(MergeMethod):
     name = "sa_merging"
     description = "SA-Merging: iterative connectivity-saliency pruning of each task vector (T, p), then sum."
     Params = SaMergingParams
+    merge_needs_task_vectors = False
 
     def needs_plan(self, params: Any) -> bool:
         return True
@@ -86,51 +87,61 @@ class SaMerging(MergeMethod):
                 taus[n][g.key] = g.task_vectors[n].clone()
         graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
         state = SaState(graph=graph)
-        chain = set(graph.chain_keys())
+        chain = [k for k in graph.chain_keys()]
         missing = [k for k in chain if k not in base]
         if missing:
             from samerge.errors import SamergeError
 
             raise SamergeError(f"sa_merging: chain tensor {missing[0]!r} is excluded from the merge")
-        total0 = {k: sum(t[k] for t in taus) for k in chain}
-        total0_norm = math.sqrt(sum(float(v.double().square().sum()) for v in total0.values()))
-        del total0
         n_exp = len(taus)
-        units: list[tuple[str, tuple[int, int] | None]] | None = None
+        total0_sq = sum(float(torch.linalg.vector_norm(self._sum_into(ws, taus, k, None))) ** 2 for k in chain)
+        units: list[tuple[str, tuple[int, int] | None]] = []
         n0: dict[tuple[int, str, tuple[int, int] | None], int] = {}
+        alive: dict[tuple[int, str, tuple[int, int] | None], int] = {}
         ratios: dict[tuple[int, str, tuple[int, int] | None], float] = {}
+        abs_buffers: dict[str, torch.Tensor] = {}  # |theta0 + tau_n|, reused by every expert and iteration
         bar = tqdm(range(1, params.iterations + 1), desc="sa_merging", unit="iter", disable=not context.progress,
                    leave=False)
         for t in bar:
-            flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes) for n in range(n_exp)]
-            if units is None:
+            flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers)
+                     for n in range(n_exp)]
+            if not units:
                 units = mask_units(graph, flows[0])
                 state.units = units
                 for n in range(n_exp):
                     for key, rows in units:
-                        n0[(n, key, rows)] = int((unit_view(taus[n][key], rows) != 0).sum())
+                        n0[(n, key, rows)] = alive[(n, key, rows)] = int(torch.count_nonzero(
+                            unit_view(taus[n][key], rows)))
                 ratios = self._ratios(params, taus, units, n0, ws)
             for key, rows in units:
-                merged_u = torch.stack([unit_view(taus[n][key], rows) for n in range(n_exp)]).sum(0)
+                merged_u = self._sum_into(ws, taus, key, rows)
                 for n in range(n_exp):
                     tau_u = unit_view(taus[n][key], rows)
                     count0 = n0[(n, key, rows)]
                     keep = 0 if count0 == 0 else max(1, round(count0 * (1.0 - ratios[(n, key, rows)]) ** t))
-                    s = ws.get("sa.s", tau_u.shape, tau_u.dtype)
-                    saliency_into(s, flows[n].get(key, []), rows, unit_view(base[key], rows), tau_u, merged_u,
-                                  params.saliency_sign, ws)
-                    s.masked_fill_(tau_u == 0, -math.inf)  # dead entries rank last and stay dead
-                    mask = topk_mask(s, keep, ws, slot="sa")
+                    keep = min(keep, alive[(n, key, rows)])
+                    # S = sg ⊙ F ⊙ M as ranking keys; dead entries get -inf: they rank last and stay dead
+                    kdt = torch.int64 if tau_u.dtype == torch.float64 else torch.int32
+                    keys = ws.get("sa.keys", tau_u.numel(), kdt)
+                    hi = ws.get("sa.hi", tau_u.numel(), kdt)
+                    saliency_keys_into(keys, hi, flows[n].get(key, []), rows, unit_view(base[key], rows), tau_u,
+                                       merged_u, params.saliency_sign, ws)
+                    mask = select_top_keys(keys, hi, keep, ws, slot="sa")
                     tau_u.mul_(mask.view(tau_u.shape))
-            record = self._record(t, taus, units, n0, chain, total0_norm)
+                    alive[(n, key, rows)] = keep
+            record = self._record(t, taus, units, n0, alive, chain, total0_sq, ws)
             state.history.append(record)
             if context.history is not None:
                 context.history.append(record)
             bar.set_postfix(density=f"{record.overall_density:.3f}", conflict=f"{record.conflict:.3f}")
         bar.close()
-        for key in base:
+        del abs_buffers
+        chain_set = set(chain)
+        for key in list(base):
             stack = torch.stack([taus[n][key] for n in range(n_exp)])
-            if key in chain:
+            for n in range(n_exp):
+                del taus[n][key]
+            if key in chain_set:
                 if params.aggregate == "disjoint_mean":
                     delta = elect_and_merge(stack.view(n_exp, -1), "mean", ws).clone().view(base[key].shape)
                 else:
@@ -143,9 +154,19 @@ class SaMerging(MergeMethod):
             else:
                 delta = torch.zeros_like(base[key])
             state.deltas[key] = delta
-            for n in range(n_exp):
-                del taus[n][key]
+            del base[key]
         return state
+
+    @staticmethod
+    def _sum_into(ws: Workspace, taus: list[dict[str, torch.Tensor]], key: str, rows: tuple[int, int] | None
+                  ) -> torch.Tensor:
+        """sum_n tau_n over one unit, in a scratch buffer."""
+        first = unit_view(taus[0][key], rows)
+        out = ws.get("sa.merged", first.shape, first.dtype)
+        out.copy_(first)
+        for tau in taus[1:]:
+            out.add_(unit_view(tau[key], rows))
+        return out
 
     def _ratios(self, params: Any, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, ws: Workspace
                 ) -> dict:
@@ -171,35 +192,27 @@ class SaMerging(MergeMethod):
                 out[(n, key, rows)] = 1.0 - rho ** (1.0 / params.iterations) if rho > 0 else 1.0
         return out
 
-    @staticmethod
-    def _record(t: int, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, chain: set[str],
-                total0_norm: float) -> IterationRecord:
+    @classmethod
+    def _record(cls, t: int, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, alive: dict,
+                chain: list[str], total0_sq: float, ws: Workspace) -> IterationRecord:
         density: dict[str, float] = {}
-        alive_all = 0
-        n0_all = 0
         for key, rows in units:
-            vals = []
-            for n, tau in enumerate(taus):
-                alive = int((unit_view(tau[key], rows) != 0).sum())
-                c0 = n0[(n, key, rows)]
-                alive_all += alive
-                n0_all += c0
-                if c0:
-                    vals.append(alive / c0)
+            vals = [alive[(n, key, rows)] / n0[(n, key, rows)] for n in range(len(taus)) if n0[(n, key, rows)]]
             density[unit_name(key, rows)] = sum(vals) / len(vals) if vals else 0.0
+        alive_all, n0_all = sum(alive.values()), sum(n0.values())
         sq = 0.0
         conflicts = 0
-        survivors = 0
         for key in chain:
-            merged = sum(tau[key] for tau in taus)
-            sq += float(merged.double().square().sum())
+            merged = cls._sum_into(ws, taus, key, None)
+            sq += float(torch.linalg.vector_norm(merged)) ** 2
+            prod = ws.get("sa.prod", merged.shape, merged.dtype)
+            neg = ws.get("sa.neg", merged.shape, torch.bool)
             for tau in taus:
-                surv = tau[key] != 0
-                survivors += int(surv.sum())
-                conflicts += int(((tau[key] * merged) < 0).sum())
+                torch.mul(unit_view(tau[key], None), merged, out=prod)
+                conflicts += int(torch.lt(prod, 0, out=neg).sum())
         return IterationRecord(t, density, alive_all / n0_all if n0_all else 0.0,
-                               math.sqrt(sq) / total0_norm if total0_norm > 0 else 0.0,
-                               conflicts / survivors if survivors else 0.0)
+                               math.sqrt(sq / total0_sq) if total0_sq > 0 else 0.0,
+                               conflicts / alive_all if alive_all else 0.0)
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: SaState, ws: Workspace) -> torch.Tensor:
         return state.deltas.pop(group.key)
