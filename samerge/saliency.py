@@ -8,7 +8,7 @@ masked separately, spec §1). ``sg`` is ``sign(theta0 + tau_n)`` (``literal``, E
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,11 @@ class ExpertWeights:
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor],
-                 buffers: dict[str, torch.Tensor] | None = None) -> None:
+                 buffers: dict[str, torch.Tensor] | None = None,
+                 fill: Callable[[str, torch.Tensor], None] | None = None) -> None:
         self.base, self.tau = base, tau
         self._buffers = buffers if buffers is not None else {}
+        self._fill = fill  # writes |theta0 + tau| of a key into a buffer (task vectors held in another form)
         self._done: set[str] = set()
 
     def absolute(self, key: str) -> torch.Tensor:
@@ -56,7 +58,9 @@ class ExpertWeights:
             buf = self._buffers[key] = torch.empty_like(self.base[key])
         if key not in self._done:
             t = self.tau.get(key)
-            if t is not None:
+            if self._fill is not None:
+                self._fill(key, buf)
+            elif t is not None:
                 torch.add(self.base[key], t, out=buf).abs_()
             else:
                 torch.abs(self.base[key], out=buf)
@@ -75,8 +79,9 @@ class ExpertWeights:
 
 def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.Tensor],
                  tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]],
-                 buffers: dict[str, torch.Tensor] | None = None) -> FlowFactors:
-    ew = ExpertWeights(base, tau, buffers)
+                 buffers: dict[str, torch.Tensor] | None = None,
+                 fill: Callable[[str, torch.Tensor], None] | None = None) -> FlowFactors:
+    ew = ExpertWeights(base, tau, buffers, fill)
     return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes))
 
 
@@ -164,6 +169,45 @@ def saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: list[Facto
         dead = ws.get("salk.dead", s.shape, torch.bool)
         s.masked_fill_(torch.eq(t, 0, out=dead), -math.inf)
         signed_keys_into(s, keys2[r0:r1].reshape(-1), hi2[r0:r1].reshape(-1))
+
+
+def sparse_saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: list[Factor],
+                              rows: tuple[int, int] | None, n_cols: int, idx: torch.Tensor, val: torch.Tensor,
+                              base_flat: torch.Tensor, merged_flat: torch.Tensor, sign_rule: str, ws: Workspace
+                              ) -> None:
+    """Ranking keys of S at the alive entries ``idx`` (flat positions in the unit, values ``val``) only.
+
+    The same arithmetic, in the same order, as :func:`saliency_keys_into` on a dense unit, so both give the same
+    keys; the work is proportional to the alive entries.
+    """
+    n = idx.numel()
+    r = torch.div(idx, n_cols, rounding_mode="floor", out=ws.get("sps.r", n, idx.dtype))
+    c = torch.remainder(idx, n_cols, out=ws.get("sps.c", n, idx.dtype))
+    s = ws.get("sps.s", n, val.dtype)
+    tmp = ws.get("sps.tmp", n, val.dtype)
+    mine = [f for f in factors if f.rows == rows and f.log != -math.inf]
+    top = max((f.log for f in mine), default=0.0)
+    if not mine:
+        s.zero_()
+    for j, f in enumerate(mine):
+        scale = math.exp(f.log - top)
+        u = torch.index_select(f.u.to(val.dtype), 0, r, out=ws.get("sps.u", n, val.dtype))
+        v = torch.index_select(f.v.to(val.dtype), 0, c, out=ws.get("sps.v", n, val.dtype))
+        if j == 0:
+            torch.mul(u, v, out=s)
+            if scale != 1.0:
+                s.mul_(scale)
+        else:
+            s.add_(u.mul_(v), alpha=scale)
+    s.mul_(torch.index_select(merged_flat, 0, idx, out=tmp))
+    if sign_rule == "own_value":
+        s.mul_(val)
+    elif sign_rule == "own_sign":
+        s.mul_(torch.sign(val, out=tmp))
+    else:
+        torch.index_select(base_flat, 0, idx, out=tmp)
+        s.mul_(tmp.add_(val).sign_())
+    signed_keys_into(s, keys, hi)
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -48,9 +48,10 @@ def masks_of(base, experts, **kw):
     # the survivors of every iteration, seen through the per-iteration record hook
     orig_record = type(m).__dict__["_record"]
 
-    def record(t, taus, units, n0, alive, chain, total0, ws):
-        captured[t] = [{k: (tau[k] != 0).clone() for k in chain} for tau in taus]
-        return orig_record.__func__(type(m), t, taus, units, n0, alive, chain, total0, ws)
+    def record(t, store, n0, alive, total0, ws):
+        chain = list(dict.fromkeys(k for k, _ in store.units))
+        captured[t] = [{k: (store.dense_key(n, k) != 0).clone() for k in chain} for n in range(len(store.taus))]
+        return orig_record.__func__(t, store, n0, alive, total0, ws)
 
     type(m)._record = staticmethod(record)
     try:

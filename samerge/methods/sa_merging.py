@@ -15,6 +15,7 @@ ties are broken by the lowest flat index. After T = 10 iterations at p = 0.2, ~1
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from samerge.graphs import build_graph
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.ties import elect_and_merge
-from samerge.saliency import expert_flows, mask_units, saliency_keys_into, unit_view
+from samerge.saliency import (expert_flows, mask_units, saliency_keys_into, sparse_saliency_keys_into,
+                              unit_view)
 from samerge.selection import Workspace, select_top_keys
 
 
@@ -63,6 +65,117 @@ class SaState:
     units: list[tuple[str, tuple[int, int] | None]] = field(default_factory=list)
 
 
+# A unit whose alive fraction falls to this is held as (sorted flat indices, values): from then on its saliency,
+# selection and update cost is proportional to its alive entries (spec §7).
+SPARSE_BELOW = 0.25
+
+Unit = tuple[int, str, "tuple[int, int] | None"]  # (expert, key, row block)
+
+
+@dataclass
+class _SparseUnit:
+    idx: torch.Tensor  # int32 (int64 for huge units) flat positions in the unit's 2-D view, ascending (ties break by index as when dense)
+    val: torch.Tensor  # the task vector there, unchanged since the start
+
+
+class _Store:
+    """Every expert's task vectors during SA-Merging: dense tensors, or per unit a :class:`_SparseUnit`."""
+
+    def __init__(self, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]]) -> None:
+        self.base, self.taus = base, taus
+        self.sparse: dict[Unit, _SparseUnit] = {}
+        self.units: list[tuple[str, tuple[int, int] | None]] = []
+        self._units_of: dict[str, list[tuple[int, int] | None]] = {}
+
+    def set_units(self, units: list[tuple[str, tuple[int, int] | None]]) -> None:
+        self.units = units
+        for key, rows in units:
+            self._units_of.setdefault(key, []).append(rows)
+
+    def to_sparse(self, n: int, key: str, rows: tuple[int, int] | None) -> None:
+        flat = unit_view(self.taus[n][key], rows).reshape(-1)
+        idx = torch.nonzero(flat).view(-1)
+        val = flat[idx]  # a copy
+        if flat.numel() < 2**31:
+            idx = idx.to(torch.int32)  # 4 bytes per alive entry instead of 8
+        self.sparse[(n, key, rows)] = _SparseUnit(idx, val)
+        if all((n, key, r) in self.sparse for r in self._units_of[key]):
+            del self.taus[n][key]  # every block of the tensor is sparse now: free the dense copy
+
+    def add_unit_(self, out: torch.Tensor, n: int, key: str, rows: tuple[int, int] | None) -> None:
+        sp = self.sparse.get((n, key, rows))
+        if sp is None:
+            out.add_(unit_view(self.taus[n][key], rows))
+        else:
+            out.view(-1).index_add_(0, sp.idx, sp.val)
+
+    def sum_unit(self, ws: Workspace, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """M = sum_n tau_n over one unit, in a scratch buffer."""
+        shape = unit_view(self.base[key], rows).shape
+        out = ws.get("sa.merged", shape, self.base[key].dtype).zero_()
+        for n in range(len(self.taus)):
+            self.add_unit_(out, n, key, rows)
+        return out
+
+    def count_conflicts(self, n: int, key: str, rows: tuple[int, int] | None, merged: torch.Tensor,
+                        ws: Workspace) -> int:
+        """Surviving entries of expert n whose sign differs from the merged sign."""
+        sp = self.sparse.get((n, key, rows))
+        if sp is None:
+            prod = ws.get("sa.prod", merged.shape, merged.dtype)
+            torch.mul(unit_view(self.taus[n][key], rows), merged, out=prod)
+        else:
+            prod = ws.get("sa.prod", sp.idx.numel(), merged.dtype)
+            torch.index_select(merged.reshape(-1), 0, sp.idx, out=prod).mul_(sp.val)
+        return int(torch.lt(prod, 0, out=ws.get("sa.neg", prod.shape, torch.bool)).sum())
+
+    def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
+        """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
+
+        def fill(key: str, buf: torch.Tensor) -> None:
+            b = self.base[key]
+            dense = self.taus[n].get(key)
+            blocks = self._units_of.get(key, [])
+            if not any((n, key, r) in self.sparse for r in blocks):
+                if dense is None:
+                    torch.abs(b, out=buf)
+                else:
+                    torch.add(b, dense, out=buf).abs_()
+                return
+            torch.abs(b, out=buf)
+            for rows in blocks:
+                sp = self.sparse.get((n, key, rows))
+                target = unit_view(buf, rows)
+                if sp is None:
+                    assert dense is not None
+                    torch.add(unit_view(b, rows), unit_view(dense, rows), out=target).abs_()
+                else:
+                    flat = target.reshape(-1)
+                    flat.index_copy_(0, sp.idx.long(), torch.index_select(unit_view(b, rows).reshape(-1), 0, sp.idx)
+                                     .add_(sp.val).abs_())
+
+        return fill
+
+    def dense_key(self, n: int, key: str) -> torch.Tensor:
+        """The full task vector of expert n for one tensor."""
+        t = self.taus[n].get(key)
+        if t is None:
+            t = torch.zeros_like(self.base[key])
+        for rows in self._units_of.get(key, []):
+            sp = self.sparse.get((n, key, rows))
+            if sp is not None:
+                flat = unit_view(t, rows).reshape(-1)
+                flat.zero_()
+                flat.index_copy_(0, sp.idx.long(), sp.val)
+        return t
+
+    def drop_key(self, key: str) -> None:
+        for n in range(len(self.taus)):
+            self.taus[n].pop(key, None)
+            for rows in self._units_of.get(key, []):
+                self.sparse.pop((n, key, rows), None)
+
+
 def unit_name(key: str, rows: tuple[int, int] | None) -> str:
     return key if rows is None else f"{key}[{rows[0]}:{rows[1]}]"
 
@@ -87,49 +200,40 @@ class SaMerging(MergeMethod):
                 taus[n][g.key] = g.task_vectors[n].clone()
         graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
         state = SaState(graph=graph)
-        chain = [k for k in graph.chain_keys()]
+        chain = list(graph.chain_keys())
         missing = [k for k in chain if k not in base]
         if missing:
             from samerge.errors import SamergeError
 
             raise SamergeError(f"sa_merging: chain tensor {missing[0]!r} is excluded from the merge")
         n_exp = len(taus)
-        total0_sq = sum(float(torch.linalg.vector_norm(self._sum_into(ws, taus, k, None))) ** 2 for k in chain)
-        units: list[tuple[str, tuple[int, int] | None]] = []
-        n0: dict[tuple[int, str, tuple[int, int] | None], int] = {}
-        alive: dict[tuple[int, str, tuple[int, int] | None], int] = {}
-        ratios: dict[tuple[int, str, tuple[int, int] | None], float] = {}
+        store = _Store(base, taus)
         abs_buffers: dict[str, torch.Tensor] = {}  # |theta0 + tau_n|, reused by every expert and iteration
+        n0: dict[Unit, int] = {}
+        alive: dict[Unit, int] = {}
+        ratios: dict[Unit, float] = {}
+        total0_sq = 0.0
         bar = tqdm(range(1, params.iterations + 1), desc="sa_merging", unit="iter", disable=not context.progress,
                    leave=False)
         for t in bar:
-            flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers)
-                     for n in range(n_exp)]
-            if not units:
-                units = mask_units(graph, flows[0])
-                state.units = units
+            flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers,
+                                  fill=store.abs_filler(n)) for n in range(n_exp)]
+            if not store.units:
+                store.set_units(mask_units(graph, flows[0]))
+                state.units = store.units
                 for n in range(n_exp):
-                    for key, rows in units:
+                    for key, rows in store.units:
                         n0[(n, key, rows)] = alive[(n, key, rows)] = int(torch.count_nonzero(
                             unit_view(taus[n][key], rows)))
-                ratios = self._ratios(params, taus, units, n0, ws)
-            for key, rows in units:
-                merged_u = self._sum_into(ws, taus, key, rows)
+                ratios = self._ratios(params, taus, store.units, n0, ws)
+                total0_sq = sum(float(torch.linalg.vector_norm(store.sum_unit(ws, k, r))) ** 2
+                                for k, r in store.units)
+            for key, rows in store.units:
+                merged_u = store.sum_unit(ws, key, rows)
                 for n in range(n_exp):
-                    tau_u = unit_view(taus[n][key], rows)
-                    count0 = n0[(n, key, rows)]
-                    keep = 0 if count0 == 0 else max(1, round(count0 * (1.0 - ratios[(n, key, rows)]) ** t))
-                    keep = min(keep, alive[(n, key, rows)])
-                    # S = sg ⊙ F ⊙ M as ranking keys; dead entries get -inf: they rank last and stay dead
-                    kdt = torch.int64 if tau_u.dtype == torch.float64 else torch.int32
-                    keys = ws.get("sa.keys", tau_u.numel(), kdt)
-                    hi = ws.get("sa.hi", tau_u.numel(), kdt)
-                    saliency_keys_into(keys, hi, flows[n].get(key, []), rows, unit_view(base[key], rows), tau_u,
-                                       merged_u, params.saliency_sign, ws)
-                    mask = select_top_keys(keys, hi, keep, ws, slot="sa")
-                    tau_u.mul_(mask.view(tau_u.shape))
-                    alive[(n, key, rows)] = keep
-            record = self._record(t, taus, units, n0, alive, chain, total0_sq, ws)
+                    self._prune_unit(store, flows[n].get(key, []), n, key, rows, merged_u, t, n0, alive, ratios,
+                                     params.saliency_sign, ws)
+            record = self._record(t, store, n0, alive, total0_sq, ws)
             state.history.append(record)
             if context.history is not None:
                 context.history.append(record)
@@ -138,9 +242,8 @@ class SaMerging(MergeMethod):
         del abs_buffers
         chain_set = set(chain)
         for key in list(base):
-            stack = torch.stack([taus[n][key] for n in range(n_exp)])
-            for n in range(n_exp):
-                del taus[n][key]
+            stack = torch.stack([store.dense_key(n, key) for n in range(n_exp)])
+            store.drop_key(key)
             if key in chain_set:
                 if params.aggregate == "disjoint_mean":
                     delta = elect_and_merge(stack.view(n_exp, -1), "mean", ws).clone().view(base[key].shape)
@@ -158,15 +261,36 @@ class SaMerging(MergeMethod):
         return state
 
     @staticmethod
-    def _sum_into(ws: Workspace, taus: list[dict[str, torch.Tensor]], key: str, rows: tuple[int, int] | None
-                  ) -> torch.Tensor:
-        """sum_n tau_n over one unit, in a scratch buffer."""
-        first = unit_view(taus[0][key], rows)
-        out = ws.get("sa.merged", first.shape, first.dtype)
-        out.copy_(first)
-        for tau in taus[1:]:
-            out.add_(unit_view(tau[key], rows))
-        return out
+    def _prune_unit(store: _Store, factors: list, n: int, key: str, rows: tuple[int, int] | None,
+                    merged_u: torch.Tensor, t: int, n0: dict, alive: dict, ratios: dict, sign_rule: str,
+                    ws: Workspace) -> None:
+        """One TopKMask step for expert n on one unit: keep the scheduled count of the largest S among alive."""
+        u = (n, key, rows)
+        keep = 0 if n0[u] == 0 else max(1, round(n0[u] * (1.0 - ratios[u]) ** t))
+        keep = min(keep, alive[u])
+        if keep == alive[u]:
+            return  # nothing to prune here at this iteration
+        kdt = torch.int64 if merged_u.dtype == torch.float64 else torch.int32
+        base_u = unit_view(store.base[key], rows)
+        sp = store.sparse.get(u)
+        if sp is None:
+            tau_u = unit_view(store.taus[n][key], rows)
+            keys = ws.get("sa.keys", tau_u.numel(), kdt)
+            hi = ws.get("sa.hi", tau_u.numel(), kdt)
+            # S = sg ⊙ F ⊙ M as ranking keys; dead entries get -inf: they rank last and stay dead
+            saliency_keys_into(keys, hi, factors, rows, base_u, tau_u, merged_u, sign_rule, ws)
+            mask = select_top_keys(keys, hi, keep, ws, slot="sa")
+            tau_u.mul_(mask.view(tau_u.shape))
+            if keep <= SPARSE_BELOW * tau_u.numel():
+                store.to_sparse(n, key, rows)
+        else:
+            keys = ws.get("sa.keys", sp.idx.numel(), kdt)
+            hi = ws.get("sa.hi", sp.idx.numel(), kdt)
+            sparse_saliency_keys_into(keys, hi, factors, rows, merged_u.shape[1], sp.idx, sp.val,
+                                      base_u.reshape(-1), merged_u.reshape(-1), sign_rule, ws)
+            mask = select_top_keys(keys, hi, keep, ws, slot="sa")
+            sp.idx, sp.val = torch.masked_select(sp.idx, mask), torch.masked_select(sp.val, mask)
+        alive[u] = keep
 
     def _ratios(self, params: Any, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, ws: Workspace
                 ) -> dict:
@@ -192,24 +316,21 @@ class SaMerging(MergeMethod):
                 out[(n, key, rows)] = 1.0 - rho ** (1.0 / params.iterations) if rho > 0 else 1.0
         return out
 
-    @classmethod
-    def _record(cls, t: int, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, alive: dict,
-                chain: list[str], total0_sq: float, ws: Workspace) -> IterationRecord:
+    @staticmethod
+    def _record(t: int, store: _Store, n0: dict, alive: dict, total0_sq: float, ws: Workspace) -> IterationRecord:
+        n_exp = len(store.taus)
         density: dict[str, float] = {}
-        for key, rows in units:
-            vals = [alive[(n, key, rows)] / n0[(n, key, rows)] for n in range(len(taus)) if n0[(n, key, rows)]]
+        for key, rows in store.units:
+            vals = [alive[(n, key, rows)] / n0[(n, key, rows)] for n in range(n_exp) if n0[(n, key, rows)]]
             density[unit_name(key, rows)] = sum(vals) / len(vals) if vals else 0.0
         alive_all, n0_all = sum(alive.values()), sum(n0.values())
         sq = 0.0
         conflicts = 0
-        for key in chain:
-            merged = cls._sum_into(ws, taus, key, None)
+        for key, rows in store.units:
+            merged = store.sum_unit(ws, key, rows)
             sq += float(torch.linalg.vector_norm(merged)) ** 2
-            prod = ws.get("sa.prod", merged.shape, merged.dtype)
-            neg = ws.get("sa.neg", merged.shape, torch.bool)
-            for tau in taus:
-                torch.mul(unit_view(tau[key], None), merged, out=prod)
-                conflicts += int(torch.lt(prod, 0, out=neg).sum())
+            for n in range(n_exp):
+                conflicts += store.count_conflicts(n, key, rows, merged, ws)
         return IterationRecord(t, density, alive_all / n0_all if n0_all else 0.0,
                                math.sqrt(sq / total0_sq) if total0_sq > 0 else 0.0,
                                conflicts / alive_all if alive_all else 0.0)
