@@ -2,6 +2,8 @@
 
     samerge merge --base PATH --expert PATH [--expert PATH ...] --method NAME --out PATH [--set key=value ...]
                   [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
+    samerge merge-lora --base PATH --adapter DIR [--adapter DIR ...] [--method sa_merging] --out DIR
+                       [--output adapter|dense] [--rank R] [--set key=value ...]
     samerge methods [--json]
     samerge inspect PATH [--all] [--json]
     samerge saliency --base PATH --expert PATH [--expert PATH ...] [--set saliency_sign=own_sign] [--json]
@@ -112,6 +114,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   f"||sum tau^(T)|| / ||sum tau|| {last.norm_ratio:.3f}, sign conflicts among survivors "
                   f"{last.conflict:.3f}")
         print(f"  wrote {report.out} in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from samerge.lora import merge_lora_checkpoints
+
+    if not args.adapter:
+        raise SamergeError("no adapters given (--adapter DIR, once per adapter)")
+    path, result = merge_lora_checkpoints(args.base, args.adapter, args.out, args.method, output=args.output,
+                                          rank=args.rank, params=_parse_set(args.set or []), force=args.force,
+                                          overwrite=args.overwrite)
+    ranks = [A.shape[0] for _, A in result.modules.values()]
+    print(f"merged {len(args.adapter)} adapter(s) with {args.method} into {len(result.modules)} modules "
+          f"(rank {min(ranks)}-{max(ranks)}); wrote {path} ({args.output})")
+    if result.history:
+        last = result.history[-1]
+        print(f"  {len(result.history)} iterations: {last.components} of {last.initial} rank-1 components kept")
     return 0
 
 
@@ -247,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", help="shard directory output above this size (default 5GB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("merge-lora", help="merge PEFT LoRA adapters of one base (rank-wise SA-Merging and baselines)")
+    p.add_argument("--base", required=True, help="the base model the adapters were trained on")
+    p.add_argument("--adapter", action="append", help="a PEFT adapter directory (repeat for each adapter)")
+    p.add_argument("--method", default="sa_merging", choices=["sa_merging", "task_arithmetic", "ties", "cat"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--output", default="adapter", choices=["adapter", "dense"],
+                   help="a PEFT adapter (exact concatenation of kept components) or the merged dense model")
+    p.add_argument("--rank", type=int, help="compress each module's merged update to this rank (truncated SVD)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="iterations, prune_ratio, scale, density (ties), qk_rule, graph")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.add_argument("--json", action="store_true")

@@ -103,14 +103,15 @@ def topk_mask(scores: torch.Tensor, k: int, ws: Workspace, *, slot: str = "topk"
 def select_top_keys(keys: torch.Tensor, hi: torch.Tensor, k: int, ws: Workspace, *, slot: str = "topk",
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The selection step of :func:`topk_mask`, for callers that computed the keys and their 16-bit buckets
-    themselves (e.g. fused into the loop that produces the scores)."""
+    themselves (e.g. fused into the loop that produces the scores). ``out`` may be a float tensor: the mask is
+    then 1.0/0.0, which multiplies into a float tensor ~3x faster than a boolean mask."""
     n = keys.numel()
     if out is None:
         out = ws.get(slot + ".mask", n, torch.bool)
     if k >= n:
-        return out.fill_(True)
+        return out.fill_(1)
     if k <= 0:
-        return out.fill_(False)
+        return out.fill_(0)
     hist = torch.bincount(hi, minlength=_BINS)
     from_top = hist.flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
@@ -128,7 +129,7 @@ def select_top_keys(keys: torch.Tensor, hi: torch.Tensor, k: int, ws: Workspace,
     torch.gt(keys, thr, out=out)
     fill = k - n_gt
     idx = torch.nonzero(keys == thr).view(-1)[:fill]
-    out[idx] = True
+    out[idx] = 1
     return out
 
 

@@ -127,7 +127,9 @@ class _Store:
         else:
             prod = ws.get("sa.prod", sp.idx.numel(), merged.dtype)
             torch.index_select(merged.reshape(-1), 0, sp.idx, out=prod).mul_(sp.val)
-        return int(torch.lt(prod, 0, out=ws.get("sa.neg", prod.shape, torch.bool)).sum())
+        prod.sign_()  # negatives = (#nonzero - sum of signs) / 2, with float reductions only
+        total = float(prod.sum(dtype=torch.float64))
+        return round((float(prod.abs_().sum(dtype=torch.float64)) - total) / 2)
 
     def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
         """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
@@ -279,7 +281,7 @@ class SaMerging(MergeMethod):
             hi = ws.get("sa.hi", tau_u.numel(), kdt)
             # S = sg ⊙ F ⊙ M as ranking keys; dead entries get -inf: they rank last and stay dead
             saliency_keys_into(keys, hi, factors, rows, base_u, tau_u, merged_u, sign_rule, ws)
-            mask = select_top_keys(keys, hi, keep, ws, slot="sa")
+            mask = select_top_keys(keys, hi, keep, ws, slot="sa", out=ws.get("sa.fmask", tau_u.numel(), tau_u.dtype))
             tau_u.mul_(mask.view(tau_u.shape))
             if keep <= SPARSE_BELOW * tau_u.numel():
                 store.to_sparse(n, key, rows)

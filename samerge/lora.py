@@ -1,0 +1,505 @@
+"""LoRA experts: PEFT adapters read and validated, merged rank-wise without materialising ΔW (spec §4).
+
+An adapter holds, per target module, ``ΔW = s · B A`` (``B``: d_out × r, ``A``: r × d_in; ``s = α / r``, or
+``α / √r`` with rsLoRA; transposed for ``fan_in_fan_out`` modules). Algorithm 2 scores each rank-1 component
+``(b_k, a_k)`` of each adapter by
+
+    γ_k = b_kᵀ (sign(W_n) ⊙ u vᵀ) a_k       (W_n = W0 + ΔW_n; u, v the module's connectivity flows)
+    η_k = b_kᵀ ΔW̄ a_k,  ΔW̄ = Σ_i s_i B_i A_i
+    score = |γ_k η_k|
+
+and keeps the ``max(1, round(r0 (1 − p)^t))`` best components per adapter and module at every iteration (masking
+keeps the LoRA form: ``B Diag(m)``, ``Diag(m) A``). γ is one GEMM against ``sign(W_n)`` formed in row chunks; η
+comes from r × r Gram products; neither needs ΔW. The merge is ``W0 + λ Σ s_n B_n A_n``, written either as a dense
+model or exactly as one PEFT adapter whose factors concatenate the surviving components, optionally compressed to
+rank r′ (QR of both factors + SVD of the small core: the Eckart–Young optimum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from samerge.errors import CheckpointError, SamergeError
+from samerge.io import open_checkpoint, save_safetensors
+from samerge.io.checkpoint import Checkpoint, tensor_info
+
+ROW_CHUNK = 1 << 20  # entries of W formed at a time when a dense row block is needed
+
+# adapter_config.json keys that select a LoRA variant samerge does not merge correctly: refuse, never guess
+_UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora", "use_bdlora")
+_UNSUPPORTED_SET = ("alora_invocation_tokens", "arrow_config", "layer_replication", "trainable_token_indices",
+                    "megatron_config", "kasa_config", "velora_config", "monteclora_config", "target_parameters",
+                    "modules_to_save")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: the base weight it updates and its factors (float64 or float32)."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    base_key: str  # "model.layers.0.self_attn.q_proj.weight"
+    A: torch.Tensor  # r × d_in
+    B: torch.Tensor  # d_out × r
+    scale: float  # s = alpha / r (or alpha / sqrt(r))
+    fan_in_fan_out: bool = False  # the base weight is stored (d_in, d_out): ΔW is (B A)ᵀ
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Materialised ΔW in the base weight's layout (tests and small modules only)."""
+        d = self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+        return d.t() if self.fan_in_fan_out else d
+
+
+@dataclass
+class LoraAdapter:
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module whose name is the key or ends with '.' + key (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_name(tensor_key: str) -> tuple[str, str]:
+    """'base_model.model.X.lora_A.weight' -> ('X', 'A')."""
+    m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", tensor_key)
+    if not m:
+        raise CheckpointError(f"unexpected tensor {tensor_key!r} in a LoRA adapter (only lora_A/lora_B weights of "
+                              "Linear layers are supported)")
+    return m.group(1), m.group(2)
+
+
+def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """Read and validate a PEFT LoRA adapter directory (``adapter_config.json`` + weights)."""
+    d = Path(path)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: cannot parse ({exc})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise SamergeError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LoRA; samerge merges LoRA adapters only")
+    for key in _UNSUPPORTED_TRUE:
+        if cfg.get(key):
+            raise SamergeError(f"{d}: {key}=true is a LoRA variant samerge does not support (merging it as plain "
+                               "LoRA would be silently wrong)")
+    for key in _UNSUPPORTED_SET:
+        if cfg.get(key):
+            raise SamergeError(f"{d}: {key} is set; this LoRA variant is not supported by samerge")
+    if cfg.get("bias", "none") != "none":
+        raise SamergeError(f"{d}: bias={cfg.get('bias')!r}: adapters that train biases are not supported")
+    weights = next((d / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (d / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", r_default))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora", False))
+    fifo = bool(cfg.get("fan_in_fan_out", False))
+    adapter = LoraAdapter(d, cfg)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    with open_checkpoint(weights) as ck:
+        for key in ck.keys():
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise SamergeError(f"{d}: tensor {key!r}: embedding LoRA and DoRA are not supported")
+            name, which = _module_name(key)
+            factors.setdefault(name, {})[which] = ck[key].to(dtype)
+    for name, f in factors.items():
+        if set(f) != {"A", "B"}:
+            raise CheckpointError(f"{d}: module {name!r} has lora_{next(iter(f))} but not its pair")
+        A, B = f["A"], f["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise CheckpointError(f"{d}: module {name!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not "
+                                  "form a rank-r update")
+        r = int(_pattern_value(rank_pattern, name, r_default))
+        if r != A.shape[0]:
+            raise SamergeError(f"{d}: module {name!r} stores rank {A.shape[0]} but adapter_config.json says r={r}")
+        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        adapter.modules[name] = LoraModule(name, name + ".weight", A, B, scale, fifo)
+    if not adapter.modules:
+        raise CheckpointError(f"{d}: the adapter holds no LoRA weights")
+    return adapter
+
+
+def check_adapters(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], force: bool = False) -> None:
+    """Refuse adapters that do not fit the base, or that disagree on scaling conventions."""
+    if not adapters:
+        raise SamergeError("at least one adapter is required")
+    base_name = None
+    if isinstance(base, Checkpoint) and base.config:
+        base_name = base.config.get("_name_or_path")
+    for ad in adapters:
+        for mod in ad.modules.values():
+            if mod.base_key not in base:
+                raise SamergeError(f"{ad.path}: module {mod.name!r} has no weight {mod.base_key!r} in the base: "
+                                   "this adapter was trained on a different model")
+            shape, dtype = tensor_info(base, mod.base_key)
+            d_out, d_in = mod.B.shape[0], mod.A.shape[1]
+            expected = (d_in, d_out) if mod.fan_in_fan_out else (d_out, d_in)
+            if tuple(shape) != expected:
+                raise SamergeError(f"{ad.path}: module {mod.name!r} updates a {list(expected)} weight but the base "
+                                   f"has {list(shape)}: this adapter was trained on a different model")
+        named = ad.config.get("base_model_name_or_path")
+        if base_name and named and Path(str(named)).name != Path(str(base_name)).name and not force:
+            raise SamergeError(f"{ad.path}: adapter was trained on {named!r} but the base is {base_name!r} "
+                               "(pass --force if they are the same weights)")
+    fifo = {m.fan_in_fan_out for ad in adapters for m in ad.modules.values()}
+    if len(fifo) > 1:
+        raise SamergeError("adapters disagree on fan_in_fan_out for the same base")
+
+
+# ------------------------------------------------------------------------------------------------ rank-wise scores
+
+
+def expert_weight_rows(w0: torch.Tensor, mod: LoraModule, r0: int, r1: int, mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Rows r0:r1 of W_n = W0 + s B A (in (d_out, d_in) orientation), formed without the full ΔW."""
+    base_rows = (w0.t() if mod.fan_in_fan_out else w0)[r0:r1].to(mod.A.dtype)
+    B = mod.B[r0:r1] if mask is None else mod.B[r0:r1] * mask
+    return torch.addmm(base_rows, B, mod.A, alpha=mod.scale)
+
+
+def gamma(w0: torch.Tensor, mod: LoraModule, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """γ_k = b_kᵀ (sign(W_n) ⊙ u vᵀ) a_k for every component k (W_n with the current ``mask`` of components).
+
+    X = sign(W_n) @ (A_nᵀ ⊙ v) is one GEMM over row chunks of W_n; γ = colsum((B ⊙ u) ⊙ X).
+    """
+    d_out, d_in = mod.B.shape[0], mod.A.shape[1]
+    av = (mod.A * v.to(mod.A.dtype)).t()  # d_in × r
+    B = mod.B if mask is None else mod.B * mask
+    out = torch.zeros(mod.rank, dtype=mod.A.dtype)
+    step = max(1, ROW_CHUNK // max(1, d_in))
+    for r0 in range(0, d_out, step):
+        r1 = min(d_out, r0 + step)
+        x = torch.sign(expert_weight_rows(w0, mod, r0, r1, mask)) @ av  # rows × r
+        out += ((B[r0:r1] * u[r0:r1, None].to(B.dtype)) * x).sum(0)
+    return out
+
+
+def eta(mods: Sequence[LoraModule], n: int, masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """η_k = b_kᵀ ΔW̄ a_k for the components of ``mods[n]``, with ΔW̄ = Σ_i s_i B_i A_i (masked), via r×r Grams."""
+    masks = masks or [None] * len(mods)
+    Bn = mods[n].B if masks[n] is None else mods[n].B * masks[n]
+    An = mods[n].A if masks[n] is None else mods[n].A * masks[n][:, None]
+    out = torch.zeros(mods[n].rank, dtype=mods[n].A.dtype)
+    for i, m in enumerate(mods):
+        Bi = m.B if masks[i] is None else m.B * masks[i]
+        Ai = m.A if masks[i] is None else m.A * masks[i][:, None]
+        out += m.scale * ((Bi.t() @ Bn) * (Ai @ An.t())).sum(0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ compression
+
+
+def compress(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of B A (Eckart–Young), from QR of both factors and an SVD of the R×R core."""
+    qb, rb = torch.linalg.qr(B.to(torch.float64))
+    qa, ra = torch.linalg.qr(A.t().to(torch.float64))
+    u, sig, vh = torch.linalg.svd(rb @ ra.t())
+    k = min(rank, sig.numel())
+    root = sig[:k].sqrt()
+    return (qb @ (u[:, :k] * root)).to(B.dtype), ((root[:, None] * vh[:k]) @ qa.t()).to(A.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+
+@dataclass
+class LoraIteration:
+    iteration: int
+    components: int  # surviving rank-1 components over all adapters and modules
+    initial: int
+
+
+@dataclass
+class LoraMergeResult:
+    """Per module, the merged update as factors: ΔW = B A (scale folded into B, λ included)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    fan_in_fan_out: bool
+    history: list[LoraIteration]
+    kept: dict[str, list[int]]  # module -> surviving components per adapter
+
+
+def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
+                qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Connectivity flow factors of every expert's full weights W0 + ΔW_n (target modules formed per row chunk)."""
+    from samerge.graphs import flow_factors
+    from samerge.saliency import view2d
+
+    static: dict[str, torch.Tensor] = {}
+    out = []
+    for n, ad in enumerate(adapters):
+        cache: dict[str, torch.Tensor] = {}
+
+        def absolute(key: str) -> torch.Tensor:
+            if key in cache:
+                return cache[key]
+            mod = next((m for m in ad.modules.values() if m.base_key == key), None)
+            if mod is None:
+                if key not in static:
+                    static[key] = base[key].to(torch.float32).abs()
+                return static[key]
+            w0 = base[key].to(torch.float32)
+            full = torch.empty((mod.B.shape[0], mod.A.shape[1]), dtype=torch.float32)
+            step = max(1, ROW_CHUNK // max(1, full.shape[1]))
+            for r0 in range(0, full.shape[0], step):
+                r1 = min(full.shape[0], r0 + step)
+                full[r0:r1] = expert_weight_rows(w0, mod, r0, r1, masks[n].get(mod.name)).abs_()
+            cache[key] = full.t() if mod.fan_in_fan_out else full
+            return cache[key]
+
+        def weights(ref: Any) -> torch.Tensor:
+            w = view2d(absolute(ref.key))
+            if ref.rows is not None:
+                w = w[ref.rows[0]: ref.rows[1]]
+            return w.t() if ref.transposed else w
+
+        def gammas(key: str) -> torch.Tensor:
+            return absolute(key).to(torch.float64).reshape(-1)
+
+        out.append(flow_factors(graph, weights, gammas, qk_rule, shapes))
+    return out
+
+
+def _module_flow(factors: list[Any], mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """u (d_out) and v (d_in) of a module from its rank-1 flow factors (max-normalised; whole-tensor units)."""
+    live = [f for f in factors if f.log != -math.inf and f.rows is None]
+    if not live:
+        return torch.zeros(mod.B.shape[0], dtype=torch.float64), torch.zeros(mod.A.shape[1], dtype=torch.float64)
+    if len(live) > 1:
+        raise SamergeError(f"LoRA module {mod.name!r}: its flow gradient is not rank-1 (tied weight?)")
+    f = live[0]
+    u, v = (f.v, f.u) if mod.fan_in_fan_out else (f.u, f.v)
+    return u, v
+
+
+def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter],
+               method: Literal["sa_merging", "task_arithmetic", "ties", "cat"] = "sa_merging", *,
+               iterations: int = 10, prune_ratio: float = 0.2, scale: float = 1.0, density: float = 0.2,
+               qk_rule: str = "bilinear", graph: str = "auto", config: Mapping[str, Any] | None = None,
+               rank: int | None = None, force: bool = False, history: list[Any] | None = None) -> LoraMergeResult:
+    """Merge LoRA adapters into factor form (see the module docstring). ``density`` is TIES' kept fraction."""
+    from samerge.graphs import build_graph
+
+    valid = ("sa_merging", "task_arithmetic", "ties", "cat")
+    if method not in valid:
+        raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(valid)}")
+    if not (0.0 < scale <= 10.0) or not math.isfinite(scale):
+        raise SamergeError(f"scale must be in (0, 10], got {scale}")
+    if not 0.0 <= prune_ratio < 1.0:
+        raise SamergeError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    if iterations < 1:
+        raise SamergeError(f"iterations must be >= 1, got {iterations}")
+    if rank is not None and rank < 1:
+        raise SamergeError(f"rank must be >= 1, got {rank}")
+    check_adapters(base, adapters, force)
+    for ad in adapters:
+        for mod in ad.modules.values():
+            if not (torch.isfinite(mod.A).all() and torch.isfinite(mod.B).all()):
+                raise SamergeError(f"{ad.path}: module {mod.name!r} contains NaN or Inf")
+    names = sorted({name for ad in adapters for name in ad.modules})
+    fifo = any(m.fan_in_fan_out for ad in adapters for m in ad.modules.values())
+    masks: list[dict[str, torch.Tensor]] = [{name: torch.ones(m.rank, dtype=m.A.dtype) for name, m in ad.modules.items()}
+                                            for ad in adapters]
+    records: list[LoraIteration] = []
+    if method == "sa_merging":
+        keys = list(base.keys())
+        shapes = {k: tuple(tensor_info(base, k)[0]) for k in keys}
+        cfg = config if config is not None else getattr(base, "config", None)
+        g = build_graph([k for k in keys if tensor_info(base, k)[1].is_floating_point], shapes, cfg, graph)
+        r0 = {(n, name): m.rank for n, ad in enumerate(adapters) for name, m in ad.modules.items()}
+        initial = sum(r0.values())
+        for t in range(1, iterations + 1):
+            flows = _lora_flows(base, adapters, masks, qk_rule, g, shapes)
+            new_masks = [dict(mk) for mk in masks]
+            for name in names:
+                holders = [n for n, ad in enumerate(adapters) if name in ad.modules]
+                mods = [adapters[n].modules[name] for n in holders]
+                mmasks = [masks[n][name] for n in holders]
+                w0 = base[mods[0].base_key]
+                for j, n in enumerate(holders):
+                    mod = mods[j]
+                    u, v = _module_flow(flows[n].get(mod.base_key, []), mod)
+                    score = (gamma(w0, mod, u, v, mmasks[j]) * eta(mods, j, mmasks)).abs()
+                    alive = mmasks[j] > 0
+                    keep = max(1, round(r0[(n, name)] * (1.0 - prune_ratio) ** t))
+                    keep = min(keep, int(alive.sum()))
+                    score = torch.where(alive, score, torch.tensor(-math.inf, dtype=score.dtype))
+                    order = sorted(range(score.numel()), key=lambda k: (-float(score[k]), k))
+                    m = torch.zeros_like(mmasks[j])
+                    m[order[:keep]] = 1.0
+                    new_masks[n][name] = m
+            masks = new_masks
+            kept = int(sum(float(mk.sum()) for mkd in masks for mk in mkd.values()))
+            records.append(LoraIteration(t, kept, initial))
+            if history is not None:
+                history.append(records[-1])
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        holders = [n for n, ad in enumerate(adapters) if name in ad.modules]
+        mods = [adapters[n].modules[name] for n in holders]
+        if method == "ties":
+            B, A = _ties_module(base[mods[0].base_key], mods, density, scale, rank)
+        else:
+            Bs, As = [], []
+            for n, mod in zip(holders, mods):
+                keep = masks[n][name] > 0
+                Bs.append(mod.B[:, keep] * (mod.scale * scale))
+                As.append(mod.A[keep])
+            B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+            if rank is not None and rank < A.shape[0]:
+                B, A = compress(B, A, rank)
+        out[name] = (B, A)
+    kept_counts = {name: [int(masks[n][name].sum()) for n, ad in enumerate(adapters) if name in ad.modules]
+                   for name in names}
+    return LoraMergeResult(out, fifo, records, kept_counts)
+
+
+def _ties_module(w0: torch.Tensor, mods: Sequence[LoraModule], density: float, scale: float, rank: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES on one module's updates; the merged dense update is factorised by SVD (to ``rank``, default Σ r)."""
+    from samerge.methods.ties import elect_and_merge
+    from samerge.selection import Workspace, keep_count, topk_mask
+
+    ws = Workspace()
+    deltas = torch.stack([m.delta(torch.float32) for m in mods])  # one module, N updates: freed right after
+    if mods[0].fan_in_fan_out:
+        deltas = deltas.transpose(1, 2).contiguous()
+    flat = deltas.view(len(mods), -1)
+    k = keep_count(flat.shape[1], density)
+    mag = torch.empty(flat.shape[1])
+    for i in range(len(mods)):
+        torch.abs(flat[i], out=mag)
+        flat[i].mul_(topk_mask(mag, k, ws, nonnegative=True))
+    merged = elect_and_merge(flat, "sum", ws).view(deltas.shape[1:]).mul(scale).to(torch.float64)
+    target = rank or sum(m.rank for m in mods)
+    u, sig, vh = torch.linalg.svd(merged, full_matrices=False)
+    k = min(target, sig.numel())
+    root = sig[:k].sqrt()
+    return (u[:, :k] * root).to(mods[0].B.dtype), (root[:, None] * vh[:k]).to(mods[0].A.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_model_name: str | None,
+                 template: Mapping[str, Any], overwrite: bool = False, metadata: Mapping[str, str] | None = None
+                 ) -> Path:
+    """Write the merged factors as one PEFT adapter (scale 1: ``lora_alpha = r`` per module), atomically."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SamergeError(f"{out} already exists (pass --overwrite to replace it)")
+    tmp = out.parent / f".{out.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for name, (B, A) in result.modules.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(torch.float32).contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(torch.float32).contiguous()
+            ranks[name] = A.shape[0]
+        r_max = max(ranks.values())
+        cfg = {k: v for k, v in template.items() if k in ("task_type", "target_modules", "fan_in_fan_out")}
+        cfg.update({
+            "peft_type": "LORA", "r": r_max, "lora_alpha": r_max, "use_rslora": False, "use_dora": False,
+            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base_model_name,
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in result.modules}),
+            # full module paths, regex-escaped: PEFT matches pattern keys as regular expressions
+            "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
+            "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
+            "fan_in_fan_out": result.fan_in_fan_out, "inference_mode": True,
+        })
+        save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **(metadata or {})})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def dense_state(base: Mapping[str, torch.Tensor], result: LoraMergeResult) -> dict[str, torch.Tensor]:
+    """The merged model: base weights plus each module's B A (added per row chunk), other tensors copied."""
+    by_key = {name + ".weight": ba for name, ba in result.modules.items()}
+    out: dict[str, torch.Tensor] = {}
+    for k in base.keys():
+        w = base[k]
+        if k in by_key:
+            B, A = by_key[k]
+            w = w.clone()
+            tgt = w.t() if result.fan_in_fan_out else w
+            step = max(1, ROW_CHUNK // max(1, A.shape[1]))
+            for r0 in range(0, tgt.shape[0], step):
+                r1 = min(tgt.shape[0], r0 + step)
+                tgt[r0:r1] += (B[r0:r1].to(torch.float32) @ A.to(torch.float32)).to(w.dtype)
+        out[k] = w
+    return out
+
+
+def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
+                           out: str | os.PathLike[str], method: str = "sa_merging", *,
+                           output: Literal["adapter", "dense"] = "adapter", rank: int | None = None,
+                           params: Mapping[str, Any] | None = None, force: bool = False, overwrite: bool = False
+                           ) -> tuple[Path, LoraMergeResult]:
+    """Files in, files out: merge PEFT adapter directories for the model at ``base``."""
+    import samerge
+
+    allowed = {"iterations", "prune_ratio", "scale", "density", "qk_rule", "graph"}
+    params = dict(params or {})
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise SamergeError(f"unknown parameter {unknown[0]!r} for merge-lora; valid parameters: "
+                           f"{', '.join(sorted(allowed))}")
+    if output not in ("adapter", "dense"):
+        raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
+    loaded = [load_adapter(a) for a in adapters]
+    with open_checkpoint(base) as ck:
+        result = merge_lora(ck, loaded, method, rank=rank, force=force, **params)  # type: ignore[arg-type]
+        meta = {"samerge.version": samerge.__version__, "samerge.method": f"lora:{method}",
+                "samerge.params": json.dumps({**params, "rank": rank}, sort_keys=True),
+                "samerge.adapters": json.dumps([str(a) for a in adapters])}
+        if output == "adapter":
+            name = (ck.config or {}).get("_name_or_path") or str(base)
+            path = save_adapter(result, out, base_model_name=name, template=loaded[0].config, overwrite=overwrite,
+                                metadata=meta)
+        else:
+            from samerge.io import SafetensorsSink
+            from samerge.io.safetensors_format import PlannedTensor
+
+            state = dense_state(ck, result)
+            plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in state.items() if k not in ck.aliases]
+            with SafetensorsSink(out, plan, metadata={"format": "pt", **meta}, aliases=ck.aliases,
+                                 overwrite=overwrite, copy_from=ck.directory) as sink:
+                for t in plan:
+                    sink.write(t.name, state[t.name])
+                path = sink.finish(model_card=f"# Merged model (LoRA {method})\n\nMerged with samerge "
+                                              f"{samerge.__version__} from {len(adapters)} adapters.\n")
+    return path, result

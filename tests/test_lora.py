@@ -1,0 +1,253 @@
+"""LoRA experts: rank-wise scores against the materialised definitions, PEFT round trips, compression optimality."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import samerge
+from samerge.cli import main
+from samerge.io import open_checkpoint
+from samerge.lora import (LoraModule, compress, dense_state, eta, gamma, load_adapter, merge_lora,
+                          merge_lora_checkpoints)
+
+
+def rand_module(g, d_out=9, d_in=7, r=4, scale=0.5, dtype=torch.float64):
+    return LoraModule("m", "m.weight", torch.randn(r, d_in, generator=g, dtype=dtype),
+                      torch.randn(d_out, r, generator=g, dtype=dtype), scale)
+
+
+def test_gamma_and_eta_equal_the_materialised_definitions():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    mods = [rand_module(g, scale=s) for s in (0.5, 2.0, 1.0)]
+    u, v = torch.rand(9, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    masks = [torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), None, torch.ones(4, dtype=torch.float64)]
+    for n, mod in enumerate(mods):
+        mk = masks[n] if masks[n] is not None else torch.ones(4, dtype=torch.float64)
+        Bm, Am = mod.B * mk, mod.A * mk[:, None]
+        wn = w0 + mod.scale * Bm @ Am
+        G = torch.sign(wn) * torch.outer(u, v)
+        dbar = sum(m.scale * (m.B * (masks[i] if masks[i] is not None else 1)) @
+                   (m.A * (masks[i][:, None] if masks[i] is not None else 1)) for i, m in enumerate(mods))
+        want_g = torch.stack([Bm[:, k] @ G @ Am[k] for k in range(4)])
+        want_e = torch.stack([Bm[:, k] @ dbar @ Am[k] for k in range(4)])
+        got_g = gamma(w0, mod, u, v, masks[n])
+        got_e = eta(mods, n, masks)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_e, want_e, rtol=1e-10, atol=1e-12)
+
+
+def test_scores_are_invariant_to_the_sign_flip_of_a_component():
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    mods = [rand_module(g) for _ in range(2)]
+    u, v = torch.rand(9, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    flipped = LoraModule("m", "m.weight", mods[0].A.clone(), mods[0].B.clone(), mods[0].scale)
+    flipped.A[2] *= -1
+    flipped.B[:, 2] *= -1
+    torch.testing.assert_close(gamma(w0, flipped, u, v), gamma(w0, mods[0], u, v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eta([flipped, mods[1]], 0), eta(mods, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_compression_is_the_truncated_svd_of_the_product():
+    g = torch.Generator().manual_seed(2)
+    B, A = torch.randn(30, 12, generator=g, dtype=torch.float64), torch.randn(12, 20, generator=g, dtype=torch.float64)
+    for r in (1, 3, 8):
+        b, a = compress(B, A, r)
+        assert b.shape == (30, r) and a.shape == (r, 20)
+        u, s, vh = torch.linalg.svd(B @ A)
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        torch.testing.assert_close(b @ a, best, rtol=1e-9, atol=1e-9)
+        # Eckart–Young: the error is the energy of the dropped singular values
+        assert float(torch.linalg.matrix_norm(B @ A - b @ a)) == pytest.approx(float(s[r:].norm()), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT round trip
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+             dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
+             dict(r=6, lora_alpha=12, target_modules=["q_proj", "o_proj"],
+                  rank_pattern={"model.layers.1.self_attn.o_proj": 3})]
+    paths = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(10 + i)
+        model = get_peft_model(LlamaForCausalLM(cfg).eval(), LoraConfig(init_lora_weights=False, **spec))
+        model.base_model.model.load_state_dict(base.state_dict(), strict=False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        model.save_pretrained(root / f"adapter{i}")
+        paths.append(root / f"adapter{i}")
+    return root, cfg, paths
+
+
+def _forward(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_loader_reads_rank_alpha_rslora_and_rank_patterns(tiny_llama):
+    _, _, paths = tiny_llama
+    a0, a1, a2 = (load_adapter(p) for p in paths)
+    m = a0.modules["model.layers.0.self_attn.q_proj"]
+    assert m.rank == 4 and m.scale == pytest.approx(2.0) and m.base_key == "model.layers.0.self_attn.q_proj.weight"
+    assert a1.modules["model.layers.0.self_attn.v_proj"].scale == pytest.approx(4 / math.sqrt(4))
+    assert a2.modules["model.layers.1.self_attn.o_proj"].rank == 3
+    assert a2.modules["model.layers.0.self_attn.o_proj"].rank == 6
+
+
+@pytest.mark.parametrize("method", ["sa_merging", "task_arithmetic", "cat"])
+def test_merged_adapter_loads_in_peft_and_matches_the_dense_merge(tiny_llama, tmp_path, method):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    root, cfg, paths = tiny_llama
+    out, result = merge_lora_checkpoints(root / "base", paths, tmp_path / "merged", method,
+                                         params={"iterations": 2, "prune_ratio": 0.3} if method == "sa_merging"
+                                         else {})
+    dense_out, _ = merge_lora_checkpoints(root / "base", paths, tmp_path / "dense", method, output="dense",
+                                          params={"iterations": 2, "prune_ratio": 0.3} if method == "sa_merging"
+                                          else {})
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base").eval(), out).eval()
+    dense_model = LlamaForCausalLM.from_pretrained(dense_out).eval()
+    torch.testing.assert_close(_forward(peft_model, ids), _forward(dense_model, ids), rtol=0, atol=1e-5)
+    base_model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    assert not torch.allclose(_forward(base_model, ids), _forward(dense_model, ids), atol=1e-4)
+    if method == "sa_merging":
+        # masking keeps the LoRA form: every surviving component is a column of s·B and a row of A, unchanged
+        adapters = [load_adapter(p) for p in paths]
+        name = "model.layers.0.self_attn.q_proj"
+        B, A = result.modules[name]
+        kept = result.kept[name]
+        assert all(1 <= k <= 4 for k in kept) and A.shape[0] == sum(kept)
+        col = 0
+        for ad, k in zip(adapters, kept):
+            mod = ad.modules[name]
+            for c in range(k):
+                j = next(j for j in range(mod.rank) if torch.equal(mod.A[j], A[col]))
+                assert torch.equal(B[:, col], mod.B[:, j] * mod.scale)
+                col += 1
+
+
+def test_module_an_adapter_lacks_contributes_nothing(tiny_llama):
+    root, _, paths = tiny_llama
+    adapters = [load_adapter(p) for p in paths]
+    with open_checkpoint(root / "base") as base:
+        result = merge_lora(base, adapters, "task_arithmetic")
+        B, A = result.modules["model.layers.0.self_attn.o_proj"]  # only adapter 2 targets o_proj
+        mod = adapters[2].modules["model.layers.0.self_attn.o_proj"]
+        torch.testing.assert_close(B @ A, mod.scale * mod.B @ mod.A, rtol=1e-6, atol=1e-7)
+        dense = dense_state(base, result)
+        v = "model.layers.0.self_attn.v_proj.weight"
+        expected = base[v] + sum(ad.modules["model.layers.0.self_attn.v_proj"].delta(torch.float32)
+                                 for ad in adapters[:2])
+        torch.testing.assert_close(dense[v], expected, rtol=0, atol=1e-6)
+
+
+def test_rank_compression_and_sa_history(tiny_llama, tmp_path):
+    root, _, paths = tiny_llama
+    adapters = [load_adapter(p) for p in paths]
+    hist: list = []
+    with open_checkpoint(root / "base") as base:
+        full = merge_lora(base, adapters, "sa_merging", iterations=3, history=hist)
+        small = merge_lora(base, adapters, "sa_merging", iterations=3, rank=2)
+    assert [h.iteration for h in hist] == [1, 2, 3] and hist[-1].components < hist[0].initial
+    for name, (B, A) in small.modules.items():
+        assert A.shape[0] <= 2
+        Bf, Af = full.modules[name]
+        u, s, vh = torch.linalg.svd((Bf @ Af).double())
+        k = A.shape[0]
+        torch.testing.assert_close((B @ A).double(), (u[:, :k] * s[:k]) @ vh[:k], rtol=1e-5, atol=1e-6)
+
+
+def test_ties_on_lora_runs_and_factorises(tiny_llama):
+    root, _, paths = tiny_llama
+    with open_checkpoint(root / "base") as base:
+        result = merge_lora(base, [load_adapter(p) for p in paths[:2]], "ties", rank=3)
+    assert all(A.shape[0] <= 3 for _, A in result.modules.values())
+
+
+def _write_adapter(tmp_path, name, cfg_changes, tensors=None, base_adapter=None):
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(base_adapter, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(cfg_changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        from samerge.io import save_safetensors
+
+        (d / "adapter_model.safetensors").unlink()
+        save_safetensors(tensors, d / "adapter_model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"use_dora": True}, "use_dora=true is a LoRA variant samerge does not support"),
+    ({"lora_bias": True}, "lora_bias=true"),
+    ({"bias": "all"}, "adapters that train biases are not supported"),
+    ({"peft_type": "IA3"}, "is not LoRA"),
+    ({"r": 5}, "stores rank 4 but adapter_config.json says r=5"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save is set"),
+])
+def test_unsupported_or_inconsistent_adapters_are_refused(tiny_llama, tmp_path, capsys, change, fragment):
+    root, _, paths = tiny_llama
+    bad = _write_adapter(tmp_path, "bad", change, base_adapter=paths[0])
+    with pytest.raises(samerge.SamergeError, match=fragment.replace("(", r"\(")):
+        load_adapter(bad)
+    code = main(["merge-lora", "--base", str(root / "base"), "--adapter", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_adapter_for_a_different_base_is_refused(tiny_llama, tmp_path):
+    root, _, paths = tiny_llama
+    ad = load_adapter(paths[0])
+    t = {}
+    for name, m in ad.modules.items():
+        t[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(4, 40)  # d_in 40, the base has 32
+        t[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(m.B.shape[0], 4)
+    other = _write_adapter(tmp_path, "other", {}, tensors=t, base_adapter=paths[0])
+    with open_checkpoint(root / "base") as base:
+        with pytest.raises(samerge.SamergeError, match="trained on a different model"):
+            merge_lora(base, [load_adapter(other)])
+    t2 = {f"base_model.model.model.layers.0.mlp.nope.lora_{x}.weight": torch.zeros(4, 32) if x == "A"
+          else torch.zeros(32, 4) for x in "AB"}
+    other2 = _write_adapter(tmp_path, "other2", {}, tensors=t2, base_adapter=paths[0])
+    with open_checkpoint(root / "base") as base:
+        with pytest.raises(samerge.SamergeError, match="has no weight 'model.layers.0.mlp.nope.weight'"):
+            merge_lora(base, [load_adapter(other2)])
+
+
+def test_cli_merge_lora(tiny_llama, tmp_path, capsys):
+    root, _, paths = tiny_llama
+    args = ["merge-lora", "--base", str(root / "base"), "--method", "sa_merging", "--out", str(tmp_path / "m"),
+            "--rank", "3", "--set", "iterations=2"]
+    for p in paths:
+        args += ["--adapter", str(p)]
+    code = main(args)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and max(cfg["rank_pattern"].values()) <= 3
+    assert "merged 3 adapter(s)" in out.out
+    code = main([*args[:-2], "--set", "T=3"])
+    assert code == 2 and "unknown parameter 'T'" in capsys.readouterr().err
