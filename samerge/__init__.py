@@ -7,9 +7,10 @@
 
 from samerge.engine import merge
 from samerge.errors import CheckpointError, SamergeError, SamergeWarning
+from samerge.lora import merge_lora_api as merge_lora
 from samerge.methods import available_methods
 from samerge.saliency import saliency
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "SamergeError", "SamergeWarning", "__version__", "available_methods", "merge", "saliency"]
+__all__ = ["CheckpointError", "SamergeError", "SamergeWarning", "__version__", "available_methods", "merge", "merge_lora", "saliency"]

@@ -245,6 +245,14 @@ class LoraMergeResult:
     history: list[LoraIteration]
     kept: dict[str, list[int]]  # module -> surviving components per adapter
 
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The merged adapter's tensors under PEFT's names (scale 1: lora_alpha = r per module)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, (B, A) in self.modules.items():
+            out[f"base_model.model.{name}.lora_A.weight"] = A.to(torch.float32).contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = B.to(torch.float32).contiguous()
+        return out
+
 
 def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
                 qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
@@ -383,21 +391,41 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
 
 def _ties_module(w0: torch.Tensor, mods: Sequence[LoraModule], density: float, scale: float, rank: int | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES on one module's updates; the merged dense update is factorised by SVD (to ``rank``, default Σ r)."""
+    """TIES on one module's updates, formed in row chunks (never a whole ΔW per adapter); the merged update is
+    factorised by SVD (to ``rank``, default Σ r).
+
+    Trim keeps each adapter's top ``density`` of |ΔW| over the whole module: the exact threshold comes from
+    two streamed passes over row chunks (:class:`~samerge.selection.GlobalThreshold`).
+    """
     from samerge.methods.ties import elect_and_merge
-    from samerge.selection import Workspace, keep_count, topk_mask
+    from samerge.selection import GlobalThreshold, Workspace, keep_count
 
     ws = Workspace()
-    deltas = torch.stack([m.delta(torch.float32) for m in mods])  # one module, N updates: freed right after
-    if mods[0].fan_in_fan_out:
-        deltas = deltas.transpose(1, 2).contiguous()
-    flat = deltas.view(len(mods), -1)
-    k = keep_count(flat.shape[1], density)
-    mag = torch.empty(flat.shape[1])
-    for i in range(len(mods)):
-        torch.abs(flat[i], out=mag)
-        flat[i].mul_(topk_mask(mag, k, ws, nonnegative=True))
-    merged = elect_and_merge(flat, "sum", ws).view(deltas.shape[1:]).mul(scale).to(torch.float64)
+    d_out, d_in = mods[0].B.shape[0], mods[0].A.shape[1]
+    step = max(1, ROW_CHUNK // max(1, d_in))
+
+    def chunks():
+        for r0 in range(0, d_out, step):
+            r1 = min(d_out, r0 + step)
+            yield r0, r1, torch.stack([m.scale * (m.B[r0:r1].to(torch.float32) @ m.A.to(torch.float32))
+                                       for m in mods])
+
+    selectors = [GlobalThreshold(keep_count(d_out * d_in, density)) for _ in mods]
+    for _, _, c in chunks():
+        for sel, d in zip(selectors, c):
+            sel.add_histogram(d.abs().reshape(-1), ws)
+    for sel in selectors:
+        sel.bucket()
+    for _, _, c in chunks():
+        for sel, d in zip(selectors, c):
+            sel.add_candidates(d.abs().reshape(-1), ws)
+    thresholds = [sel.threshold() for sel in selectors]
+    merged = torch.empty((d_out, d_in), dtype=torch.float64)
+    for r0, r1, c in chunks():
+        for i, thr in enumerate(thresholds):
+            c[i].mul_(c[i].abs() >= thr)
+        merged[r0:r1] = elect_and_merge(c.view(len(mods), -1), "sum", ws).view(r1 - r0, d_in).to(torch.float64)
+    merged.mul_(scale)
     target = rank or sum(m.rank for m in mods)
     u, sig, vh = torch.linalg.svd(merged, full_matrices=False)
     k = min(target, sig.numel())
@@ -418,12 +446,8 @@ def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_m
     tmp = out.parent / f".{out.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        for name, (B, A) in result.modules.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(torch.float32).contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(torch.float32).contiguous()
-            ranks[name] = A.shape[0]
+        tensors = result.peft_state_dict()
+        ranks = {name: A.shape[0] for name, (_, A) in result.modules.items()}
         r_max = max(ranks.values())
         cfg = {k: v for k, v in template.items() if k in ("task_type", "target_modules", "fan_in_fan_out")}
         cfg.update({
@@ -462,6 +486,29 @@ def dense_state(base: Mapping[str, torch.Tensor], result: LoraMergeResult) -> di
                 tgt[r0:r1] += (B[r0:r1].to(torch.float32) @ A.to(torch.float32)).to(w.dtype)
         out[k] = w
     return out
+
+
+def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
+                   adapters: Sequence[LoraAdapter | str | os.PathLike[str]], method: str = "sa_merging", *,
+                   output: Literal["adapter", "dense"] = "adapter", rank: int | None = None, iterations: int = 10,
+                   prune_ratio: float = 0.2, scale: float = 1.0, **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
+    """``samerge.merge_lora``: merge LoRA adapters of one base.
+
+    ``base``: a state dict or a model path; ``adapters``: PEFT adapter directories or :class:`LoraAdapter` objects.
+    ``output="adapter"`` returns a :class:`LoraMergeResult` (factors per module; ``peft_state_dict()``);
+    ``output="dense"`` returns the merged model's state dict.
+    """
+    if output not in ("adapter", "dense"):
+        raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
+    loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
+    state = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+    try:
+        result = merge_lora(state, loaded, method, rank=rank, iterations=iterations,  # type: ignore[arg-type]
+                            prune_ratio=prune_ratio, scale=scale, **kw)
+        return dense_state(state, result) if output == "dense" else result
+    finally:
+        if isinstance(state, Checkpoint) and state is not base:
+            state.close()
 
 
 def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],

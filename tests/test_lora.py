@@ -251,3 +251,57 @@ def test_cli_merge_lora(tiny_llama, tmp_path, capsys):
     assert "merged 3 adapter(s)" in out.out
     code = main([*args[:-2], "--set", "T=3"])
     assert code == 2 and "unknown parameter 'T'" in capsys.readouterr().err
+
+
+def test_ties_on_lora_equals_dense_ties_of_the_updates(tiny_llama):
+    """The row-chunked, exact-threshold TIES equals TIES of the materialised updates (global per module)."""
+    root, _, paths = tiny_llama
+    adapters = [load_adapter(p) for p in paths[:2]]
+    name = "model.layers.1.self_attn.v_proj"
+    mods = [ad.modules[name] for ad in adapters]
+    with open_checkpoint(root / "base") as base:
+        result = merge_lora(base, adapters, "ties", density=0.3, rank=32)
+    deltas = [m.delta(torch.float32) for m in mods]
+    ref = samerge.merge({"w": torch.zeros_like(deltas[0])}, [{"w": d} for d in deltas], "ties", density=0.3,
+                        scale=1.0, force=True)["w"]
+    B, A = result.modules[name]
+    torch.testing.assert_close((B @ A).float(), ref, rtol=0, atol=1e-5)
+
+
+def test_top_level_api_returns_adapter_factors_or_dense_state(tiny_llama):
+    root, _, paths = tiny_llama
+    res = samerge.merge_lora(root / "base", paths, "cat")
+    dense = samerge.merge_lora(root / "base", paths, "cat", output="dense")
+    with open_checkpoint(root / "base") as base:
+        for name, (B, A) in res.modules.items():
+            k = name + ".weight"
+            torch.testing.assert_close(dense[k], base[k] + B @ A, rtol=0, atol=1e-6)
+    assert set(res.peft_state_dict()) == {f"base_model.model.{n}.lora_{x}.weight" for n in res.modules for x in "AB"}
+    with pytest.raises(samerge.SamergeError, match="output must be 'adapter' or 'dense'"):
+        samerge.merge_lora(root / "base", paths, "cat", output="both")
+
+
+def test_fan_in_fan_out_gpt2_adapters_round_trip_through_peft(tmp_path):
+    """GPT-2 Conv1D weights are stored transposed: the merged update must be added as (B A)^T."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4)
+    base = GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    paths = []
+    for i in range(2):
+        torch.manual_seed(5 + i)
+        m = get_peft_model(GPT2LMHeadModel(cfg).eval(), LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"],
+                                                                   fan_in_fan_out=True, init_lora_weights=False))
+        m.base_model.model.load_state_dict(base.state_dict(), strict=False)
+        m.save_pretrained(tmp_path / f"a{i}")
+        paths.append(tmp_path / f"a{i}")
+    assert load_adapter(paths[0]).modules["transformer.h.0.attn.c_attn"].fan_in_fan_out
+    out, _ = merge_lora_checkpoints(tmp_path / "base", paths, tmp_path / "merged", "cat")
+    dense, _ = merge_lora_checkpoints(tmp_path / "base", paths, tmp_path / "dense", "cat", output="dense")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    p = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), out).eval()
+    d = GPT2LMHeadModel.from_pretrained(dense).eval()
+    torch.testing.assert_close(_forward(p, ids), _forward(d, ids), rtol=0, atol=1e-5)

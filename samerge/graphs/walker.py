@@ -195,8 +195,8 @@ class FlowComputer:
 
     def _stream_input(self, stack: Stack, width: int | None) -> LogVec:
         if stack.embed is not None:
-            e = self.W(stack.embed)  # oriented (d, V): h0 = |E|^T 1 / V
-            return LogVec.of(e.sum(1, dtype=torch.float64) / e.shape[1])
+            e = self.W(stack.embed)  # oriented (d, V): h0 = |E|^T 1 / V (a float32 sum: no float64 copy of E)
+            return LogVec.of(e.sum(1).to(torch.float64) / e.shape[1])
         if stack.patch is not None:
             p = self.W(stack.patch)
             return mv(p, LogVec.ones(p.shape[1]))
