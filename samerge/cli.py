@@ -235,6 +235,27 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suite_report(args: argparse.Namespace) -> int:
+    from samerge.evaluation.report import run_report, split_methods
+
+    add: dict[str, str] = {}
+    for item in args.add_task or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise SamergeError(f"--add-task expects NAME=PATH.csv, got {item!r}")
+        add[name.strip()] = path.strip()
+    rows = run_report(args.suite, args.size, args.out, methods=split_methods(args.methods) if args.methods else None,
+                      tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None, add_tasks=add,
+                      seed=args.seed, progress=not args.quiet)
+    avg = {r["method"]: r for r in rows if r["task"] == "average"}
+    width = max(len(m) for m in avg)
+    print(f"{'method':<{width}}  accuracy  normalized")
+    for m, r in avg.items():
+        print(f"{m:<{width}}  {r['score']:8.3f}  {r['normalized']:10.3f}")
+    print(f"wrote {Path(args.out) / 'report.csv'}, report.md and plots")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from samerge.demo import prepare_demo
 
@@ -297,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="saliency_sign, qk_rule or graph")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("suite", help="expert suites: fine-tune, merge with every method, evaluate, report")
+    suite_sub = p.add_subparsers(dest="suite_command", required=True)
+    p = suite_sub.add_parser("report", help="run methods on a suite and write report.csv, report.md and plots")
+    p.add_argument("--suite", default="text", choices=["text"])
+    p.add_argument("--size", default="small", choices=["small", "full"])
+    p.add_argument("--methods", help="comma-separated, parameterised items allowed: ties[aggregate=mean,scale=1.0]")
+    p.add_argument("--tasks", help="comma-separated subset of the built-in tasks (default: all)")
+    p.add_argument("--add-task", action="append", metavar="NAME=PATH.csv",
+                   help="a task from a CSV with columns text,label (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the experts' fine-tuning and data splits")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_suite_report)
 
     p = sub.add_parser("demo", help="prepare a DEMO: a packaged MiniLM base and experts made by perturbing it")
     p.add_argument("--out", required=True)

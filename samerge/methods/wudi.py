@@ -41,7 +41,13 @@ def wudi_objective(tau_m: torch.Tensor, task_vectors: torch.Tensor) -> torch.Ten
 
 def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float, device: str = "cpu"
                ) -> tuple[torch.Tensor, list[float]]:
-    """Optimise one 2-D weight; returns (tau_m on CPU, the objective before each step and after the last)."""
+    """Optimise one 2-D weight; returns (tau_m on CPU, the objective before each step and after the last).
+
+    The objective and its gradient ``2 sum_i (tau_m - tau_i) tau_i^T tau_i / ||tau_i||^2`` are evaluated in
+    closed form, one expert at a time, through whichever Gram matrix is smaller: ``tau_i^T tau_i`` (in x in) for
+    tall weights such as token embeddings, ``(tau_m - tau_i) tau_i^T`` (out x out) otherwise. Memory stays
+    O(out x in) (a batched out x out product for a 30k-row embedding would need tens of GB).
+    """
     tvs = task_vectors.to(device=device, dtype=torch.float32)
     norms = tvs.square().sum(dim=(1, 2))
     live = norms > 0
@@ -49,17 +55,30 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float, device: s
     tau_m = task_vectors.to(device=device, dtype=torch.float32).sum(0).clone().requires_grad_(True)
     if tvs.shape[0] == 0 or iterations == 0:
         return tau_m.detach().cpu(), []
+    n_out, n_in = tau_m.shape
+    tall = n_out >= n_in
+    grams = [t.t() @ t / nrm for t, nrm in zip(tvs, norms)] if tall else None
     opt = torch.optim.Adam([tau_m], lr=lr)
     history: list[float] = []
-    for _ in range(iterations + 1):
-        opt.zero_grad(set_to_none=True)
-        diff = tau_m.unsqueeze(0) - tvs  # (N, out, in)
-        inter = torch.bmm(diff, tvs.transpose(1, 2))  # (N, out, out)
-        loss = (inter.square().sum(dim=(1, 2)) / norms).sum()
-        history.append(float(loss.detach()))
-        if len(history) > iterations:
+    grad = torch.empty_like(tau_m)
+    for step in range(iterations + 1):
+        loss = 0.0
+        grad.zero_()
+        with torch.no_grad():
+            for i, (t, nrm) in enumerate(zip(tvs, norms)):
+                d = tau_m - t
+                if tall:
+                    dg = d @ grams[i]  # type: ignore[index]
+                    loss += float((dg * d).sum())
+                    grad.add_(dg, alpha=2.0)
+                else:
+                    p = d @ t.t()
+                    loss += float(p.square().sum() / nrm)
+                    grad.add_(p @ t, alpha=2.0 / float(nrm))
+        history.append(loss)
+        if step == iterations:
             break
-        loss.backward()
+        tau_m.grad = grad.clone()
         opt.step()
     return tau_m.detach().cpu(), history
 

@@ -1,0 +1,147 @@
+"""The ``text`` suite: all-MiniLM-L6-v2 (packaged) as base, one fully fine-tuned expert per task.
+
+Each expert is the whole encoder fine-tuned together with its own linear head on mean-pooled token states; heads
+are task-specific and never merged. Experts are deterministic functions of (task data, size, seed, hyper-
+parameters) and are cached on disk (``$SAMERGE_CACHE`` or ``~/.cache/samerge``), so a report re-runs in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from samerge.evaluation.tasks import TaskData
+from samerge.io import open_checkpoint, save_safetensors
+
+HYPER = {
+    "small": {"epochs": 2, "lr": 1e-4, "batch": 16, "max_len": 48},
+    "full": {"epochs": 1, "lr": 5e-5, "batch": 16, "max_len": 64},
+}
+EXPERT_FORMAT = 2  # bump when training changes, so cached experts are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAMERGE_CACHE", Path.home() / ".cache" / "samerge"))
+
+
+@dataclass
+class Expert:
+    task: TaskData
+    encoder: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]  # "weight" (L × d), "bias" (L)
+
+
+class TextSuite:
+    name = "text"
+
+    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from samerge.demo import packaged_minilm
+
+        self.size, self.seed, self.progress = size, seed, progress
+        self.hp = HYPER[size]
+        self.model_dir = packaged_minilm()
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        with open_checkpoint(self.model_dir) as ck:
+            self.base = {k: ck[k] for k in ck.keys()}
+
+    # ------------------------------------------------------------------------------------------------ model
+    def encoder(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        model = AutoModel.from_config(self.config)
+        missing, unexpected = model.load_state_dict(dict(state), strict=False)
+        if [u for u in unexpected if "position_ids" not in u] or [m for m in missing if "position_ids" not in m]:
+            raise RuntimeError(f"encoder state does not fit MiniLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model
+
+    def _batches(self, texts: list[str]):
+        for i in range(0, len(texts), 64):
+            yield self.tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=self.hp["max_len"],
+                                 return_tensors="pt")
+
+    @staticmethod
+    def _pool(model: torch.nn.Module, enc: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def accuracy(self, encoder_state: Mapping[str, torch.Tensor] | torch.nn.Module, head: Mapping[str, torch.Tensor],
+                 examples: list[tuple[str, int]]) -> float:
+        model = encoder_state if isinstance(encoder_state, torch.nn.Module) else self.encoder(encoder_state)
+        model.eval()
+        correct = 0
+        texts, labels = [x for x, _ in examples], torch.tensor([y for _, y in examples])
+        preds = []
+        with torch.no_grad():
+            for enc in self._batches(texts):
+                logits = self._pool(model, enc) @ head["weight"].t() + head["bias"]
+                preds.append(logits.argmax(-1))
+        correct = int((torch.cat(preds) == labels).sum())
+        return correct / len(examples)
+
+    # ------------------------------------------------------------------------------------------------ experts
+    def _key(self, task: TaskData) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"task": task.name, "labels": task.labels, "size": self.size, "seed": self.seed,
+                             "hp": self.hp, "format": EXPERT_FORMAT}, sort_keys=True).encode())
+        for x, y in task.train:
+            h.update(f"{y}\t{x}\n".encode())
+        return h.hexdigest()[:16]
+
+    def expert(self, task: TaskData) -> Expert:
+        d = cache_root() / "suites" / "text" / self.size / f"seed{self.seed}" / f"{task.name}-{self._key(task)}"
+        enc_path, head_path = d / "expert.safetensors", d / "head.safetensors"
+        if enc_path.exists() and head_path.exists():
+            with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
+                return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})
+        encoder, head = self._finetune(task)
+        d.mkdir(parents=True, exist_ok=True)
+        save_safetensors(encoder, enc_path, metadata={"task": task.name}, overwrite=True)
+        save_safetensors(head, head_path, overwrite=True)
+        (d / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
+                                                 "train": len(task.train), "hp": self.hp, "seed": self.seed}))
+        return Expert(task, encoder, head)
+
+    def _finetune(self, task: TaskData) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(self.seed)
+        model = self.encoder(self.base)
+        model.train()
+        head = torch.nn.Linear(self.config.hidden_size, len(task.labels))
+        params = list(model.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=self.hp["lr"], weight_decay=0.01)
+        order = list(range(len(task.train)))
+        steps = self.hp["epochs"] * ((len(order) + self.hp["batch"] - 1) // self.hp["batch"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
+        bar = tqdm(total=steps, desc=f"fine-tuning {task.name}", disable=not self.progress, leave=False)
+        rng = random.Random(f"{task.name}:{self.seed}")
+        for _ in range(self.hp["epochs"]):
+            rng.shuffle(order)
+            for i in range(0, len(order), self.hp["batch"]):
+                batch = [task.train[j] for j in order[i:i + self.hp["batch"]]]
+                enc = self.tokenizer([x for x, _ in batch], padding=True, truncation=True,
+                                     max_length=self.hp["max_len"], return_tensors="pt")
+                loss = torch.nn.functional.cross_entropy(head(self._pool(model, enc)),
+                                                         torch.tensor([y for _, y in batch]))
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                bar.update(1)
+        bar.close()
+        trained = model.state_dict()
+        # exactly the base's keys (buffers a transformers version does not persist are taken from the base)
+        state = {k: (trained[k].detach().clone() if k in trained else v.clone()) for k, v in self.base.items()}
+        return state, {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}

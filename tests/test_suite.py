@@ -1,0 +1,105 @@
+"""The text suite end to end: real fine-tuned experts on packaged data, every method, the report files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+import pytest
+
+import samerge
+from samerge.cli import main
+from samerge.evaluation.report import parse_method, split_methods
+from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, load_builtin, load_file_task
+
+
+@pytest.fixture(scope="module")
+def suite_cache(tmp_path_factory):
+    """Experts are fine-tuned once per test session into a private cache (the user's cache is never touched)."""
+    d = tmp_path_factory.mktemp("samerge-cache")
+    old = os.environ.get("SAMERGE_CACHE")
+    os.environ["SAMERGE_CACHE"] = str(d)
+    yield d
+    if old is None:
+        del os.environ["SAMERGE_CACHE"]
+    else:
+        os.environ["SAMERGE_CACHE"] = old
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_method_specs_parse_with_parameters():
+    assert parse_method("ties[aggregate=mean,scale=1.0]") == ("ties", {"aggregate": "mean", "scale": 1.0})
+    assert parse_method("sa_merging") == ("sa_merging", {})
+    assert split_methods("ties[aggregate=mean,scale=1.0],sa_merging,sa_merging[preset_x=1]") == [
+        "ties[aggregate=mean,scale=1.0]", "sa_merging", "sa_merging[preset_x=1]"]
+    with pytest.raises(samerge.SamergeError, match="unknown method 'tie'"):
+        parse_method("tie[density=0.2]")
+    with pytest.raises(samerge.SamergeError, match="expected key=value"):
+        parse_method("ties[density]")
+
+
+def test_builtin_tasks_load_deterministically_from_packaged_data():
+    for name in BUILTIN_TEXT_TASKS:
+        a, b = load_builtin(name, "small", 0), load_builtin(name, "small", 0)
+        assert a.train == b.train and len(a.labels) >= 2 and len(a.test) > 50
+        assert not {x for x, _ in a.train} & {x for x, _ in a.test}  # no leakage between splits
+    assert load_builtin("fortune_topic", "small", 1).train != load_builtin("fortune_topic", "small", 0).train
+
+
+def _write_csv(path, n=240, seed=0):
+    rng = random.Random(seed)
+    weather = ["sunny", "rain", "cloudy", "storm", "snow", "breeze", "humid", "forecast"]
+    money = ["stocks", "bonds", "market", "prices", "inflation", "shares", "dividend", "trading"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = "weather" if i % 2 else "finance"
+            words = rng.sample(weather if i % 2 else money, 3) + rng.sample(["today", "again", "this week",
+                                                                             "in town", "for now"], 2)
+            w.writerow([f"{words[0]} and {words[1]} {words[3]}, {words[2]} {words[4]} ({i})", label])
+
+
+def test_bring_your_own_csv_task_runs_through_suite_and_report(suite_cache, tmp_path):
+    _write_csv(tmp_path / "mine.csv")
+    task = load_file_task("mine", tmp_path / "mine.csv", "small")
+    assert task.labels == ["finance", "weather"]
+    out = tmp_path / "report"
+    code = main(["suite", "report", "--suite", "text", "--size", "small", "--tasks", "sentiment",
+                 "--add-task", f"mine={tmp_path / 'mine.csv'}", "--methods",
+                 "task_arithmetic,ties[aggregate=mean,scale=1.0]", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = read_rows(out / "report.csv")
+    assert set(rows[0]) == {"suite", "method", "task", "score", "normalized"}
+    methods = {r["method"] for r in rows}
+    assert methods == {"base", "expert", "task_arithmetic", "ties[aggregate=mean,scale=1.0]"}
+    assert {r["task"] for r in rows} == {"sentiment", "mine", "average"}
+    cell = {(r["method"], r["task"]): float(r["score"]) for r in rows}
+    assert cell[("expert", "mine")] >= 0.9  # the task is easy: the fine-tuned expert must have learned it
+    assert cell[("expert", "mine")] > cell[("base", "mine")]
+    assert (out / "report.md").exists() and (out / "per_task.png").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,y\nhello,1\n")
+    code = main(["suite", "report", "--tasks", "sentiment", "--add-task", f"x={bad}", "--out", str(out)])
+    assert code == 2
+
+
+def test_small_text_suite_every_default_method(suite_cache, tmp_path):
+    out = tmp_path / "small"
+    code = main(["suite", "report", "--suite", "text", "--size", "small", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = read_rows(out / "report.csv")
+    from samerge.evaluation.report import default_methods
+
+    assert {r["method"] for r in rows} == {"base", "expert", *default_methods("small")}
+    assert {r["task"] for r in rows} == {*BUILTIN_TEXT_TASKS, "average"}
+    avg = {r["method"]: float(r["normalized"]) for r in rows if r["task"] == "average"}
+    assert avg["expert"] == pytest.approx(1.0)
+    assert avg["base"] < 0.8  # heads alone on the base encoder are far from the experts
+    assert max(v for m, v in avg.items() if m not in ("base", "expert")) > avg["base"]
+    assert (out / "sa_iterations.png").exists() and "sa_merging" in (out / "report.md").read_text()
