@@ -103,3 +103,36 @@ def test_small_text_suite_every_default_method(suite_cache, tmp_path):
     assert avg["base"] < 0.8  # heads alone on the base encoder are far from the experts
     assert max(v for m, v in avg.items() if m not in ("base", "expert")) > avg["base"]
     assert (out / "sa_iterations.png").exists() and "sa_merging" in (out / "report.md").read_text()
+
+
+def test_vision_tasks_load_from_packaged_data():
+    from samerge.evaluation.vision import BUILTIN_VISION_TASKS, load_vision_task
+
+    for name in BUILTIN_VISION_TASKS:
+        t = load_vision_task(name, "small", 0)
+        assert len(t.labels) == 10 and t.train[0][0].shape == (3, 64, 64) and t.train[0][0].dtype.is_floating_point is False
+
+
+def test_small_vision_suite_with_a_bring_your_own_image_task(suite_cache, tmp_path):
+    """EfficientNet-Lite0 experts; SA-Merging uses the chain graph (convolutions, depthwise, BatchNorm)."""
+    from PIL import Image
+
+    rng = random.Random(0)
+    rows = ["image,label"]
+    (tmp_path / "img").mkdir()
+    for i in range(120):  # bright vs dark squares
+        label = "bright" if i % 2 else "dark"
+        v = rng.randint(170, 255) if i % 2 else rng.randint(0, 80)
+        Image.new("RGB", (20, 20), (v, v, v)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{label}")
+    (tmp_path / "squares.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "vision"
+    code = main(["suite", "report", "--suite", "vision", "--size", "small", "--tasks", "digits",
+                 "--add-task", f"squares={tmp_path / 'squares.csv'}", "--methods",
+                 "task_arithmetic,ties,sa_merging", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows_out = read_rows(out / "report.csv")
+    cell = {(r["method"], r["task"]): float(r["score"]) for r in rows_out}
+    assert {r["task"] for r in rows_out} == {"digits", "squares", "average"}
+    assert cell[("expert", "squares")] >= 0.9 and cell[("expert", "digits")] > cell[("base", "digits")]
+    assert ("sa_merging", "average") in cell

@@ -19,7 +19,7 @@ import yaml
 import samerge
 from samerge.errors import SamergeError
 
-SUITES = ("text",)
+SUITES = ("text", "vision")
 
 
 def default_methods(size: str) -> list[str]:
@@ -67,28 +67,43 @@ def split_methods(text: str) -> list[str]:
     return out
 
 
+def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str] | None,
+           add_tasks: dict[str, str]) -> tuple[Any, list[Any]]:
+    """The suite object and its task data (built-ins, or the given subset, plus added file tasks)."""
+    if suite == "text":
+        from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS as builtin
+        from samerge.evaluation.tasks import load_builtin as load
+        from samerge.evaluation.tasks import load_file_task as load_file
+        from samerge.evaluation.text import TextSuite as cls
+    elif suite == "vision":
+        from samerge.evaluation.vision import BUILTIN_VISION_TASKS as builtin  # type: ignore[assignment]
+        from samerge.evaluation.vision import VisionSuite as cls  # type: ignore[assignment]
+        from samerge.evaluation.vision import load_image_csv_task as load_file  # type: ignore[assignment]
+        from samerge.evaluation.vision import load_vision_task as load  # type: ignore[assignment]
+    else:
+        raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)} (llm-lora is not built "
+                           "yet)")
+    names = list(tasks) if tasks else list(builtin)
+    unknown = [t for t in names if t not in builtin]
+    if unknown:
+        raise SamergeError(f"unknown {suite} task {unknown[0]!r}; built-in tasks: {', '.join(builtin)}")
+    data = [load(t, size, seed) for t in names]
+    for name, path in add_tasks.items():
+        if name in names:
+            raise SamergeError(f"added task {name!r} clashes with a built-in task name")
+        data.append(load_file(name, path, size, seed))
+    return cls(size, seed, progress), data
+
+
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,
                tasks: Sequence[str] | None = None, add_tasks: dict[str, str] | None = None, seed: int = 0,
                progress: bool = False) -> list[dict[str, Any]]:
-    from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, load_builtin, load_file_task
-    from samerge.evaluation.text import TextSuite
-
-    if suite not in SUITES:
-        raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)} (vision and llm-lora are "
-                           "not built yet)")
     specs = list(methods) if methods else default_methods(size)
     parsed = [(s, *parse_method(s)) for s in specs]
-    names = list(tasks) if tasks else list(BUILTIN_TEXT_TASKS)
-    data = [load_builtin(t, size, seed) for t in names]
-    for name, path in (add_tasks or {}).items():
-        if name in names:
-            raise SamergeError(f"added task {name!r} clashes with a built-in task name")
-        data.append(load_file_task(name, path, size, seed))
-    st = TextSuite(size, seed, progress)
+    st, data = _suite(suite, size, seed, progress, tasks, dict(add_tasks or {}))
     experts = [st.expert(t) for t in data]
     rows: list[dict[str, Any]] = []
-    expert_scores = {e.task.name: st.accuracy(e.encoder, e.head, e.task.test) for e in experts}
-    base_model = st.encoder(st.base)
+    expert_scores = {e.task.name: st.scores(e.encoder, [e])[e.task.name] for e in experts}
 
     def add(method: str, scores: dict[str, float]) -> None:
         for task, score in scores.items():
@@ -98,17 +113,16 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
                      "score": sum(scores.values()) / len(scores),
                      "normalized": sum(score / expert_scores[t] for t, score in scores.items()) / len(scores)})
 
-    add("base", {e.task.name: st.accuracy(base_model, e.head, e.task.test) for e in experts})
+    add("base", st.scores(st.base, experts))
     add("expert", expert_scores)
     histories: dict[str, list[Any]] = {}
     for spec, name, params in parsed:
         hist: list[Any] = []
         kw = {"history": hist} if name == "sa_merging" else {}
-        merged = samerge.merge(st.base, [e.encoder for e in experts], name, **params, **kw)
+        merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude, **params, **kw)
         if hist:
             histories[spec] = hist
-        model = st.encoder(merged)
-        add(spec, {e.task.name: st.accuracy(model, e.head, e.task.test) for e in experts})
+        add(spec, st.scores(merged, experts))
     write_report(rows, Path(out), histories)
     return rows
 

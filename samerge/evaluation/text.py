@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,13 +34,14 @@ def cache_root() -> Path:
 
 @dataclass
 class Expert:
-    task: TaskData
+    task: Any  # TaskData or ImageTask
     encoder: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]  # "weight" (L × d), "bias" (L)
 
 
 class TextSuite:
     name = "text"
+    exclude: tuple[str, ...] = ()  # heads live outside the encoder state
 
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -88,6 +90,11 @@ class TextSuite:
                 preds.append(logits.argmax(-1))
         correct = int((torch.cat(preds) == labels).sum())
         return correct / len(examples)
+
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
+        """Test accuracy of one encoder on every task, each with its expert's head."""
+        model = self.encoder(state)
+        return {e.task.name: self.accuracy(model, e.head, e.task.test) for e in experts}
 
     # ------------------------------------------------------------------------------------------------ experts
     def _key(self, task: TaskData) -> str:
