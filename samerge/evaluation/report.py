@@ -159,15 +159,16 @@ def _plots(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: lis
     import matplotlib.pyplot as plt
 
     cell = {(r["method"], r["task"]): r["normalized"] for r in rows}
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(methods) * len(tasks) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 1.6 * (len(tasks) + 1)), 5.0))
     width = 0.8 / max(1, len(methods))
+    colors = plt.get_cmap("tab20")
     for i, m in enumerate(methods):
         ax.bar([t + i * width for t in range(len(tasks) + 1)], [cell[(m, t)] for t in tasks + ["average"]],
-               width, label=m)
+               width, label=m, color=colors(i % 20))
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks) + 1)], tasks + ["average"], rotation=20)
     ax.set_ylabel("normalized accuracy (merged / expert)")
     ax.axhline(1.0, color="k", lw=0.6)
-    ax.legend(fontsize=6, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "per_task.png", dpi=120)
     plt.close(fig)
