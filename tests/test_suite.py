@@ -49,6 +49,9 @@ def test_builtin_tasks_load_deterministically_from_packaged_data():
         assert a.train == b.train and len(a.labels) >= 2 and len(a.test) > 50
         assert not {x for x, _ in a.train} & {x for x, _ in a.test}  # no leakage between splits
     assert load_builtin("fortune_topic", "small", 1).train != load_builtin("fortune_topic", "small", 0).train
+    assert load_builtin("language_id", "small", 0).labels == ["english", "german", "italian", "spanish"]
+    assert len(load_builtin("fortune_topic", "small", 0).labels) == 8
+    assert len(load_builtin("supersense", "small", 0).labels) == 10
 
 
 def _write_csv(path, n=240, seed=0):

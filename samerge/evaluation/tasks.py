@@ -108,7 +108,9 @@ def load_builtin(name: str, size: str, seed: int = 0) -> TaskData:
         for lang, sub in LANGUAGES.items():
             d = FORTUNES / sub if sub else FORTUNES
             _need(d, f"fortunes-{sub}" if sub else "fortunes", name)
-            files = sorted(p for p in d.iterdir() if p.is_file() and not p.suffix)
+            # fortune files: no suffix (English, German, Italian) or ".fortunes" (Spanish); skip indexes and links
+            files = sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink()
+                           and p.suffix not in (".dat", ".u8"))
             for p in files:
                 ex += [(t, lang) for t in _fortunes(p)]
         # balance the languages before splitting
