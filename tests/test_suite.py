@@ -130,12 +130,13 @@ def test_small_vision_suite_with_a_bring_your_own_image_task(suite_cache, tmp_pa
         rows.append(f"img/{i}.png,{label}")
     (tmp_path / "squares.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "vision"
-    code = main(["suite", "report", "--suite", "vision", "--size", "small", "--tasks", "digits",
+    code = main(["suite", "report", "--suite", "vision", "--size", "small",
                  "--add-task", f"squares={tmp_path / 'squares.csv'}", "--methods",
-                 "task_arithmetic,ties,sa_merging", "--out", str(out), "--quiet"])
+                 "task_arithmetic,ties,pcb,sa_merging,sa_merging[saliency_sign=own_value]", "--out", str(out),
+                 "--quiet"])
     assert code == 0
     rows_out = read_rows(out / "report.csv")
     cell = {(r["method"], r["task"]): float(r["score"]) for r in rows_out}
-    assert {r["task"] for r in rows_out} == {"digits", "squares", "average"}
+    assert {r["task"] for r in rows_out} == {"fashion_mnist", "mnist", "digits", "squares", "average"}
     assert cell[("expert", "squares")] >= 0.9 and cell[("expert", "digits")] > cell[("base", "digits")]
     assert ("sa_merging", "average") in cell
