@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,24 @@ def cache_root() -> Path:
 class Expert:
     task: Any  # TaskData or ImageTask
     encoder: dict[str, torch.Tensor]
-    head: dict[str, torch.Tensor]  # "weight" (L × d), "bias" (L)
+    head: dict[str, torch.Tensor]  # the task's own classifier, never merged
+
+
+def cached_expert(suite: str, size: str, seed: int, task: Any, key: str,
+                  finetune: Callable[[], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> Expert:
+    """Load the expert for (suite, size, seed, task, key) from the cache, or fine-tune it and store it."""
+    d = cache_root() / "suites" / suite / size / f"seed{seed}" / f"{task.name}-{key}"
+    enc_path, head_path = d / "expert.safetensors", d / "head.safetensors"
+    if enc_path.exists() and head_path.exists():
+        with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
+            return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})
+    encoder, head = finetune()
+    d.mkdir(parents=True, exist_ok=True)
+    save_safetensors(encoder, enc_path, metadata={"task": task.name}, overwrite=True)
+    save_safetensors(head, head_path, overwrite=True)
+    (d / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
+                                             "train": len(task.train), "seed": seed}))
+    return Expert(task, encoder, head)
 
 
 class TextSuite:
@@ -106,18 +123,7 @@ class TextSuite:
         return h.hexdigest()[:16]
 
     def expert(self, task: TaskData) -> Expert:
-        d = cache_root() / "suites" / "text" / self.size / f"seed{self.seed}" / f"{task.name}-{self._key(task)}"
-        enc_path, head_path = d / "expert.safetensors", d / "head.safetensors"
-        if enc_path.exists() and head_path.exists():
-            with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
-                return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})
-        encoder, head = self._finetune(task)
-        d.mkdir(parents=True, exist_ok=True)
-        save_safetensors(encoder, enc_path, metadata={"task": task.name}, overwrite=True)
-        save_safetensors(head, head_path, overwrite=True)
-        (d / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
-                                                 "train": len(task.train), "hp": self.hp, "seed": self.seed}))
-        return Expert(task, encoder, head)
+        return cached_expert("text", self.size, self.seed, task, self._key(task), lambda: self._finetune(task))
 
     def _finetune(self, task: TaskData) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         from tqdm.auto import tqdm

@@ -23,8 +23,7 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import SIZES
-from samerge.evaluation.text import Expert, cache_root
-from samerge.io import open_checkpoint, save_safetensors
+from samerge.evaluation.text import Expert, cached_expert
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BUILTIN_VISION_TASKS = ("fashion_mnist", "mnist", "digits")
@@ -183,16 +182,7 @@ class VisionSuite:
         return h.hexdigest()[:16]
 
     def expert(self, task: ImageTask) -> Expert:
-        d = cache_root() / "suites" / "vision" / self.size / f"seed{self.seed}" / f"{task.name}-{self._key(task)}"
-        enc_path, head_path = d / "expert.safetensors", d / "head.safetensors"
-        if enc_path.exists() and head_path.exists():
-            with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
-                return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})  # type: ignore[arg-type]
-        encoder, head = self._finetune(task)
-        d.mkdir(parents=True, exist_ok=True)
-        save_safetensors(encoder, enc_path, overwrite=True)
-        save_safetensors(head, head_path, overwrite=True)
-        return Expert(task, encoder, head)  # type: ignore[arg-type]
+        return cached_expert("vision", self.size, self.seed, task, self._key(task), lambda: self._finetune(task))
 
     def _finetune(self, task: ImageTask) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         from tqdm.auto import tqdm
