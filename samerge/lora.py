@@ -264,11 +264,12 @@ def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter
     out = []
     for n, ad in enumerate(adapters):
         cache: dict[str, torch.Tensor] = {}
+        by_key = {m.base_key: m for m in ad.modules.values()}
 
         def absolute(key: str) -> torch.Tensor:
             if key in cache:
                 return cache[key]
-            mod = next((m for m in ad.modules.values() if m.base_key == key), None)
+            mod = by_key.get(key)
             if mod is None:
                 if key not in static:
                     static[key] = base[key].to(torch.float32).abs()

@@ -299,7 +299,6 @@ class SaMerging(MergeMethod):
         """Per (expert, unit) pruning ratio: p everywhere, or TADrop's per-tensor density rho -> 1 - rho^(1/T)."""
         if params.density_rule == "uniform":
             return {k: params.prune_ratio for k in n0}
-        from samerge.methods.base import TensorGroup
         from samerge.tadrop import plan_tadrop
 
         target = (1.0 - params.prune_ratio) ** params.iterations

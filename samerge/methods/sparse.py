@@ -60,9 +60,10 @@ class Consensus(MergeMethod):
         other = ws.get("cons.other", n, flat.dtype)
         member = ws.get("cons.member", n, torch.bool)
         votes = ws.get("cons.votes", n, torch.int32).zero_()
+        mag = ws.get("cons.abs", n, flat.dtype)
         for i in range(group.n_experts):
             torch.sub(total, flat[i], out=other).abs_().mul_(params.tall_lambda)
-            torch.gt(flat[i].abs(), other, out=member)
+            torch.gt(torch.abs(flat[i], out=mag), other, out=member)
             votes.add_(member)
         torch.ge(votes, params.min_agreement, out=member)
         return total.mul_(member).mul_(params.scale).view(group.base.shape)
