@@ -1,11 +1,12 @@
 # One command each, on a fresh machine (Python 3.10+ with venv):
 #   make demo   set up .venv and run a real merge on the packaged demo (MiniLM base, perturbed DEMO experts)
 #   make test   set up .venv and run the test suite (what CI runs: .ci/run)
+#   make repro  set up .venv and run the DVC pipeline (dvc.yaml, params.yaml) on the embedded default suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test repro bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +27,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the pipeline's stages run `python -m samerge`: the venv's python comes first on PATH
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/dvc repro
+
 bench: setup
 	$(BIN)/python benchmarks/bench_merge.py
 
 clean:
-	rm -rf $(VENV) demo build *.egg-info
+	rm -rf $(VENV) demo build *.egg-info work mlflow.db

@@ -256,6 +256,43 @@ def cmd_suite_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage(args: argparse.Namespace) -> int:
+    from samerge.params import parse_overrides
+    from samerge.stages import run_stage
+
+    run_stage(args.stage, args.params, args.workdir, method=args.method, overrides=parse_overrides(args.set),
+              quiet=args.quiet)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from samerge.params import parse_overrides
+    from samerge.stages import run_pipeline
+
+    run_pipeline(args.params, args.workdir, overrides=parse_overrides(args.set), quiet=args.quiet)
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
+
+    if args.experts_command == "init":
+        r = init_registry(args.registry, args.suite, args.size, args.seed)
+        print(f"created expert registry {r} for suite {args.suite} ({args.size}, seed {args.seed})")
+    elif args.experts_command == "add":
+        info = add_expert(args.registry, args.expert, args.name, overwrite=args.overwrite)
+        print(f"added expert {info['name']} (task {info['task']}, ||tau||/||base|| {info['relative_norm']:.4f}) "
+              f"to {info['registry']}: {len(info['experts'])} experts")
+        if not args.no_event:
+            sent = emit_expert_added(info)
+            print("emitted Prefect event samerge.expert.added" if sent else
+                  "no Prefect event emitted (set PREFECT_API_URL and install prefect to trigger a re-merge)")
+    else:
+        for name, fp in read_registry_or_empty(args.registry).items():
+            print(f"{name}\t{fp}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from samerge.demo import prepare_demo
 
@@ -322,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("suite", help="expert suites: fine-tune, merge with every method, evaluate, report")
     suite_sub = p.add_subparsers(dest="suite_command", required=True)
     p = suite_sub.add_parser("report", help="run methods on a suite and write report.csv, report.md and plots")
-    p.add_argument("--suite", default="text", choices=["text", "vision"])
+    p.add_argument("--suite", default="text", metavar="SUITE",
+                   help="text, vision, a hub suite (clip-vit-b32, clip-vit-b16, clip-vit-l14, roberta-base-glue, "
+                        "roberta-large-glue, flan-t5-base-lora-glue: experts and data from the Hugging Face Hub; "
+                        "size small = a test subsample) or a suite file SUITE.yaml|.json")
     p.add_argument("--size", default="small", choices=["small", "full"])
     p.add_argument("--methods", help="comma-separated, parameterised items allowed: ties[aggregate=mean,scale=1.0]")
     p.add_argument("--tasks", help="comma-separated subset of the built-in tasks (default: all)")
@@ -332,6 +372,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_suite_report)
+
+    stages = ("acquire", "extract", "score", "prune", "evaluate", "report")
+    p = sub.add_parser("stage", help="run one pipeline stage (the function dvc.yaml and Prefect call)")
+    p.add_argument("stage", choices=stages)
+    p.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
+    p.add_argument("--workdir", default=".", help="root of the work/ folder (default .)")
+    p.add_argument("--method", help="prune: the method to merge with (one of prune.methods)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("pipeline", help="run every stage in order (" + " -> ".join(stages) + ")")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--workdir", default=".")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("experts", help="an expert registry that the pipeline re-merges when experts are added")
+    esub = p.add_subparsers(dest="experts_command", required=True)
+    q = esub.add_parser("init", help="create a registry with the suite's base model")
+    q.add_argument("--registry", required=True)
+    q.add_argument("--suite", default="text")
+    q.add_argument("--size", default="small", choices=["small", "full"])
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_experts)
+    q = esub.add_parser("add", help="add an expert folder (expert.safetensors, head.safetensors, task.json); "
+                                    "emits the Prefect event samerge.expert.added")
+    q.add_argument("--registry", required=True)
+    q.add_argument("--expert", required=True, help="the expert folder")
+    q.add_argument("--name", help="name in the registry (default: the folder's name)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--no-event", action="store_true", help="do not emit the Prefect event")
+    q.set_defaults(func=cmd_experts)
+    q = esub.add_parser("list", help="the registry's experts and their fingerprints")
+    q.add_argument("--registry", required=True)
+    q.set_defaults(func=cmd_experts)
 
     p = sub.add_parser("demo", help="prepare a DEMO: a packaged MiniLM base and experts made by perturbing it")
     p.add_argument("--out", required=True)

@@ -249,12 +249,18 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], *,
              saliency_sign: str = "literal", qk_rule: str = "bilinear", graph: str = "auto",
-             config: Mapping[str, Any] | None = None, sample: int = 200_000, seed: int = 0) -> list[TensorSaliency]:
-    """Per-unit saliency statistics at t = 1 for every expert (Spearman on up to ``sample`` entries per unit)."""
+             config: Mapping[str, Any] | None = None, sample: int = 200_000, seed: int = 0,
+             exclude: Sequence[str] = (), samples: list[tuple[str, int, torch.Tensor, torch.Tensor]] | None = None,
+             samples_per_unit: int = 2_000) -> list[TensorSaliency]:
+    """Per-unit saliency statistics at t = 1 for every expert (Spearman on up to ``sample`` entries per unit).
+
+    ``exclude`` globs name tensors that are not merged (task heads). When ``samples`` is a list, up to
+    ``samples_per_unit`` random entries of every unit are appended to it as ``(unit, expert, tau, S)`` (for plots).
+    """
     from samerge.engine import plan_merge
 
     experts = list(experts)
-    plan = plan_merge(base, experts)
+    plan = plan_merge(base, experts, exclude)
     keys = [k for k in plan.keys if k in plan.merged_keys]
     base_t = {k: base[k].to(plan.compute_dtypes[k]) for k in keys}
     taus = [{k: e[k].to(plan.compute_dtypes[k]) - base_t[k] for k in keys} for e in experts]
@@ -262,6 +268,7 @@ def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, to
                     plan.aliases)
     ws = Workspace()
     gen = torch.Generator().manual_seed(seed)
+    plot_gen = torch.Generator().manual_seed(seed + 1)  # separate: asking for samples leaves the statistics unchanged
     rows_out: list[TensorSaliency] = []
     for n, tau in enumerate(taus):
         factors = expert_flows(g, base_t, tau, qk_rule, plan.shapes)
@@ -274,6 +281,10 @@ def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, to
             if flat_s.numel() > sample:
                 idx = torch.randperm(flat_s.numel(), generator=gen)[:sample]
                 flat_s, flat_t, flat_m = flat_s[idx], flat_t[idx], flat_m[idx]
+            if samples is not None:
+                pick = torch.randperm(s.numel(), generator=plot_gen)[:samples_per_unit]
+                samples.append((key if rows is None else f"{key}[{rows[0]}:{rows[1]}]", n,
+                                t_u.reshape(-1)[pick].clone(), s.reshape(-1)[pick].clone()))
             rows_out.append(TensorSaliency(
                 key, rows, n, s.numel(), float((s != 0).float().mean()), float((s < 0).float().mean()),
                 spearman(flat_s, flat_t.abs()), spearman(flat_s.abs(), flat_m.abs())))

@@ -6,6 +6,23 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(scope="session")
+def suite_cache(tmp_path_factory):
+    """Experts are fine-tuned once per test session into a private cache shared by every suite and pipeline test
+    (the user's cache is never touched)."""
+    d = tmp_path_factory.mktemp("samerge-cache")
+    old = os.environ.get("SAMERGE_CACHE")
+    os.environ["SAMERGE_CACHE"] = str(d)
+    yield d
+    if old is None:
+        del os.environ["SAMERGE_CACHE"]
+    else:
+        os.environ["SAMERGE_CACHE"] = old
 
 
 def make_base(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

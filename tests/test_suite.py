@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import random
 
 import pytest
@@ -12,19 +11,6 @@ import samerge
 from samerge.cli import main
 from samerge.evaluation.report import parse_method, split_methods
 from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, load_builtin, load_file_task
-
-
-@pytest.fixture(scope="module")
-def suite_cache(tmp_path_factory):
-    """Experts are fine-tuned once per test session into a private cache (the user's cache is never touched)."""
-    d = tmp_path_factory.mktemp("samerge-cache")
-    old = os.environ.get("SAMERGE_CACHE")
-    os.environ["SAMERGE_CACHE"] = str(d)
-    yield d
-    if old is None:
-        del os.environ["SAMERGE_CACHE"]
-    else:
-        os.environ["SAMERGE_CACHE"] = old
 
 
 def read_rows(path):

@@ -1,0 +1,135 @@
+"""An expert registry: a folder that teams drop new experts into, which the pipeline re-merges (`acquire.experts_dir`).
+
+Layout (the same as the acquire stage's output, so a registry can be made from a pipeline run)::
+
+    REGISTRY/manifest.json         {"suite": ..., "size": ..., "seed": ..., "exclude": [...]}
+    REGISTRY/base.safetensors
+    REGISTRY/experts/NAME/expert.safetensors, head.safetensors, task.json
+
+Experts are added atomically (copied into a hidden folder, checked, then renamed), so a watcher never sees half an
+expert. An expert is checked against the registry's base before it is accepted: same tensors and shapes, finite
+values, and derived from the base (||tau|| / ||base|| <= 0.5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from samerge.errors import SamergeError
+
+EVENT_EXPERT_ADDED = "samerge.expert.added"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", seed: int = 0) -> Path:
+    """Create a registry for ``suite`` with the suite's base model and no experts."""
+    from samerge.evaluation.report import _suite
+    from samerge.io import save_safetensors
+
+    r = Path(reg)
+    if (r / "manifest.json").exists():
+        raise SamergeError(f"{r}: a registry already exists here")
+    st, _ = _suite(suite, size, seed, False, None, {})
+    r.mkdir(parents=True, exist_ok=True)
+    (r / "experts").mkdir(exist_ok=True)
+    save_safetensors(st.base, r / "base.safetensors", metadata={"samerge.role": "base"}, overwrite=True)
+    tmp = r / f".manifest.json.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"suite": suite, "size": size, "seed": seed, "exclude": list(st.exclude)}, indent=2))
+    os.replace(tmp, r / "manifest.json")
+    return r
+
+
+def read_registry_or_empty(reg: str | os.PathLike[str]) -> dict[str, str]:
+    from samerge.stages import read_manifest
+
+    read_manifest(Path(reg))  # a clear error when it is not a registry
+    return registry_state(reg)
+
+
+def registry_state(reg: str | os.PathLike[str]) -> dict[str, str]:
+    """``{expert name: fingerprint}`` of the complete experts in a registry (what a watcher compares)."""
+    r = Path(reg) / "experts"
+    out: dict[str, str] = {}
+    if not r.is_dir():
+        return out
+    for d in sorted(r.iterdir()):
+        f = d / "expert.safetensors"
+        if d.name.startswith(".") or not f.is_file() or not (d / "task.json").is_file():
+            continue
+        st = f.stat()
+        out[d.name] = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{(d / 'task.json').read_text()}".encode()
+                                     ).hexdigest()[:16]
+    return out
+
+
+def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: str | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Copy the expert folder ``src`` (expert.safetensors, head.safetensors, task.json) into the registry."""
+    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
+    from samerge.io import open_checkpoint
+    from samerge.stages import read_manifest
+
+    r, s = Path(reg), Path(src)
+    manifest = read_manifest(r)
+    name = name or s.name
+    if not _NAME.fullmatch(name):
+        raise SamergeError(f"expert name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
+    missing = [f for f in ("expert.safetensors", "head.safetensors", "task.json") if not (s / f).is_file()]
+    if missing:
+        raise SamergeError(f"{s}: not an expert folder (missing {', '.join(missing)})")
+    spec = json.loads((s / "task.json").read_text(encoding="utf-8"))
+    if spec.get("suite") != manifest["suite"]:
+        raise SamergeError(f"{s}: expert of suite {spec.get('suite')!r}; this registry is for {manifest['suite']!r}")
+    final = r / "experts" / name
+    if final.exists() and not overwrite:
+        raise SamergeError(f"{final} exists (pass --overwrite to replace it)")
+    with open_checkpoint(r / "base.safetensors") as base, open_checkpoint(s / "expert.safetensors") as e:
+        plan = plan_merge(base, [e], manifest.get("exclude", ()))
+        b_sq = t_sq = 0.0
+        for k in plan.merged_keys:
+            b = base[k].double()
+            t = e[k].double() - b
+            if not bool(t.isfinite().all()):
+                raise SamergeError(f"{s}: tensor {k!r} has NaN or Inf values")
+            b_sq += float(b.pow(2).sum())
+            t_sq += float(t.pow(2).sum())
+    rel = math.sqrt(t_sq / b_sq) if b_sq else math.inf
+    if rel > MAX_RELATIVE_DELTA:
+        raise SamergeError(f"{s}: does not look fine-tuned from the registry's base (||tau|| / ||base|| = {rel:.3f})")
+    (r / "experts").mkdir(exist_ok=True)
+    tmp = r / "experts" / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for f in ("expert.safetensors", "head.safetensors", "task.json"):
+            shutil.copy2(s / f, tmp / f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"registry": str(r.resolve()), "name": name, "suite": manifest["suite"], "task": spec.get("name"),
+            "relative_norm": rel, "experts": sorted(registry_state(r))}
+
+
+def emit_expert_added(info: dict[str, Any]) -> bool:
+    """Emit the Prefect event ``samerge.expert.added`` (when prefect is installed and an API is configured)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return False
+    try:
+        from prefect.events import emit_event
+    except ImportError:
+        return False
+    ev = emit_event(event=EVENT_EXPERT_ADDED,
+                    resource={"prefect.resource.id": f"samerge.registry.{info['registry']}",
+                              "prefect.resource.name": info["name"]},
+                    payload=info)
+    return ev is not None

@@ -1,0 +1,598 @@
+"""The pipeline's stages: ONE function per stage, called alike by the CLI (`samerge stage NAME`), `dvc.yaml` and the
+Prefect tasks in ``tasks/``. Stages exchange paths under ``WORKDIR/work/``, never tensors:
+
+=========  ======================================  ==============================================================
+stage      reads                                   writes
+=========  ======================================  ==============================================================
+acquire    the suite (or an expert registry)        ``work/acquire/``: base, experts (+ heads, task.json), manifest
+extract    ``work/acquire``                         ``work/extract/``: task vectors, norms and cosines, heat map
+score      ``work/acquire``, ``work/extract``       ``work/score/``: saliency statistics at t = 1, scatter plot
+prune      ``work/acquire``                         ``work/prune/METHOD/``: merged model + card, SA iterations
+evaluate   ``work/acquire``, ``work/prune``         ``work/evaluate/``: per-task scores of base, experts, merges
+report     everything above                        ``work/report/``: report.csv/md, plots; MLflow (``tracking``)
+=========  ======================================  ==============================================================
+
+Every stage publishes its output folder atomically (built in a hidden sibling, then renamed into place), so an
+interrupted stage leaves the previous complete output or none, never a half-written one. Each output folder holds a
+``stage.json`` (parameters, timing, versions) that the MLflow tracking reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+import samerge
+from samerge.errors import SamergeError
+from samerge.params import PipelineParams, load_params
+
+STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
+MANIFEST = "manifest.json"
+
+
+class Layout:
+    """Paths of the stages' outputs under ``root/work``."""
+
+    def __init__(self, root: str | os.PathLike[str] = ".") -> None:
+        self.root = Path(root).resolve()
+        self.work = self.root / "work"
+
+    def stage(self, name: str) -> Path:
+        return self.work / name
+
+    def merged(self, method: str) -> Path:
+        return self.work / "prune" / method
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``final``; on success replace ``final`` with it, else remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.samerge-old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _stage_record(out: Path, stage: str, params: Any, t0: float, **extra: Any) -> None:
+    _write_json(out / "stage.json", {
+        "stage": stage, "params": params, "seconds": round(time.perf_counter() - t0, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "samerge": samerge.__version__,
+        "torch": torch.__version__, **extra})
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def read_manifest(d: Path) -> dict[str, Any]:
+    p = d / MANIFEST
+    if not p.is_file():
+        raise SamergeError(f"{d}: no {MANIFEST}; run the acquire stage first (`samerge stage acquire`)")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _task_spec(task: Any, suite: str, size: str, seed: int, path: str | None) -> dict[str, Any]:
+    return {"name": task.name, "kind": "file" if path else "builtin", "path": path, "suite": suite, "size": size,
+            "seed": seed, "labels": list(task.labels), "source": task.source}
+
+
+def open_suite(manifest: Mapping[str, Any], progress: bool = False) -> tuple[Any, list[Any]]:
+    """The suite object and the task data of the experts a manifest lists (deterministic from the specs)."""
+    from samerge.evaluation.report import _suite
+
+    specs = [e["task"] for e in manifest["experts"]]
+    builtin = [s["name"] for s in specs if s["kind"] == "builtin"]
+    files = {s["name"]: s["path"] for s in specs if s["kind"] == "file"}
+    st, data = _suite(manifest["suite"], manifest["size"], manifest["seed"], progress, builtin or None, files)
+    by = {t.name: t for t in data}  # with no built-in task named, _suite loads them all: keep the listed ones
+    return st, [by[s["name"]] for s in specs]
+
+
+# ------------------------------------------------------------------------------------------------ acquire
+
+
+def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune (or load cached) experts of the suite, or take them from a registry; write base + experts."""
+    from samerge.evaluation.report import _suite
+    from samerge.io import save_safetensors
+
+    t0 = time.perf_counter()
+    p = params.acquire
+    with publish_dir(layout.stage("acquire")) as out:
+        (out / "experts").mkdir()
+        if p.experts_dir:
+            manifest = _acquire_registry(Path(p.experts_dir), out, quiet)
+        else:
+            st, data = _suite(p.suite, p.size, p.seed, not quiet, p.tasks or None, dict(p.add_tasks))
+            save_safetensors(st.base, out / "base.safetensors", metadata={"samerge.role": "base"})
+            experts = []
+            for task in data:
+                _say(f"acquire: expert for task {task.name}", quiet)
+                e = st.expert(task)
+                d = out / "experts" / task.name
+                d.mkdir()
+                save_safetensors(e.encoder, d / "expert.safetensors", metadata={"samerge.task": task.name})
+                save_safetensors(e.head, d / "head.safetensors")
+                path = str(Path(p.add_tasks[task.name]).resolve()) if task.name in p.add_tasks else None
+                spec = _task_spec(task, p.suite, p.size, p.seed, path)
+                _write_json(d / "task.json", spec)
+                experts.append({"name": task.name, "task": spec})
+            manifest = {"suite": p.suite, "size": p.size, "seed": p.seed, "exclude": list(st.exclude),
+                        "experts": experts}
+        _write_json(out / MANIFEST, manifest)
+        _stage_record(out, "acquire", p.model_dump(), t0, experts=[e["name"] for e in manifest["experts"]])
+    _say(f"acquire: {len(manifest['experts'])} experts of suite {manifest['suite']} in {layout.stage('acquire')}", quiet)
+    return {"out": str(layout.stage("acquire")), "experts": [e["name"] for e in manifest["experts"]]}
+
+
+def _acquire_registry(reg: Path, out: Path, quiet: bool) -> dict[str, Any]:
+    manifest = read_registry(reg)
+    for e in manifest["experts"]:
+        d = out / "experts" / e["name"]
+        d.mkdir()
+        for f in ("expert.safetensors", "head.safetensors", "task.json"):
+            _link_or_copy(reg / "experts" / e["name"] / f, d / f)
+    _link_or_copy(reg / "base.safetensors", out / "base.safetensors")
+    _say(f"acquire: {len(manifest['experts'])} experts from registry {reg}", quiet)
+    return manifest
+
+
+def read_registry(reg: Path) -> dict[str, Any]:
+    """The manifest of an expert registry (its experts are the sub-folders of ``experts/``, sorted by name)."""
+    if not (reg / MANIFEST).is_file() or not (reg / "base.safetensors").is_file():
+        raise SamergeError(f"{reg}: not an expert registry (no {MANIFEST} or base.safetensors); create one with "
+                           "`samerge experts init --registry DIR --suite SUITE`")
+    manifest = json.loads((reg / MANIFEST).read_text(encoding="utf-8"))
+    experts = []
+    for d in sorted((reg / "experts").iterdir()) if (reg / "experts").is_dir() else []:
+        if d.name.startswith("."):
+            continue  # an expert being added (published atomically by rename)
+        missing = [f for f in ("expert.safetensors", "head.safetensors", "task.json") if not (d / f).is_file()]
+        if missing:
+            raise SamergeError(f"{d}: incomplete expert (missing {', '.join(missing)})")
+        spec = json.loads((d / "task.json").read_text(encoding="utf-8"))
+        if spec.get("suite") != manifest["suite"]:
+            raise SamergeError(f"{d}: expert of suite {spec.get('suite')!r}, registry is for {manifest['suite']!r}")
+        experts.append({"name": d.name, "task": spec})
+    if not experts:
+        raise SamergeError(f"{reg}: the registry has no experts yet (`samerge experts add`)")
+    return {**manifest, "experts": experts}
+
+
+# ------------------------------------------------------------------------------------------------ extract
+
+
+def _open_inputs(acq: Path) -> tuple[Any, list[Any], dict[str, Any]]:
+    from samerge.io import open_checkpoint
+
+    manifest = read_manifest(acq)
+    base = open_checkpoint(acq / "base.safetensors")
+    experts = [open_checkpoint(acq / "experts" / e["name"] / "expert.safetensors") for e in manifest["experts"]]
+    return base, experts, manifest
+
+
+def extract(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
+    """Task vectors tau = expert - base (streamed tensor by tensor), their norms and pairwise cosines."""
+    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
+    from samerge.io import SafetensorsSink
+    from samerge.io.safetensors_format import PlannedTensor
+
+    t0 = time.perf_counter()
+    base, experts, manifest = _open_inputs(layout.stage("acquire"))
+    names = [e["name"] for e in manifest["experts"]]
+    try:
+        plan = plan_merge(base, experts, manifest.get("exclude", ()))
+        keys = [k for k in plan.keys if k in plan.merged_keys]
+        n = len(experts)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        base_sq = 0.0
+        with publish_dir(layout.stage("extract")) as out:
+            (out / "task_vectors").mkdir()
+            sinks = [SafetensorsSink(out / "task_vectors" / f"{nm}.safetensors",
+                                     [PlannedTensor(k, plan.compute_dtypes[k], plan.shapes[k]) for k in keys],
+                                     metadata={"samerge.role": "task_vector", "samerge.expert": nm})
+                     for nm in names]
+            for key in keys:
+                b = base[key].to(plan.compute_dtypes[key])
+                if not torch.isfinite(b).all():
+                    raise SamergeError(f"base tensor {key!r} has NaN or Inf values")
+                base_sq += float(b.double().pow(2).sum())
+                taus = []
+                for i, e in enumerate(experts):
+                    tau = e[key].to(plan.compute_dtypes[key]) - b
+                    if not torch.isfinite(tau).all():
+                        raise SamergeError(f"expert {names[i]!r}: tensor {key!r} has NaN or Inf values")
+                    sinks[i].write(key, tau)
+                    taus.append(tau.reshape(-1).double())
+                t = torch.stack(taus)
+                gram += t @ t.T
+            for s in sinks:
+                s.finish()
+            norms = gram.diag().sqrt()
+            rel = (norms / math.sqrt(base_sq)).tolist() if base_sq > 0 else [math.inf] * n
+            bad = [nm for nm, r in zip(names, rel) if r > MAX_RELATIVE_DELTA]
+            if bad and not params.extract.force:
+                raise SamergeError(f"expert {bad[0]!r} does not look fine-tuned from this base (||tau|| / ||base|| "
+                                   f"> {MAX_RELATIVE_DELTA}); set extract.force: true to merge it anyway")
+            cos = (gram / torch.outer(norms, norms).clamp_min(1e-300)).tolist()
+            summary = {"experts": {nm: {"norm": float(norms[i]), "relative_norm": rel[i]} for i, nm in enumerate(names)},
+                       "mean_relative_norm": sum(rel) / n,
+                       "mean_pairwise_cosine": (sum(cos[i][j] for i in range(n) for j in range(n) if i != j)
+                                                / (n * (n - 1))) if n > 1 else 1.0}
+            _write_json(out / "summary.json", summary)
+            with open(out / "cosine.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["expert", *names])
+                for i, nm in enumerate(names):
+                    w.writerow([nm, *(f"{c:.6f}" for c in cos[i])])
+            _cosine_plot(out / "task_vector_cosine.png", names, cos)
+            _stage_record(out, "extract", params.extract.model_dump(), t0, tensors=len(keys))
+    finally:
+        base.close()
+        for e in experts:
+            e.close()
+    _say(f"extract: {len(names)} task vectors over {len(keys)} tensors; mean ||tau||/||base|| "
+         f"{summary['mean_relative_norm']:.4f}, mean cosine {summary['mean_pairwise_cosine']:.3f}", quiet)
+    return {"out": str(layout.stage("extract")), **summary}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cosine_plot(path: Path, names: list[str], cos: list[list[float]]) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(names), 1.0 + 0.6 * len(names)))
+    im = ax.imshow(cos, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{cos[i][j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title("cosine between task vectors")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ score
+
+
+class _BasePlusTau(Mapping[str, torch.Tensor]):
+    """An expert seen through its task vector: base[k] + tau[k] on the task vector's keys, base elsewhere."""
+
+    def __init__(self, base: Any, tau: Any) -> None:
+        self.base, self.tau = base, tau
+        self.config = getattr(base, "config", None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        b = self.base[key]
+        if key in self.tau:
+            t = self.tau[key]
+            return (b.to(t.dtype) + t).to(b.dtype)
+        return b
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
+    """SA-Merging saliency at t = 1: per-tensor statistics and a saliency-vs-magnitude scatter."""
+    from samerge.io import open_checkpoint
+    from samerge.saliency import saliency
+
+    t0 = time.perf_counter()
+    acq, ext = layout.stage("acquire"), layout.stage("extract")
+    manifest = read_manifest(acq)
+    if not (ext / "summary.json").is_file():
+        raise SamergeError(f"{ext}: no task vectors; run the extract stage first (`samerge stage extract`)")
+    names = [e["name"] for e in manifest["experts"]]
+    sp = params.score
+    base = open_checkpoint(acq / "base.safetensors")
+    taus = [open_checkpoint(ext / "task_vectors" / f"{nm}.safetensors") for nm in names]
+    samples: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+    try:
+        rows = saliency(base, [_BasePlusTau(base, t) for t in taus], saliency_sign=sp.saliency_sign,
+                        qk_rule=sp.qk_rule, graph=sp.graph, sample=sp.sample, samples=samples,
+                        exclude=manifest.get("exclude", ()))
+    finally:
+        base.close()
+        for t in taus:
+            t.close()
+    with publish_dir(layout.stage("score")) as out:
+        with open(out / "saliency.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["tensor", "expert", "numel", "nonzero", "negative", "spearman_abs_tau", "spearman_abs_merged"])
+            for r in rows:
+                name = r.key if r.rows is None else f"{r.key}[{r.rows[0]}:{r.rows[1]}]"
+                w.writerow([name, names[r.expert], r.numel, f"{r.nonzero:.6f}", f"{r.negative:.6f}",
+                            f"{r.spearman_abs_tau:.6f}", f"{r.spearman_abs_merged:.6f}"])
+
+        def mean(vals: list[float]) -> float:
+            vals = [v for v in vals if not math.isnan(v)]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        summary = {"units": len(rows) // max(1, len(names)),
+                   "spearman_saliency_vs_abs_tau": mean([r.spearman_abs_tau for r in rows]),
+                   "spearman_abs_saliency_vs_abs_merged": mean([r.spearman_abs_merged for r in rows]),
+                   "negative_fraction": mean([r.negative for r in rows]),
+                   "saliency_sign": sp.saliency_sign}
+        _write_json(out / "summary.json", summary)
+        _saliency_plot(out / "saliency_vs_magnitude.png", samples, names, sp.saliency_sign)
+        _stage_record(out, "score", sp.model_dump(), t0)
+    _say(f"score: {summary['units']} mask units; Spearman(S, |tau|) {summary['spearman_saliency_vs_abs_tau']:.3f}, "
+         f"Spearman(|S|, |sum tau|) {summary['spearman_abs_saliency_vs_abs_merged']:.3f}", quiet)
+    return {"out": str(layout.stage("score")), **summary}
+
+
+def _saliency_plot(path: Path, samples: list[tuple[str, int, torch.Tensor, torch.Tensor]], names: list[str],
+                   sign: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False, sharey=True)
+    for n, nm in enumerate(names):
+        ax = axes[0][n]
+        xs, ys, cs = [], [], []
+        for _key, e, tau, s in samples:
+            if e != n or tau.numel() == 0:
+                continue
+            # per-tensor normalisation: masks are per tensor, so only ranks within a tensor matter
+            t = tau.abs() / tau.abs().max().clamp_min(1e-30)
+            v = s / s.abs().max().clamp_min(1e-30)
+            xs.append(t)
+            ys.append(v.abs())
+            cs.append(v < 0)
+        if xs:
+            x, y, neg = torch.cat(xs), torch.cat(ys), torch.cat(cs)
+            ok = (x > 0) & (y > 0)
+            ax.scatter(x[ok & ~neg], y[ok & ~neg], s=1, alpha=0.3, label="S > 0", color="tab:blue")
+            ax.scatter(x[ok & neg], y[ok & neg], s=1, alpha=0.3, label="S < 0 (conflict)", color="tab:red")
+            ax.set(xscale="log", yscale="log")
+        ax.set_title(nm, fontsize=9)
+        ax.set_xlabel("|tau| / max per tensor")
+    axes[0][0].set_ylabel(f"|S| / max per tensor ({sign})")
+    axes[0][0].legend(fontsize=6, markerscale=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ prune
+
+
+def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = False) -> dict[str, Any]:
+    """Merge the experts with ``method`` (SA-Merging: the iterative pruning loop) into ``work/prune/METHOD/``."""
+    from samerge.api import merge_checkpoints
+
+    if method not in params.prune.methods:
+        raise SamergeError(f"method {method!r} is not in prune.methods ({', '.join(params.prune.methods)})")
+    t0 = time.perf_counter()
+    acq = layout.stage("acquire")
+    manifest = read_manifest(acq)
+    mp = params.prune.method_params(method, params.score)
+    experts = [acq / "experts" / e["name"] / "expert.safetensors" for e in manifest["experts"]]
+    with publish_dir(layout.merged(method)) as out:
+        rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,
+                                exclude=manifest.get("exclude", ()), force=params.extract.force,
+                                progress=not quiet)
+        with open(out / "iterations.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["iteration", "density", "norm_ratio", "conflict"])
+            w.writerow([0, "1.0", "1.0", ""])
+            for h in rep.history:
+                w.writerow([h.iteration, f"{h.overall_density:.6f}", f"{h.norm_ratio:.6f}", f"{h.conflict:.6f}"])
+        summary = {"method": method, "params": rep.params, "seconds": round(rep.seconds, 3),
+                   "relative_norms": rep.relative_norms, "merged_tensors": rep.merged_tensors,
+                   "copied_tensors": rep.copied_tensors}
+        if rep.history:
+            last = rep.history[-1]
+            summary.update(final_density=last.overall_density, final_norm_ratio=last.norm_ratio,
+                           final_conflict=last.conflict, iterations=len(rep.history))
+        _write_json(out / "summary.json", summary)
+        _stage_record(out, "prune", {"method": method, **mp}, t0, experts=[e["name"] for e in manifest["experts"]])
+    _say(f"prune: {method} merged {len(experts)} experts in {rep.seconds:.1f} s -> {layout.merged(method)}", quiet)
+    return {"out": str(layout.merged(method)), "method": method, "seconds": rep.seconds}
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from samerge.io import open_checkpoint
+
+    with open_checkpoint(path) as ck:
+        return {k: ck[k] for k in ck.keys()}
+
+
+def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
+    """Score the base, every expert on its task, and every merged model on every task."""
+    from samerge.evaluation.text import Expert
+
+    t0 = time.perf_counter()
+    acq = layout.stage("acquire")
+    manifest = read_manifest(acq)
+    st, data = open_suite(manifest, progress=not quiet)
+    split = params.evaluate.split
+    tasks = [SimpleNamespace(**{**vars(t), "test": getattr(t, split)}) if split != "test" else t for t in data]
+    experts = []
+    for e, task in zip(manifest["experts"], tasks):
+        d = acq / "experts" / e["name"]
+        experts.append(Expert(task, _state(d / "expert.safetensors"), _state(d / "head.safetensors")))
+    missing = [m for m in params.prune.methods if not (layout.merged(m) / "model").exists()]
+    if missing:
+        raise SamergeError(f"no merged model for {', '.join(missing)}; run `samerge stage prune --method "
+                           f"{missing[0]}` first")
+    expert_scores = {e.task.name: st.scores(e.encoder, [e])[e.task.name] for e in experts}
+    results: dict[str, dict[str, float]] = {"base": st.scores(_state(acq / "base.safetensors"), experts),
+                                            "expert": expert_scores}
+    for m in params.prune.methods:
+        _say(f"evaluate: {m}", quiet)
+        results[m] = st.scores(_state(layout.merged(m) / "model"), experts)
+    rows = rows_from_scores(manifest["suite"], results, expert_scores)
+    with publish_dir(layout.stage("evaluate")) as out:
+        with open(out / "scores.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["suite", "method", "task", "score", "normalized"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "score": f"{r['score']:.6f}", "normalized": f"{r['normalized']:.6f}"})
+        metrics = {r["method"]: {} for r in rows}
+        for r in rows:
+            metrics[r["method"]][r["task"]] = round(r["score"], 6)
+            if r["task"] == "average":
+                metrics[r["method"]]["normalized_average"] = round(r["normalized"], 6)
+        _write_json(out / "metrics.json", metrics)
+        with open(out / "per_task.csv", "w", newline="") as f:  # long form for `dvc plots` bars
+            w = csv.writer(f)
+            w.writerow(["method_task", "method", "task", "normalized"])
+            for r in rows:
+                if r["method"] not in ("base", "expert"):
+                    w.writerow([f"{r['method']}:{r['task']}", r["method"], r["task"], f"{r['normalized']:.6f}"])
+        _stage_record(out, "evaluate", params.evaluate.model_dump(), t0, methods=params.prune.methods)
+    avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
+    _say("evaluate: normalized average " + ", ".join(f"{m} {v:.3f}" for m, v in avg.items()), quiet)
+    return {"out": str(layout.stage("evaluate")), "normalized_average": avg}
+
+
+def rows_from_scores(suite: str, results: Mapping[str, Mapping[str, float]],
+                     expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
+    """report.csv rows: one per method and task, plus the ``average`` row (normalized = merged / expert)."""
+    rows: list[dict[str, Any]] = []
+    for method, scores in results.items():
+        for task, s in scores.items():
+            e = expert_scores[task]
+            rows.append({"suite": suite, "method": method, "task": task, "score": s,
+                         "normalized": s / e if e else float("nan")})
+        rows.append({"suite": suite, "method": method, "task": "average",
+                     "score": sum(scores.values()) / len(scores),
+                     "normalized": sum(s / expert_scores[t] if expert_scores[t] else float("nan")
+                                       for t, s in scores.items()) / len(scores)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{**r, "score": float(r["score"]), "normalized": float(r["normalized"])} for r in csv.DictReader(f)]
+
+
+def read_iterations(path: Path) -> list[SimpleNamespace]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [SimpleNamespace(iteration=int(r["iteration"]), overall_density=float(r["density"]),
+                                norm_ratio=float(r["norm_ratio"]), conflict=float(r["conflict"]))
+                for r in csv.DictReader(f) if r["conflict"] != ""]
+
+
+def report(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
+    """report.csv / report.md / plots from the evaluation; then the MLflow record of the whole pipeline."""
+    from samerge.evaluation.report import write_report
+
+    t0 = time.perf_counter()
+    ev = layout.stage("evaluate")
+    if not (ev / "scores.csv").is_file():
+        raise SamergeError(f"{ev}: no scores; run the evaluate stage first (`samerge stage evaluate`)")
+    rows = read_rows(ev / "scores.csv")
+    histories = {m: h for m in params.prune.methods if (h := read_iterations(layout.merged(m) / "iterations.csv"))}
+    with publish_dir(layout.stage("report")) as out:
+        write_report(rows, out, histories)
+        avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
+        best = max((m for m in avg if m not in ("base", "expert")), key=lambda m: avg[m])
+        _write_json(out / "summary.json", {"best_method": best, "best_normalized_average": avg[best],
+                                           "normalized_average": avg})
+        _stage_record(out, "report", params.report.model_dump(), t0)
+    result: dict[str, Any] = {"out": str(layout.stage("report")), "best_method": best}
+    if params.report.track:
+        from samerge.tracking import track_pipeline
+
+        tracked = track_pipeline(params, layout)
+        result["mlflow"] = tracked
+        _say(f"report: MLflow run {tracked['run_id']} at {tracked['tracking_uri']}"
+             + (f"; registered {tracked['model_name']} v{tracked['version']}"
+                + (" (champion)" if tracked.get("champion") else "") if tracked.get("version") else ""), quiet)
+    _say(f"report: {layout.stage('report') / 'report.md'} (best: {best}, normalized {avg[best]:.3f})", quiet)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.yaml",
+              workdir: str | os.PathLike[str] = ".", *, method: str | None = None,
+              overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run one stage by name: the single entry point of the CLI, dvc.yaml and the Prefect tasks."""
+    if stage not in STAGES:
+        raise SamergeError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    params = load_params(params_path, overrides)
+    layout = Layout(workdir)
+    if stage == "prune":
+        if method is None:
+            raise SamergeError(f"the prune stage needs --method (one of {', '.join(params.prune.methods)})")
+        return prune(params, layout, method, quiet=quiet)
+    if method is not None:
+        raise SamergeError(f"--method applies to the prune stage only, not {stage}")
+    fn = {"acquire": acquire, "extract": extract, "score": score, "evaluate": evaluate, "report": report}[stage]
+    return fn(params, layout, quiet=quiet)
+
+
+def run_pipeline(params_path: str | os.PathLike[str] | None = "params.yaml", workdir: str | os.PathLike[str] = ".",
+                 *, overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Every stage in order, in this process (DVC and Prefect run the same functions stage by stage)."""
+    params = load_params(params_path, overrides)
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage == "prune":
+            out[stage] = {m: run_stage(stage, params_path, workdir, method=m, overrides=overrides, quiet=quiet)
+                          for m in params.prune.methods}
+        else:
+            out[stage] = run_stage(stage, params_path, workdir, overrides=overrides, quiet=quiet)
+    return out

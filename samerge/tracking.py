@@ -1,0 +1,190 @@
+"""MLflow record of one pipeline execution (imported only by callers that track: the report stage).
+
+One parent run per execution, one nested child run per stage (named exactly like the stage), holding that stage's
+parameters, timing, metrics (SA-Merging's per-iteration density / norm ratio / conflicts with ``step`` = iteration)
+and plots. The registered method's merged model (safetensors + model card) is logged as an artifact of the ``prune``
+child run and registered as a new version of ``samerge-<suite>``; the alias ``champion`` moves to it only when its
+suite average of normalized scores beats the current champion's (stored as a version tag).
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``; without it, a SQLite store ``mlflow.db`` in the work root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import samerge
+from samerge.errors import SamergeError
+from samerge.params import PipelineParams
+from samerge.stages import STAGES, Layout, read_iterations, read_manifest, read_rows
+
+CHAMPION = "champion"
+SCORE_TAG = "samerge.normalized_average"
+
+
+def tracking_uri(layout: Layout) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def _flat(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, (list, dict)) else str(obj)
+    return out
+
+
+def _stage_json(d: Path) -> dict[str, Any]:
+    p = d / "stage.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
+    """Log the finished pipeline under ``layout`` to MLflow; register the merged model; move ``champion``."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        raise SamergeError("MLflow tracking needs mlflow (pip install 'samerge[pipeline]'); or set report.track: "
+                           "false") from None
+    uri = tracking_uri(layout)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    manifest = read_manifest(layout.stage("acquire"))
+    suite = manifest["suite"]
+    rows = read_rows(layout.stage("evaluate") / "scores.csv")
+    avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
+    try:
+        mlflow.set_experiment(params.report.experiment)
+    except MlflowException as exc:
+        raise SamergeError(f"MLflow at {uri}: {exc.message}") from None
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    result: dict[str, Any] = {"tracking_uri": uri}
+    with mlflow.start_run(run_name=f"{suite} pipeline {stamp}") as parent:
+        result["run_id"] = parent.info.run_id
+        mlflow.set_tags({"samerge.suite": suite, "samerge.size": manifest["size"], "samerge.kind": "pipeline",
+                         "samerge.experts": ",".join(e["name"] for e in manifest["experts"])})
+        mlflow.log_params(_flat("", params.model_dump(), {}))
+        mlflow.log_metrics({f"normalized_average.{m}": v for m, v in avg.items()})
+        children: dict[str, str] = {}
+        for stage in STAGES:
+            with mlflow.start_run(run_name=stage, nested=True) as child:
+                children[stage] = child.info.run_id
+                mlflow.set_tag("samerge.stage", stage)
+                _log_stage(mlflow, stage, params, layout, rows)
+        result["children"] = children
+        method = params.report.register_method
+        if method:
+            if method not in params.prune.methods:
+                raise SamergeError(f"report.register_method: {method!r} is not in prune.methods "
+                                   f"({', '.join(params.prune.methods)})")
+            result.update(_register(mlflow, client, params, suite, method, children["prune"], avg[method],
+                                    layout.merged(method) / "model"))
+    return result
+
+
+def _log_stage(mlflow: Any, stage: str, params: PipelineParams, layout: Layout, rows: list[dict[str, Any]]) -> None:
+    if stage == "prune":
+        for m in params.prune.methods:
+            d = layout.merged(m)
+            rec = _stage_json(d)
+            mlflow.log_params(_flat(m, rec.get("params", {}), {}))
+            mlflow.log_metric(f"{m}.seconds", rec.get("seconds", 0.0))
+            for h in read_iterations(d / "iterations.csv"):
+                mlflow.log_metrics({f"{m}.density": h.overall_density, f"{m}.norm_ratio": h.norm_ratio,
+                                    f"{m}.conflict": h.conflict}, step=h.iteration)
+            mlflow.log_artifact(str(d / "iterations.csv"), artifact_path=f"iterations/{m}")
+            card = d / "model" / "README.md"
+            if card.is_file():
+                mlflow.log_artifact(str(card), artifact_path=f"model_cards/{m}")
+        return
+    d = layout.stage(stage)
+    rec = _stage_json(d)
+    if rec.get("params"):
+        mlflow.log_params(_flat("", rec["params"], {}))
+    if "seconds" in rec:
+        mlflow.log_metric("seconds", rec["seconds"])
+    if stage == "extract":
+        summary = json.loads((d / "summary.json").read_text())
+        mlflow.log_metrics({"mean_relative_norm": summary["mean_relative_norm"],
+                            "mean_pairwise_cosine": summary["mean_pairwise_cosine"],
+                            **{f"relative_norm.{k}": v["relative_norm"] for k, v in summary["experts"].items()}})
+        mlflow.log_artifact(str(d / "task_vector_cosine.png"), artifact_path="plots")
+    elif stage == "score":
+        summary = json.loads((d / "summary.json").read_text())
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(d / "saliency_vs_magnitude.png"), artifact_path="plots")
+        mlflow.log_artifact(str(d / "saliency.csv"))
+    elif stage == "evaluate":
+        mlflow.log_metrics({f"{r['method']}.{r['task']}": r["score"] for r in rows})
+        mlflow.log_metrics({f"{r['method']}.{r['task']}.normalized": r["normalized"] for r in rows})
+    elif stage == "report":
+        for f in ("report.csv", "report.md", "per_task.png", "sa_iterations.png"):
+            if (d / f).is_file():
+                mlflow.log_artifact(str(d / f), artifact_path="report")
+    elif stage == "acquire":
+        mlflow.log_dict(read_manifest(d), "manifest.json")
+
+
+def _register(mlflow: Any, client: Any, params: PipelineParams, suite: str, method: str, prune_run: str,
+              score: float, model_dir: Path) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    name = params.report.model_name or f"samerge-{suite}"
+    # the merged model (safetensors + model card README.md) as an MLflow model of the prune child run, registered
+    with mlflow.start_run(run_id=prune_run, nested=True):
+        info = mlflow.pyfunc.log_model(name="merged_model", python_model=MergedCheckpoint(),
+                                       artifacts={"checkpoint": str(model_dir)},
+                                       pip_requirements=[f"samerge=={samerge.__version__}"],
+                                       registered_model_name=name)
+    v = str(info.registered_model_version)
+    client.set_model_version_tag(name, v, SCORE_TAG, f"{score:.6f}")
+    client.set_model_version_tag(name, v, "samerge.method", method)
+    client.set_model_version_tag(name, v, "samerge.suite", suite)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        current_score = float(current.tags.get(SCORE_TAG, "-inf"))
+    except MlflowException:
+        current, current_score = None, float("-inf")
+    champion = current is None or score > current_score
+    if champion:
+        client.set_registered_model_alias(name, CHAMPION, v)
+    return {"model_name": name, "version": v, "champion": champion, "normalized_average": score,
+            "previous_champion": None if current is None else str(current.version),
+            "previous_champion_score": None if current is None else current_score}
+
+
+def _pyfunc_base() -> type:
+    try:
+        from mlflow.pyfunc import PythonModel
+    except ImportError:  # the class below is only instantiated where mlflow is installed
+        return object
+    return PythonModel
+
+
+class MergedCheckpoint(_pyfunc_base()):  # type: ignore[misc]
+    """The registered merged model: its artifact ``checkpoint`` is the merged safetensors folder (with the card).
+
+    ``mlflow.pyfunc.load_model("models:/samerge-text@champion").predict(["encoder.layer.0.attention.self.query.weight"])``
+    returns those tensors as numpy arrays; for the whole model, download the artifact and open it with
+    ``samerge.io.open_checkpoint`` or ``transformers``' ``from_pretrained``.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from samerge.io import open_checkpoint
+
+        self.checkpoint = open_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> dict[str, Any]:
+        names = list(model_input)
+        unknown = [n for n in names if n not in self.checkpoint]
+        if unknown:
+            raise SamergeError(f"no tensor {unknown[0]!r} in the merged model")
+        return {n: self.checkpoint[n].float().numpy() for n in names}
