@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 import random
 
 import pytest
 import torch
 
 from samerge.cli import main
-
-
-@pytest.fixture(scope="module")
-def suite_cache(tmp_path_factory):
-    """The base is dequantised and experts are trained once per module into a private cache."""
-    d = tmp_path_factory.mktemp("samerge-llm-cache")
-    old = os.environ.get("SAMERGE_CACHE")
-    os.environ["SAMERGE_CACHE"] = str(d)
-    yield d
-    if old is None:
-        del os.environ["SAMERGE_CACHE"]
-    else:
-        os.environ["SAMERGE_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
