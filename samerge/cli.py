@@ -235,6 +235,21 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-2`` -> [0, 1, 2]."""
+    out: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        lo, sep, hi = item.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(item)]
+        except ValueError:
+            raise SamergeError(f"--seeds expects integers like 0,1,2 or 0-2, got {text!r}") from None
+    if not out:
+        raise SamergeError(f"--seeds expects integers like 0,1,2 or 0-2, got {text!r}")
+    return out
+
+
 def cmd_suite_report(args: argparse.Namespace) -> int:
     from samerge.evaluation.report import run_report, split_methods
 
@@ -246,7 +261,8 @@ def cmd_suite_report(args: argparse.Namespace) -> int:
         add[name.strip()] = path.strip()
     rows = run_report(args.suite, args.size, args.out, methods=split_methods(args.methods) if args.methods else None,
                       tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None, add_tasks=add,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, seeds=_seed_list(args.seeds) if args.seeds else None, split=args.split,
+                      against=args.against, progress=not args.quiet)
     avg = {r["method"]: r for r in rows if r["task"] == "average"}
     width = max(len(m) for m in avg)
     print(f"{'method':<{width}}  accuracy  normalized")
@@ -373,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task from a CSV: columns text,label (text and llm-lora suites; for llm-lora each label "
                         "is its own label word) or image,label (vision suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the experts' fine-tuning and data splits")
+    p.add_argument("--seeds", help="several seeds of experts, e.g. 0,1,2 or 0-2: paired comparisons, mean over seeds "
+                                   "in report.csv, every seed in seeds.csv")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="score the tasks' test examples, or their validation examples (to choose a configuration)")
+    p.add_argument("--against", metavar="METHOD",
+                   help="report each method's per-seed difference to this method (paired.csv, paired.png)")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_suite_report)

@@ -9,6 +9,10 @@ the rows ``base`` and ``expert`` give the base with each expert's head and each 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,54 +112,185 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
     return cls(size, seed, progress), data
 
 
+def _on_split(experts: list[Any], split: str) -> list[Any]:
+    """The experts with their tasks' ``split`` examples in the place the suite scores (``test``)."""
+    if split == "test":
+        return experts
+    if split != "val":
+        raise SamergeError(f"unknown split {split!r}; choose test or val")
+    out = []
+    for e in experts:
+        val = getattr(e.task, "val", None)
+        if not val:
+            raise SamergeError(f"task {e.task.name!r} has no validation split; use --split test")
+        out.append(dataclasses.replace(e, task=dataclasses.replace(e.task, test=val)))
+    return out
+
+
+def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
+    """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
+    if name in samerge.available_methods():
+        from samerge.methods import get_method
+
+        try:
+            resolved = get_method(name).Params(**params).model_dump(mode="json")
+        except Exception:  # invalid parameters are reported by the merge itself
+            resolved = params
+    else:
+        resolved = params
+    return json.dumps({"spec": spec, "name": name, "params": resolved, "version": samerge.__version__},
+                      sort_keys=True, default=str)
+
+
+class _ScoreStore:
+    """``scores.jsonl`` in the report folder: every evaluated (seed, split, method) as soon as it is scored, so an
+    interrupted report resumes where it stopped. Entries are keyed by the suite, size, task list, seed, split and
+    the method's resolved parameters (a changed default is a different entry)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, float]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec["scores"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by an interruption
+
+    def get(self, key: str) -> dict[str, float] | None:
+        return self.done.get(key)
+
+    def put(self, key: str, scores: dict[str, float]) -> None:
+        self.done[key] = scores
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "scores": scores}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,
                tasks: Sequence[str] | None = None, add_tasks: dict[str, str] | None = None, seed: int = 0,
+               seeds: Sequence[int] | None = None, split: str = "test", against: str | None = None,
                progress: bool = False) -> list[dict[str, Any]]:
     """Every method on the suite; writes ``out``/report.csv, report.md and plots (see the module docstring).
 
     A suite may add its own merges: names in its ``merge_methods`` (``prefix:name``) are run by its
     ``merge(name, params, experts) -> state dict`` (e.g. llm-lora's rank-wise ``lora:ties``), and its
     ``default_methods()``, when present, replaces :func:`default_methods` as the default list.
+
+    ``seeds``: several seeds of experts (and data splits); every method is scored on the same experts of each seed
+    (paired), report.csv holds the mean over seeds, ``seeds.csv`` every seed, and with ``against`` the report gives
+    each method's per-seed difference to that method (``paired.csv``, ``paired.png``). ``split="val"`` scores the
+    tasks' validation examples instead of their test examples (for choosing configurations without test data).
+    Scores are kept in ``scores.jsonl`` as they are computed: re-running into the same ``out`` resumes.
     """
-    for s in methods or ():  # fail fast on a typo in samerge's own methods, before the suite loads
+    seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
+    if split not in ("test", "val"):
+        raise SamergeError(f"unknown split {split!r}; choose test or val")
+    for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads
         if ":" not in s.partition("[")[0]:
             parse_method(s)
-    st, data = _suite(suite, size, seed, progress, tasks, dict(add_tasks or {}))
-    suite_methods = tuple(getattr(st, "merge_methods", ()))
-    specs = list(methods) if methods else (st.default_methods() if hasattr(st, "default_methods")
-                                           else default_methods(size))
-    parsed = [(s, *parse_method(s, suite_methods)) for s in specs]
-    experts = [st.expert(t) for t in data]
-    rows: list[dict[str, Any]] = []
-    expert_scores = {e.task.name: st.scores(e.encoder, [e])[e.task.name] for e in experts}
-
-    def add(method: str, scores: dict[str, float]) -> None:
-        for task, score in scores.items():
-            rows.append({"suite": suite, "method": method, "task": task, "score": score,
-                         "normalized": score / expert_scores[task] if expert_scores[task] else float("nan")})
-        rows.append({"suite": suite, "method": method, "task": "average",
-                     "score": sum(scores.values()) / len(scores),
-                     "normalized": sum(score / expert_scores[t] if expert_scores[t] else float("nan")
-                                       for t, score in scores.items()) / len(scores)})
-
-    add("base", st.scores(st.base, experts))
-    add("expert", expert_scores)
+    out = Path(out)
+    store = _ScoreStore(out / "scores.jsonl")
+    add_tasks = dict(add_tasks or {})
+    per_seed: dict[int, list[dict[str, Any]]] = {}
     histories: dict[str, list[Any]] = {}
-    for spec, name, params in parsed:
-        hist: list[Any] = []
-        if name in suite_methods:
-            merged = st.merge(name, params, experts)
-        else:
-            kw = {"history": hist} if name == "sa_merging" else {}
-            merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude, **params, **kw)
-        if hist:
-            histories[spec] = hist
-        add(spec, st.scores(merged, experts))
-    write_report(rows, Path(out), histories)
+    specs: list[str] = []
+    for sd in seeds:
+        st, data = _suite(suite, size, sd, progress, tasks, add_tasks)
+        suite_methods = tuple(getattr(st, "merge_methods", ()))
+        specs = list(methods) if methods else (st.default_methods() if hasattr(st, "default_methods")
+                                               else default_methods(size))
+        if against and against not in specs:
+            specs.append(against)
+        parsed = [(s, *parse_method(s, suite_methods)) for s in specs]
+        files = {n: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for n, p in add_tasks.items()
+                 if Path(p).is_file()}
+        where = json.dumps({"suite": suite, "size": size, "seed": sd, "split": split,
+                            "tasks": [d.name for d in data], "files": files}, sort_keys=True)
+        experts = _on_split([st.expert(t) for t in data], split)
+
+        def scored(key: str, compute: Any) -> dict[str, float]:
+            k = where + key
+            got = store.get(k)
+            if got is None:
+                got = compute()
+                store.put(k, got)
+            return got
+
+        expert_scores = scored("expert", lambda: {e.task.name: st.scores(e.encoder, [e])[e.task.name]
+                                                   for e in experts})
+        rows: list[dict[str, Any]] = []
+        rows += _rows(suite, "base", scored("base", lambda: st.scores(st.base, experts)), expert_scores)
+        rows += _rows(suite, "expert", expert_scores, expert_scores)
+        for spec, name, params in parsed:
+            hist: list[Any] = []
+
+            def compute(spec=spec, name=name, params=params, hist=hist) -> dict[str, float]:
+                if name in suite_methods:
+                    merged = st.merge(name, params, experts)
+                else:
+                    kw = {"history": hist} if name == "sa_merging" else {}
+                    merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude,
+                                           **params, **kw)
+                return st.scores(merged, experts)
+
+            scores = scored(_fingerprint(spec, name, params), compute)
+            if hist and spec not in histories:
+                histories[spec] = hist
+            rows += _rows(suite, spec, scores, expert_scores)
+        per_seed[sd] = rows
+        del st, data, experts
+    rows = _mean_rows(per_seed)
+    write_report(rows, out, histories, per_seed=per_seed if len(seeds) > 1 or split != "test" else None,
+                 split=split, against=against)
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]]) -> None:
+def _rows(suite: str, method: str, scores: dict[str, float], expert_scores: dict[str, float]) -> list[dict[str, Any]]:
+    def norm(t: str, score: float) -> float:
+        return score / expert_scores[t] if expert_scores[t] else float("nan")
+
+    rows = [{"suite": suite, "method": method, "task": t, "score": v, "normalized": norm(t, v)}
+            for t, v in scores.items()]
+    rows.append({"suite": suite, "method": method, "task": "average", "score": sum(scores.values()) / len(scores),
+                 "normalized": sum(norm(t, v) for t, v in scores.items()) / len(scores)})
+    return rows
+
+
+def _mean_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows averaged over seeds (same method/task order as the first seed)."""
+    first = next(iter(per_seed.values()))
+    out = []
+    for i, r in enumerate(first):
+        group = [rows[i] for rows in per_seed.values()]
+        out.append({**r, "score": sum(g["score"] for g in group) / len(group),
+                    "normalized": sum(g["normalized"] for g in group) / len(group)})
+    return out
+
+
+def paired_differences(per_seed: dict[int, list[dict[str, Any]]], against: str) -> list[dict[str, Any]]:
+    """Per method: the per-seed difference of the average normalized score to ``against``, its mean and spread."""
+    import statistics
+
+    avg = {sd: {r["method"]: r["normalized"] for r in rows if r["task"] == "average"} for sd, rows in per_seed.items()}
+    methods = list(next(iter(avg.values())))
+    out = []
+    for m in methods:
+        diffs = [avg[sd][m] - avg[sd][against] for sd in avg]
+        vals = [avg[sd][m] for sd in avg]
+        out.append({"method": m, "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "diff_mean": statistics.fmean(diffs), "diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    "wins": sum(d > 0 for d in diffs), "diffs": dict(zip(avg, diffs))})
+    return out
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,
+                 per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
+                 against: str | None = None) -> None:
     from samerge.io.writer import _write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +310,69 @@ def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, lis
     for m in methods:
         vals = [f"{cell[(m, t)]['score']:.3f} ({cell[(m, t)]['normalized']:.2f})" for t in tasks + ["average"]]
         lines.append(f"| `{m}` | " + " | ".join(vals) + " |")
+    if per_seed:
+        lines[2] = (f"Accuracy per task on the {split} split, mean over seeds {', '.join(map(str, per_seed))} "
+                    "(normalized = merged / expert in parentheses).")
+        _write_seeds(per_seed, out, split)
+        if against:
+            lines += ["", *_paired_lines(per_seed, against, out)]
     _write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     _plots(rows, out, tasks, methods, histories)
+
+
+def _write_seeds(per_seed: dict[int, list[dict[str, Any]]], out: Path, split: str) -> None:
+    tmp = out / ".seeds.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["suite", "seed", "split", "method", "task", "score", "normalized"])
+        w.writeheader()
+        for sd, rows in per_seed.items():
+            for r in rows:
+                w.writerow({**r, "seed": sd, "split": split, "score": f"{r['score']:.4f}",
+                            "normalized": f"{r['normalized']:.4f}"})
+    tmp.replace(out / "seeds.csv")
+
+
+def _paired_lines(per_seed: dict[int, list[dict[str, Any]]], against: str, out: Path) -> list[str]:
+    """The paired comparison to ``against``: Markdown lines, ``paired.csv`` and ``paired.png``."""
+    pairs = paired_differences(per_seed, against)
+    seeds = list(per_seed)
+    tmp = out / ".paired.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "mean_normalized", "std", *[f"diff_seed{sd}" for sd in seeds], "diff_mean",
+                    "diff_std", "wins"])
+        for p in pairs:
+            w.writerow([p["method"], f"{p['mean']:.4f}", f"{p['std']:.4f}",
+                        *[f"{p['diffs'][sd]:+.4f}" for sd in seeds], f"{p['diff_mean']:+.4f}",
+                        f"{p['diff_std']:.4f}", p["wins"]])
+    tmp.replace(out / "paired.csv")
+    lines = [f"Average normalized accuracy per seed of experts, and the paired difference to `{against}` "
+             "(same experts for every method).", "",
+             "| method | mean ± std | " + " | ".join(f"Δ seed {sd}" for sd in seeds) + " | Δ mean ± std | wins |",
+             "|---" * (len(seeds) + 4) + "|"]
+    for p in pairs:
+        lines.append(f"| `{p['method']}` | {p['mean']:.3f} ± {p['std']:.3f} | "
+                     + " | ".join(f"{p['diffs'][sd]:+.3f}" for sd in seeds)
+                     + f" | {p['diff_mean']:+.3f} ± {p['diff_std']:.3f} | {p['wins']}/{len(seeds)} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [p for p in pairs if p["method"] not in ("expert", against)]
+    fig, ax = plt.subplots(figsize=(8.0, 0.9 + 0.32 * len(shown)))
+    ys = list(range(len(shown)))[::-1]
+    ax.barh(ys, [p["diff_mean"] for p in shown], color=["tab:green" if p["diff_mean"] >= 0 else "tab:red"
+                                                       for p in shown], alpha=0.6)
+    for y, p in zip(ys, shown):
+        ax.plot(list(p["diffs"].values()), [y] * len(seeds), "k.", ms=5)
+    ax.set_yticks(ys, [p["method"] for p in shown], fontsize=7)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlabel(f"normalized accuracy − {against} (bars: mean over seeds; dots: each seed)")
+    fig.tight_layout()
+    fig.savefig(out / "paired.png", dpi=120)
+    plt.close(fig)
+    return lines
 
 
 def _plots(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: list[str],

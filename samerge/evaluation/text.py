@@ -67,6 +67,7 @@ class TextSuite:
 
         self.size, self.seed, self.progress = size, seed, progress
         self.hp = HYPER[size]
+        self._encoded: dict[int, tuple[list[tuple[str, int]], list[tuple[list[int], Any]]]] = {}
         self.model_dir = packaged_minilm()
         self.config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -83,10 +84,22 @@ class TextSuite:
             raise RuntimeError(f"encoder state does not fit MiniLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model
 
-    def _batches(self, texts: list[str]):
-        for i in range(0, len(texts), 64):
-            yield self.tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=self.hp["max_len"],
-                                 return_tensors="pt")
+    def _batches(self, examples: list[tuple[str, int]]) -> list[tuple[list[int], Any]]:
+        """(example indices, padded batch) over ``examples``, batched by token length so padding stays small.
+
+        Tokenised once per example list (scoring many merges on the same tasks re-uses it)."""
+        hit = self._encoded.get(id(examples))
+        if hit is not None and hit[0] is examples:  # the list itself is kept, so its id is never reused
+            return hit[1]
+        enc = self.tokenizer([x for x, _ in examples], truncation=True, max_length=self.hp["max_len"])
+        order = sorted(range(len(examples)), key=lambda i: len(enc["input_ids"][i]))
+        batches = []
+        for b in range(0, len(order), 64):
+            idx = order[b:b + 64]
+            batches.append((idx, self.tokenizer.pad({k: [v[i] for i in idx] for k, v in enc.items()},
+                                                    return_tensors="pt")))
+        self._encoded[id(examples)] = (examples, batches)
+        return batches
 
     @staticmethod
     def _pool(model: torch.nn.Module, enc: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -98,15 +111,13 @@ class TextSuite:
                  examples: list[tuple[str, int]]) -> float:
         model = encoder_state if isinstance(encoder_state, torch.nn.Module) else self.encoder(encoder_state)
         model.eval()
-        correct = 0
-        texts, labels = [x for x, _ in examples], torch.tensor([y for _, y in examples])
-        preds = []
-        with torch.no_grad():
-            for enc in self._batches(texts):
+        labels = torch.tensor([y for _, y in examples])
+        preds = torch.empty(len(examples), dtype=torch.long)
+        with torch.inference_mode():
+            for idx, enc in self._batches(examples):
                 logits = self._pool(model, enc) @ head["weight"].t() + head["bias"]
-                preds.append(logits.argmax(-1))
-        correct = int((torch.cat(preds) == labels).sum())
-        return correct / len(examples)
+                preds[idx] = logits.argmax(-1)
+        return int((preds == labels).sum()) / len(examples)
 
     def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
         """Test accuracy of one encoder on every task, each with its expert's head."""
