@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samerge.errors import SamergeError
+from samerge.methods.sa_merging import SaMergingParams
 
 
 class _Section(BaseModel):
@@ -39,23 +40,26 @@ class ExtractParams(_Section):
 class ScoreParams(_Section):
     """How SA-Merging's saliency is defined (used by `score` for statistics and by `prune` for its masks)."""
 
-    saliency_sign: Literal["literal", "own_sign", "own_value"] = "literal"
-    qk_rule: Literal["bilinear", "value_proxy", "uniform"] = "bilinear"
-    graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = "auto"
+    saliency_sign: Literal["literal", "own_sign", "own_value"] = SaMergingParams.model_fields["saliency_sign"].default
+    qk_rule: Literal["bilinear", "value_proxy", "uniform"] = SaMergingParams.model_fields["qk_rule"].default
+    graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = SaMergingParams.model_fields["graph"].default
     sample: int = Field(200_000, ge=100, description="entries per tensor sampled for the rank correlations")
+
+
+_SA = SaMergingParams.model_fields  # the pipeline's SA-Merging defaults are the library's
 
 
 class PruneParams(_Section):
     """The merges to compare (a DVC matrix over ``methods``) and SA-Merging's iterative pruning loop."""
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "sa_merging"])
-    iterations: int = Field(10, ge=1, le=1000, description="SA-Merging T")
-    prune_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="SA-Merging p: fraction of alive entries pruned per "
-                                                                 "iteration")
-    scale: float = Field(1.0, gt=0.0, le=10.0, description="SA-Merging lambda")
-    outside_rule: Literal["sum", "mean", "base"] = "sum"
-    aggregate: Literal["sum", "disjoint_mean"] = "sum"
-    density_rule: Literal["uniform", "tadrop"] = "uniform"
+    iterations: int = Field(_SA["iterations"].default, ge=1, le=1000, description="SA-Merging T")
+    prune_ratio: float = Field(_SA["prune_ratio"].default, ge=0.0, lt=1.0,
+                               description="SA-Merging p: fraction of alive entries pruned per iteration")
+    scale: float = Field(_SA["scale"].default, gt=0.0, le=10.0, description="SA-Merging lambda")
+    outside_rule: Literal["sum", "mean", "base"] = _SA["outside_rule"].default
+    aggregate: Literal["sum", "disjoint_mean"] = _SA["aggregate"].default
+    density_rule: Literal["uniform", "tadrop"] = _SA["density_rule"].default
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="other methods' parameters, by method")
 
     @field_validator("methods")

@@ -32,7 +32,7 @@ def perturb(base, n, seed=1, rel=0.05):
 
 def run_sa(base, experts, **kw):
     hist: list = []
-    out = samerge.merge(base, experts, "sa_merging", history=hist, **kw)
+    out = samerge.merge(base, experts, "sa_merging", history=hist, **{"preset": "paper", **kw})
     return out, hist
 
 
@@ -42,7 +42,7 @@ def masks_of(base, experts, **kw):
     from samerge.methods import get_method, parse_params
 
     m = get_method("sa_merging")
-    p = parse_params(m, {"outside_rule": "base", **kw})
+    p = parse_params(m, {"preset": "paper", "outside_rule": "base", **kw})
     stats = MergeStats()
     captured = {}
     # the survivors of every iteration, seen through the per-iteration record hook
@@ -75,7 +75,7 @@ def test_retention_after_ten_iterations_masks_nested_and_survivors_unchanged():
         for n in range(3):
             for k in caps[t][n]:
                 assert torch.all(caps[t - 1][n][k] | ~caps[t][n][k])  # nested: alive at t => alive at t-1
-    out = samerge.merge(base, experts, "sa_merging", outside_rule="base")
+    out = samerge.merge(base, experts, "sa_merging", preset="paper", outside_rule="base")
     for k, m in caps[10][0].items():  # merged = base + sum of surviving (unchanged) task-vector entries
         expected = base[k] + sum((e[k] - base[k]) * caps[10][n][k] for n, e in enumerate(experts))
         torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
@@ -84,7 +84,7 @@ def test_retention_after_ten_iterations_masks_nested_and_survivors_unchanged():
 def test_one_iteration_without_pruning_is_task_arithmetic_with_scale_one():
     base = mlp_base(1)
     experts = perturb(base, 3)
-    sa = samerge.merge(base, experts, "sa_merging", iterations=1, prune_ratio=0.0)
+    sa = samerge.merge(base, experts, "sa_merging", preset="paper", iterations=1, prune_ratio=0.0)
     ta = samerge.merge(base, experts, "task_arithmetic", scale=1.0)
     for k in base:
         torch.testing.assert_close(sa[k], ta[k], rtol=0, atol=1e-6)
@@ -314,7 +314,7 @@ def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(n
     wrapped = _with_config(base, config)
     hist: list = []
     out = samerge.merge(wrapped, experts, "sa_merging", history=hist, exclude=exclude or ())
-    assert 0.107 <= hist[-1].overall_density <= 0.111
+    assert hist[-1].overall_density == pytest.approx(0.85 ** 10, abs=0.004)  # the default p = 0.15
     again = samerge.merge(wrapped, experts, "sa_merging", exclude=exclude or ())
     assert all(out[k].numpy().tobytes() == again[k].numpy().tobytes() for k in out)
     if name == "llama-tied":
@@ -350,9 +350,9 @@ def test_cli_sa_merging_on_hugging_face_directories_and_safetensors_files(tmp_pa
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "sa_merging" in out.out
-    assert "10 iterations: density 0.107" in out.out
+    assert "10 iterations: density 0.197" in out.out  # the default p = 0.15: 0.85^10 survive
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "## Iterations" in card and "| 10 | 0.107" in card
+    assert "## Iterations" in card and "| 10 | 0.197" in card
     from transformers import AutoModel
 
     AutoModel.from_pretrained(tmp_path / "m")
@@ -366,3 +366,23 @@ def test_cli_sa_merging_on_hugging_face_directories_and_safetensors_files(tmp_pa
                  str(tmp_path / "e0.safetensors"), "--expert", str(tmp_path / "e1.safetensors"), "--method",
                  "sa_merging", "--set", "saliency_sign=own_sign", "--out", str(tmp_path / "m.safetensors"), "--quiet"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_paper_preset_is_algorithm_one_as_printed_and_explicit_parameters_win():
+    from samerge.methods import get_method, parse_params
+    from samerge.methods.sa_merging import PAPER
+
+    m = get_method("sa_merging")
+    paper = parse_params(m, {"preset": "paper"})
+    assert {k: getattr(paper, k) for k in PAPER} == PAPER
+    assert paper.saliency_sign == "literal" and paper.aggregate == "sum" and paper.outside_rule == "sum"
+    assert (paper.iterations, paper.prune_ratio, paper.scale) == (10, 0.2, 1.0)
+    mixed = parse_params(m, {"preset": "paper", "outside_rule": "base"})
+    assert mixed.outside_rule == "base" and mixed.saliency_sign == "literal"
+    with pytest.raises(samerge.SamergeError, match="preset"):
+        parse_params(m, {"preset": "fastest"})
+    base = mlp_base(9)
+    experts = perturb(base, 3)
+    explicit = samerge.merge(base, experts, "sa_merging", **PAPER)
+    preset = samerge.merge(base, experts, "sa_merging", preset="paper")
+    assert all(torch.equal(explicit[k], preset[k]) for k in base)
