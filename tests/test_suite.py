@@ -126,3 +126,57 @@ def test_small_vision_suite_with_a_bring_your_own_image_task(suite_cache, tmp_pa
     assert {r["task"] for r in rows_out} == {"fashion_mnist", "mnist", "digits", "squares", "average"}
     assert cell[("expert", "squares")] >= 0.9 and cell[("expert", "digits")] > cell[("base", "digits")]
     assert ("sa_merging", "average") in cell
+
+
+def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache, tmp_path, monkeypatch):
+    """--seeds/--split val/--against: every seed's experts scored on their validation examples, report.csv the mean
+    over seeds, paired differences per seed; a second run into the same folder computes nothing again."""
+    from samerge.evaluation.report import run_report
+    from samerge.evaluation.text import TextSuite
+
+    calls = []
+    real_scores = TextSuite.scores
+
+    def counting(self, state, experts):
+        calls.append(self.seed)
+        return real_scores(self, state, experts)
+
+    monkeypatch.setattr(TextSuite, "scores", counting)
+    out = tmp_path / "seeds"
+    ref = "ties[aggregate=mean,scale=1.0]"
+    code = main(["suite", "report", "--suite", "text", "--size", "small", "--tasks", "sentiment,language_id",
+                 "--seeds", "0-1", "--split", "val", "--methods", "task_arithmetic", "--against", ref,
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    first = len(calls)
+    assert first > 0
+    seeds = read_rows(out / "seeds.csv")
+    assert {r["seed"] for r in seeds} == {"0", "1"} and {r["split"] for r in seeds} == {"val"}
+    assert {r["method"] for r in seeds} == {"base", "expert", "task_arithmetic", ref}
+    # the expert rows are each expert's accuracy on its task's validation examples, computed here independently
+    st = TextSuite("small", 1)
+    task = load_builtin("language_id", "small", 1)
+    e = st.expert(task)
+    val_acc = st.accuracy(e.encoder, e.head, task.val)
+    cell = {(r["seed"], r["method"], r["task"]): float(r["score"]) for r in seeds}
+    assert cell[("1", "expert", "language_id")] == pytest.approx(val_acc, abs=1e-4)
+    # report.csv: the mean over seeds, with the usual columns
+    mean = {(r["method"], r["task"]): float(r["normalized"]) for r in read_rows(out / "report.csv")}
+    for m in ("task_arithmetic", ref):
+        per = [float(r["normalized"]) for r in seeds if r["method"] == m and r["task"] == "average"]
+        assert mean[(m, "average")] == pytest.approx(sum(per) / 2, abs=2e-4)
+    paired = {r["method"]: r for r in read_rows(out / "paired.csv")}
+    for sd in ("0", "1"):
+        want = (next(float(r["normalized"]) for r in seeds if (r["seed"], r["method"], r["task"]) == (sd, "task_arithmetic", "average"))
+                - next(float(r["normalized"]) for r in seeds if (r["seed"], r["method"], r["task"]) == (sd, ref, "average")))
+        assert float(paired["task_arithmetic"][f"diff_seed{sd}"]) == pytest.approx(want, abs=2e-4)
+    assert float(paired[ref]["diff_mean"]) == 0.0 and (out / "paired.png").exists()
+    assert "paired difference" in (out / "report.md").read_text()
+    # resume: nothing is scored twice; a new method is the only work
+    run_report("text", "small", out, methods=["task_arithmetic"], tasks=["sentiment", "language_id"], seeds=[0, 1],
+               split="val", against=ref)
+    assert len(calls) == first
+    run_report("text", "small", out, methods=["task_arithmetic", "weight_average"], tasks=["sentiment", "language_id"],
+               seeds=[0, 1], split="val", against=ref)
+    assert len(calls) == first + 2  # weight_average, once per seed
+    assert main(["suite", "report", "--seeds", "0,x", "--out", str(out)]) == 2

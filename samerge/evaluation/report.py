@@ -368,7 +368,8 @@ def _paired_lines(per_seed: dict[int, list[dict[str, Any]]], against: str, out: 
         ax.plot(list(p["diffs"].values()), [y] * len(seeds), "k.", ms=5)
     ax.set_yticks(ys, [p["method"] for p in shown], fontsize=7)
     ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_xlabel(f"normalized accuracy − {against} (bars: mean over seeds; dots: each seed)")
+    ax.set_xlabel(f"Δ normalized accuracy vs {against}\n(bars: mean over seeds {', '.join(map(str, seeds))}; "
+                  "dots: each seed)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "paired.png", dpi=120)
     plt.close(fig)
