@@ -7,7 +7,8 @@ folder, then runs each tool in its own process (page cache warmed by one untimed
 peak resident memory, and ratios against samerge. Tools:
 
 * samerge: ``samerge merge --method ties`` (density 0.2, lambda 0.3, per tensor), streaming to a safetensors file;
-* sa: ``samerge merge --method sa_merging`` with the defaults (T = 10, p = 0.2, open_clip connectivity graph);
+* sa: ``samerge merge --method sa_merging`` with the defaults (T = 10, p = 0.15, open_clip connectivity graph) and
+  with ``preset=paper`` (T = 10, p = 0.2);
 * peft: the per-tensor loop users write around ``peft.utils.merge_utils.ties`` (all files loaded with
   ``safetensors.torch.load_file``, merged key by key, saved with ``save_file``);
 * mergekit: ``mergekit-pytorch`` (raw PyTorch merge, TIES, same density and lambda), when installed
@@ -125,8 +126,10 @@ def main() -> None:
                 pass
     out_dir = Path(tempfile.mkdtemp(prefix="samerge-bench-out-"))
     bindir = Path(sys.executable).parent
-    def samerge_cmd(exps: list[Path], out: Path, method: str = "ties") -> list[str]:
+    def samerge_cmd(exps: list[Path], out: Path, method: str = "ties", extra: tuple[str, ...] = ()) -> list[str]:
         sets = ["--set", "density=0.2", "--set", "scale=0.3"] if method == "ties" else []
+        for item in extra:
+            sets += ["--set", item]
         cmd = [str(bindir / "samerge"), "merge", "--base", str(base), "--method", method, *sets,
                "--out", str(out), "--overwrite", "--quiet"]
         for e in exps:
@@ -139,6 +142,8 @@ def main() -> None:
         tools["samerge ties"] = samerge_cmd(experts, out_dir / "samerge.safetensors")
     if "sa" in wanted:
         tools["samerge sa_merging T=10"] = samerge_cmd(experts, out_dir / "sa.safetensors", "sa_merging")
+        tools["samerge sa_merging preset=paper"] = samerge_cmd(experts, out_dir / "sa-paper.safetensors", "sa_merging",
+                                                               ("preset=paper",))
     if "peft" in wanted:
         tools["peft ties loop"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(out_dir / "peft.safetensors"),
                                    *map(str, experts)]
