@@ -55,8 +55,8 @@ class SaMergingParams(MethodParams):
     qk_rule: Literal["bilinear", "value_proxy", "uniform"] = "bilinear"
     graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = "auto"
     outside_rule: Literal["sum", "mean", "base"] = Field(
-        default="base", description="tensors outside the chain (norms, biases, embeddings): kept at the base, "
-                                    "base + mean(tau), or base + scale*sum(tau) (the paper)")
+        default="base", description="tensors outside the chain (norms, biases, embeddings): base + scale*sum(tau) "
+                                    "(the paper), base + mean(tau), or kept at the base")
     aggregate: Literal["sum", "disjoint_mean"] = Field(
         default="sum", description="chain tensors: scale*sum of the pruned task vectors, or TIES' sign election "
                                    "and disjoint mean over them (times scale)")
