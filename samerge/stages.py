@@ -506,17 +506,9 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
 def rows_from_scores(suite: str, results: Mapping[str, Mapping[str, float]],
                      expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
     """report.csv rows: one per method and task, plus the ``average`` row (normalized = merged / expert)."""
-    rows: list[dict[str, Any]] = []
-    for method, scores in results.items():
-        for task, s in scores.items():
-            e = expert_scores[task]
-            rows.append({"suite": suite, "method": method, "task": task, "score": s,
-                         "normalized": s / e if e else float("nan")})
-        rows.append({"suite": suite, "method": method, "task": "average",
-                     "score": sum(scores.values()) / len(scores),
-                     "normalized": sum(s / expert_scores[t] if expert_scores[t] else float("nan")
-                                       for t, s in scores.items()) / len(scores)})
-    return rows
+    from samerge.evaluation.report import score_rows
+
+    return [r for method, scores in results.items() for r in score_rows(suite, method, scores, expert_scores)]
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,6 @@ def _on_split(experts: list[Any], split: str) -> list[Any]:
     """The experts with their tasks' ``split`` examples in the place the suite scores (``test``)."""
     if split == "test":
         return experts
-    if split != "val":
-        raise SamergeError(f"unknown split {split!r}; choose test or val")
     out = []
     for e in experts:
         val = getattr(e.task, "val", None)
@@ -195,6 +193,8 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     out = Path(out)
     store = _ScoreStore(out / "scores.jsonl")
     add_tasks = dict(add_tasks or {})
+    files = {n: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for n, p in add_tasks.items()
+             if Path(p).is_file()}  # an added task's file is part of what a stored score depends on
     per_seed: dict[int, list[dict[str, Any]]] = {}
     histories: dict[str, list[Any]] = {}
     specs: list[str] = []
@@ -206,8 +206,6 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
         if against and against not in specs:
             specs.append(against)
         parsed = [(s, *parse_method(s, suite_methods)) for s in specs]
-        files = {n: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for n, p in add_tasks.items()
-                 if Path(p).is_file()}
         where = json.dumps({"suite": suite, "size": size, "seed": sd, "split": split,
                             "tasks": [d.name for d in data], "files": files}, sort_keys=True)
         experts = _on_split([st.expert(t) for t in data], split)
@@ -223,8 +221,8 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
         expert_scores = scored("expert", lambda: {e.task.name: st.scores(e.encoder, [e])[e.task.name]
                                                    for e in experts})
         rows: list[dict[str, Any]] = []
-        rows += _rows(suite, "base", scored("base", lambda: st.scores(st.base, experts)), expert_scores)
-        rows += _rows(suite, "expert", expert_scores, expert_scores)
+        rows += score_rows(suite, "base", scored("base", lambda: st.scores(st.base, experts)), expert_scores)
+        rows += score_rows(suite, "expert", expert_scores, expert_scores)
         for spec, name, params in parsed:
             hist: list[Any] = []
 
@@ -240,7 +238,7 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
             scores = scored(_fingerprint(spec, name, params), compute)
             if hist and spec not in histories:
                 histories[spec] = hist
-            rows += _rows(suite, spec, scores, expert_scores)
+            rows += score_rows(suite, spec, scores, expert_scores)
         per_seed[sd] = rows
         del st, data, experts
     rows = _mean_rows(per_seed)
@@ -249,7 +247,9 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     return rows
 
 
-def _rows(suite: str, method: str, scores: dict[str, float], expert_scores: dict[str, float]) -> list[dict[str, Any]]:
+def score_rows(suite: str, method: str, scores: Mapping[str, float],
+               expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
+    """report.csv rows of one method: one per task plus the ``average`` row (normalized = merged / expert)."""
     def norm(t: str, score: float) -> float:
         return score / expert_scores[t] if expert_scores[t] else float("nan")
 
@@ -284,7 +284,8 @@ def paired_differences(per_seed: dict[int, list[dict[str, Any]]], against: str) 
         out.append({"method": m, "mean": statistics.fmean(vals),
                     "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                     "diff_mean": statistics.fmean(diffs), "diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                    "wins": sum(d > 0 for d in diffs), "diffs": dict(zip(avg, diffs))})
+                    "wins": sum(d > 0 for d in diffs), "diffs": dict(zip(avg, diffs)),
+                    "values": dict(zip(avg, vals))})
     return out
 
 
