@@ -262,7 +262,7 @@ def cmd_suite_report(args: argparse.Namespace) -> int:
     rows = run_report(args.suite, args.size, args.out, methods=split_methods(args.methods) if args.methods else None,
                       tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None, add_tasks=add,
                       seed=args.seed, seeds=_seed_list(args.seeds) if args.seeds else None, split=args.split,
-                      against=args.against, progress=not args.quiet)
+                      against=args.against, progress=not args.quiet, device=args.device)
     avg = {r["method"]: r for r in rows if r["task"] == "average"}
     width = max(len(m) for m in avg)
     print(f"{'method':<{width}}  accuracy  normalized")
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the tasks' test examples, or their validation examples (to choose a configuration)")
     p.add_argument("--against", metavar="METHOD",
                    help="report each method's per-seed difference to this method (paired.csv, paired.png)")
+    p.add_argument("--device", default="auto",
+                   help="llm-lora: where fine-tuning and scoring run (auto = CUDA when available, cpu, cuda, cuda:N); "
+                        "merges run on the CPU")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_suite_report)

@@ -152,3 +152,45 @@ def test_cached_experts_are_peft_adapters_that_merge_lora_reads(suite, tmp_path)
     with open_checkpoint(tmp_path / "merged") as ck:
         for k in ("model.layers.3.self_attn.q_proj.weight", "model.layers.7.self_attn.v_proj.weight"):
             torch.testing.assert_close(ck[k], want[k], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ device
+
+
+def test_device_choice_and_clear_errors(capsys, tmp_path):
+    from samerge.errors import SamergeError
+    from samerge.evaluation.llm import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad, why in [("gpu0", "unknown device"), ("meta", "only cpu and cuda")]:
+        with pytest.raises(SamergeError, match=why):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(SamergeError, match="no CUDA device"):
+            resolve_device("cuda")
+    # only llm-lora runs on a GPU: another suite refuses --device before loading anything
+    assert main(["suite", "report", "--suite", "text", "--device", "cuda", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    assert "only the llm-lora suite" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_task_dump_for_a_machine_without_the_data_gives_the_same_tasks(suite_cache, tmp_path):
+    """benchmarks/llm_lora_device.py: the dumped tasks load back equal to the suite's own; a missing one is an error."""
+    import importlib.util
+    from pathlib import Path
+
+    from samerge.errors import SamergeError
+    from samerge.evaluation.llm import BUILTIN_LLM_TASKS, load_llm_task
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_lora_device.py"
+    spec = importlib.util.spec_from_file_location("llm_lora_device", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.dump("small", [0], tmp_path / "tasks.json")
+    load = mod.loader(tmp_path / "tasks.json")
+    for name in BUILTIN_LLM_TASKS:
+        assert load(name, "small", 0) == load_llm_task(name, "small", 0)
+    with pytest.raises(SamergeError, match="seed 1: dump it first"):
+        load("sentiment", "small", 1)

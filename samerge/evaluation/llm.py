@@ -131,6 +131,8 @@ def _target_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]],
     rows = torch.tensor([i for i, ts in enumerate(targets) for _ in ts], dtype=torch.long)
     cols = torch.tensor([p for ts in targets for p, _ in ts], dtype=torch.long)
     toks = torch.tensor([t for ts in targets for _, t in ts], dtype=torch.long)
+    dev = next(model.parameters()).device
+    ids, mask, rows, cols, toks = (t.to(dev) for t in (ids, mask, rows, cols, toks))
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     logits = model.get_output_embeddings()(hidden[rows, cols]).float()
     return torch.log_softmax(logits, dim=-1).gather(1, toks[:, None]).squeeze(1)
@@ -169,13 +171,28 @@ def label_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], lab
                 lp = _target_logprobs(model, [it[0] for it in chunk], [it[1] for it in chunk], pad_id)
                 where = [nk for it in chunk for nk in it[2]]
                 idx = torch.tensor(where, dtype=torch.long)
-                out.index_put_((idx[:, 0], idx[:, 1]), lp.to(torch.float64), accumulate=True)
+                out.index_put_((idx[:, 0], idx[:, 1]), lp.to(device="cpu", dtype=torch.float64), accumulate=True)
     finally:
         model.train(was_training)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ base model
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SamergeError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SamergeError(f"device {device!r}: no CUDA device is available here (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise SamergeError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 def packaged_smollm2() -> Path:
@@ -244,7 +261,7 @@ class LlmLoraSuite:
     exclude: tuple[str, ...] = ()  # the tied LM head/embedding is shared by every task and merged like any tensor
     merge_methods = ("lora:sa_merging", "lora:task_arithmetic", "lora:ties", "lora:cat")
 
-    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False) -> None:
+    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         if size not in HYPER:
             raise SamergeError(f"unknown suite size {size!r}; choose from: {', '.join(HYPER)}")
         try:
@@ -254,6 +271,7 @@ class LlmLoraSuite:
         from samerge.io import open_checkpoint
 
         self.size, self.seed, self.progress = size, seed, progress
+        self.device = resolve_device(device)  # fine-tuning and scoring run there; merges run on the CPU
         self.hp = HYPER[size]
         self.base_dir = smollm2_base_dir()
         self.config = LlamaConfig.from_pretrained(self.base_dir)
@@ -261,7 +279,7 @@ class LlmLoraSuite:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         with open_checkpoint(self.base_dir) as ck:
             self.base = {k: ck[k] for k in ck.keys()}
-        self._model = LlamaForCausalLM(self.config).eval()  # scoring model; states are loaded into it
+        self._model = LlamaForCausalLM(self.config).eval().to(self.device)  # scoring model; states load into it
         self._load(self._model, self.base)
         self._prompts: dict[tuple[str, int], tuple[Sequence[Any], list[list[int]]]] = {}
 

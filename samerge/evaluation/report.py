@@ -76,7 +76,7 @@ def split_methods(text: str) -> list[str]:
 
 
 def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str] | None,
-           add_tasks: dict[str, str]) -> tuple[Any, list[Any]]:
+           add_tasks: dict[str, str], device: str = "auto") -> tuple[Any, list[Any]]:
     """The suite object and its task data (built-ins, or the given subset, plus added file tasks)."""
     if suite == "text":
         from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS as builtin
@@ -109,6 +109,8 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
         if name in names:
             raise SamergeError(f"added task {name!r} clashes with a built-in task name")
         data.append(load_file(name, path, size, seed))
+    if suite == "llm-lora":
+        return cls(size, seed, progress, device=device), data  # type: ignore[call-arg]
     return cls(size, seed, progress), data
 
 
@@ -171,7 +173,7 @@ class _ScoreStore:
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,
                tasks: Sequence[str] | None = None, add_tasks: dict[str, str] | None = None, seed: int = 0,
                seeds: Sequence[int] | None = None, split: str = "test", against: str | None = None,
-               progress: bool = False) -> list[dict[str, Any]]:
+               progress: bool = False, device: str = "auto") -> list[dict[str, Any]]:
     """Every method on the suite; writes ``out``/report.csv, report.md and plots (see the module docstring).
 
     A suite may add its own merges: names in its ``merge_methods`` (``prefix:name``) are run by its
@@ -183,8 +185,13 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     each method's per-seed difference to that method (``paired.csv``, ``paired.png``). ``split="val"`` scores the
     tasks' validation examples instead of their test examples (for choosing configurations without test data).
     Scores are kept in ``scores.jsonl`` as they are computed: re-running into the same ``out`` resumes.
+    ``device``: where the llm-lora suite fine-tunes and scores (``auto``: CUDA when available); other suites run
+    on the CPU and refuse any device but ``auto``/``cpu``.
     """
     seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
+    if suite != "llm-lora" and device not in ("auto", "cpu"):
+        raise SamergeError(f"--device {device}: only the llm-lora suite runs on a GPU so far; the {suite} suite "
+                           "runs on the CPU")
     if split not in ("test", "val"):
         raise SamergeError(f"unknown split {split!r}; choose test or val")
     for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads
@@ -199,7 +206,7 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     histories: dict[str, list[Any]] = {}
     specs: list[str] = []
     for sd in seeds:
-        st, data = _suite(suite, size, sd, progress, tasks, add_tasks)
+        st, data = _suite(suite, size, sd, progress, tasks, add_tasks, device)
         suite_methods = tuple(getattr(st, "merge_methods", ()))
         specs = list(methods) if methods else (st.default_methods() if hasattr(st, "default_methods")
                                                else default_methods(size))
