@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", metavar="METHOD",
                    help="report each method's per-seed difference to this method (paired.csv, paired.png)")
     p.add_argument("--device", default="auto",
-                   help="llm-lora: where fine-tuning and scoring run (auto = CUDA when available, cpu, cuda, cuda:N); "
-                        "merges run on the CPU")
+                   help="llm-lora and hub suites: where fine-tuning and scoring run (auto = CUDA when available, "
+                        "cpu, cuda, cuda:N); merges run on the CPU")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_suite_report)

@@ -159,7 +159,7 @@ def test_cached_experts_are_peft_adapters_that_merge_lora_reads(suite, tmp_path)
 
 def test_device_choice_and_clear_errors(capsys, tmp_path):
     from samerge.errors import SamergeError
-    from samerge.evaluation.llm import resolve_device
+    from samerge.evaluation.text import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -169,10 +169,10 @@ def test_device_choice_and_clear_errors(capsys, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SamergeError, match="no CUDA device"):
             resolve_device("cuda")
-    # only llm-lora runs on a GPU: another suite refuses --device before loading anything
+    # text and vision run on the CPU: they refuse --device cuda before loading anything
     assert main(["suite", "report", "--suite", "text", "--device", "cuda", "--out", str(tmp_path / "r"),
                  "--quiet"]) == 2
-    assert "only the llm-lora suite" in capsys.readouterr().err
+    assert "the text suite runs on the CPU" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

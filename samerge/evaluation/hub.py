@@ -659,11 +659,11 @@ def _to_class_ids(values: list[Any], names: list[str] | None, label2id: Mapping[
 
 
 # ================================================================================================ suites
-def _device() -> torch.device:
-    name = os.environ.get("SAMERGE_DEVICE")
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device: str = "auto") -> torch.device:
+    """``--device``; when it is ``auto``, the environment's ``SAMERGE_DEVICE`` may name one."""
+    from samerge.evaluation.text import resolve_device
+
+    return resolve_device(os.environ.get("SAMERGE_DEVICE") or "auto" if device == "auto" else device)
 
 
 def detached_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -701,13 +701,13 @@ class HubSuite:
     exclude: tuple[str, ...] = ()
     base: dict[str, torch.Tensor]
 
-    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool) -> None:
+    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool, device: str = "auto") -> None:
         if size not in SIZES:
             raise SamergeError(f"unknown suite size {size!r}; choose from: {', '.join(SIZES)}")
         self.spec, self.size, self.seed, self.progress = spec, size, seed, progress
         self.name = spec.name
         self.provenance = Provenance(spec)
-        self.device = _device()
+        self.device = _device(device)
         base = acquire_model(spec.base, f"suite {spec.name}: base")
         self.provenance.record("base", base)
         self.base_dir = base.path
@@ -763,8 +763,8 @@ class ClipSuite(HubSuite):
 
     PREFIX = "vision_model."
 
-    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool) -> None:
-        super().__init__(spec, size, seed, progress)
+    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool, device: str = "auto") -> None:
+        super().__init__(spec, size, seed, progress, device)
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         self.model = CLIPModel.from_pretrained(self.base_dir).float().eval().to(self.device)
@@ -894,8 +894,8 @@ class ClipSuite(HubSuite):
 class SeqClsSuite(HubSuite):
     """Sequence classification (RoBERTa on GLUE): the encoder is merged, each expert keeps its classifier."""
 
-    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool) -> None:
-        super().__init__(spec, size, seed, progress)
+    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool, device: str = "auto") -> None:
+        super().__init__(spec, size, seed, progress, device)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
@@ -982,8 +982,8 @@ class SeqClsSuite(HubSuite):
 class Seq2SeqLoraSuite(HubSuite):
     """Flan-T5 + PEFT LoRA experts: dense experts W0 + s·BA merged; label words generated or scored."""
 
-    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool) -> None:
-        super().__init__(spec, size, seed, progress)
+    def __init__(self, spec: SuiteSpec, size: str, seed: int, progress: bool, device: str = "auto") -> None:
+        super().__init__(spec, size, seed, progress, device)
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
@@ -1080,8 +1080,8 @@ _KINDS: dict[str, type[HubSuite]] = {"clip": ClipSuite, "seq-cls": SeqClsSuite, 
 
 
 def load_hub_suite(suite: str, size: str, seed: int = 0, progress: bool = False,
-                   tasks: Sequence[str] | None = None, add_tasks: Mapping[str, str] | None = None
-                   ) -> tuple[HubSuite, list[HubTask]]:
+                   tasks: Sequence[str] | None = None, add_tasks: Mapping[str, str] | None = None,
+                   device: str = "auto") -> tuple[HubSuite, list[HubTask]]:
     """The suite object and its tasks' data, for :func:`samerge.evaluation.report.run_report`.
 
     ``suite`` is a built-in name (:data:`HUB_SUITES`) or a suite file; ``tasks`` selects a subset by name.
@@ -1103,5 +1103,5 @@ def load_hub_suite(suite: str, size: str, seed: int = 0, progress: bool = False,
         raise SamergeError(f"suite {spec.name}: task {lacking[0]!r} names no expert (no published set is pinned "
                            f"here); write the suite with samerge.evaluation.hub.write_spec({spec.name!r}, "
                            "'suite.yaml'), add each task's expert {repo, revision} and pass --suite suite.yaml")
-    st = _KINDS[spec.kind](spec, size, seed, progress)
+    st = _KINDS[spec.kind](spec, size, seed, progress, device)
     return st, [st.load_task(by_name[n]) for n in names]

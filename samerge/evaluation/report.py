@@ -96,7 +96,7 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
     elif is_hub_suite(suite):  # the paper's suites (experts and data from the Hugging Face Hub) or a suite file
         from samerge.evaluation.hub import load_hub_suite
 
-        return load_hub_suite(suite, size, seed, progress, tasks, add_tasks)
+        return load_hub_suite(suite, size, seed, progress, tasks, add_tasks, device)
     else:
         raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)}, the hub suites "
                            f"{', '.join(HUB_SUITES)} or a suite file .yaml/.json")
@@ -185,13 +185,13 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     each method's per-seed difference to that method (``paired.csv``, ``paired.png``). ``split="val"`` scores the
     tasks' validation examples instead of their test examples (for choosing configurations without test data).
     Scores are kept in ``scores.jsonl`` as they are computed: re-running into the same ``out`` resumes.
-    ``device``: where the llm-lora suite fine-tunes and scores (``auto``: CUDA when available); other suites run
-    on the CPU and refuse any device but ``auto``/``cpu``.
+    ``device``: where the llm-lora and hub suites fine-tune and score (``auto``: CUDA when available; for the hub
+    suites, then ``$SAMERGE_DEVICE``); text and vision run on the CPU and refuse any device but ``auto``/``cpu``.
     """
     seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
-    if suite != "llm-lora" and device not in ("auto", "cpu"):
-        raise SamergeError(f"--device {device}: only the llm-lora suite runs on a GPU so far; the {suite} suite "
-                           "runs on the CPU")
+    if suite in ("text", "vision") and device not in ("auto", "cpu"):
+        raise SamergeError(f"--device {device}: the {suite} suite runs on the CPU; llm-lora and the hub suites "
+                           "fine-tune or score on a GPU")
     if split not in ("test", "val"):
         raise SamergeError(f"unknown split {split!r}; choose test or val")
     for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from samerge.errors import SamergeError
 from samerge.evaluation.tasks import TaskData
 from samerge.io import open_checkpoint, save_safetensors
 
@@ -30,6 +31,23 @@ EXPERT_FORMAT = 2  # bump when training changes, so cached experts are not reuse
 
 def cache_root() -> Path:
     return Path(os.environ.get("SAMERGE_CACHE", Path.home() / ".cache" / "samerge"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SamergeError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SamergeError(f"device {device!r}: no CUDA device is available here (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise SamergeError(f"device {device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SamergeError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 @dataclass
