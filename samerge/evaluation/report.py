@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -296,19 +296,24 @@ def paired_differences(per_seed: dict[int, list[dict[str, Any]]], against: str) 
     return out
 
 
+def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file written whole or not at all (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    tmp.replace(path)
+
+
 def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,
                  per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
                  against: str | None = None) -> None:
     from samerge.io.writer import _write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["suite", "method", "task", "score", "normalized"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "score": f"{r['score']:.4f}", "normalized": f"{r['normalized']:.4f}"})
-    tmp.replace(out / "report.csv")
+    _write_csv(out / "report.csv", ["suite", "method", "task", "score", "normalized"],
+               ([r["suite"], r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "average"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["task"]): r for r in rows}
@@ -329,31 +334,20 @@ def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, lis
 
 
 def _write_seeds(per_seed: dict[int, list[dict[str, Any]]], out: Path, split: str) -> None:
-    tmp = out / ".seeds.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["suite", "seed", "split", "method", "task", "score", "normalized"])
-        w.writeheader()
-        for sd, rows in per_seed.items():
-            for r in rows:
-                w.writerow({**r, "seed": sd, "split": split, "score": f"{r['score']:.4f}",
-                            "normalized": f"{r['normalized']:.4f}"})
-    tmp.replace(out / "seeds.csv")
+    _write_csv(out / "seeds.csv", ["suite", "seed", "split", "method", "task", "score", "normalized"],
+               ([r["suite"], sd, split, r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"]
+                for sd, rows in per_seed.items() for r in rows))
 
 
 def _paired_lines(per_seed: dict[int, list[dict[str, Any]]], against: str, out: Path) -> list[str]:
     """The paired comparison to ``against``: Markdown lines, ``paired.csv`` and ``paired.png``."""
     pairs = paired_differences(per_seed, against)
     seeds = list(per_seed)
-    tmp = out / ".paired.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "mean_normalized", "std", *[f"diff_seed{sd}" for sd in seeds], "diff_mean",
-                    "diff_std", "wins"])
-        for p in pairs:
-            w.writerow([p["method"], f"{p['mean']:.4f}", f"{p['std']:.4f}",
-                        *[f"{p['diffs'][sd]:+.4f}" for sd in seeds], f"{p['diff_mean']:+.4f}",
-                        f"{p['diff_std']:.4f}", p["wins"]])
-    tmp.replace(out / "paired.csv")
+    _write_csv(out / "paired.csv",
+               ["method", "mean_normalized", "std", *[f"diff_seed{sd}" for sd in seeds], "diff_mean", "diff_std",
+                "wins"],
+               ([p["method"], f"{p['mean']:.4f}", f"{p['std']:.4f}", *[f"{p['diffs'][sd]:+.4f}" for sd in seeds],
+                 f"{p['diff_mean']:+.4f}", f"{p['diff_std']:.4f}", p["wins"]] for p in pairs))
     lines = [f"Average normalized accuracy per seed of experts, and the paired difference to `{against}` "
              "(same experts for every method).", "",
              "| method | mean ± std | " + " | ".join(f"Δ seed {sd}" for sd in seeds) + " | Δ mean ± std | wins |",
