@@ -663,7 +663,9 @@ def _device(device: str = "auto") -> torch.device:
     """``--device``; when it is ``auto``, the environment's ``SAMERGE_DEVICE`` may name one."""
     from samerge.evaluation.text import resolve_device
 
-    return resolve_device(os.environ.get("SAMERGE_DEVICE") or "auto" if device == "auto" else device)
+    if device == "auto":
+        device = os.environ.get("SAMERGE_DEVICE") or "auto"
+    return resolve_device(device)
 
 
 def detached_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

