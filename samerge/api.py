@@ -40,6 +40,7 @@ class MergeReport:
     copied_tensors: int
     checksums: dict[str, str]
     history: list[Any]  # per-iteration records of iterative methods (sa_merging)
+    schedule: str = "streamed tensor by tensor"  # how the merge held its inputs (sa_merging: in memory / out of core)
 
 
 def _checksum_placeholders(files: list[Path]) -> str:
@@ -80,16 +81,20 @@ def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: S
 def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
                       method: str = "ties", *, params: dict[str, Any] | None = None, exclude: Sequence[str] = (),
                       force: bool = False, overwrite: bool = False,
-                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = False) -> MergeReport:
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = False,
+                      max_memory: int | str | None = None) -> MergeReport:
     """Merge the checkpoints at ``experts`` into ``base`` and write the result to ``out`` atomically.
 
     ``out`` ending in ``.safetensors`` is one file; anything else is a model directory (sharded above
     ``max_shard_size``, with the base directory's config and tokenizer files copied so ``from_pretrained`` works).
+    ``max_memory`` bounds the peak RSS of the process (default: derived from the free RAM); SA-Merging runs out of
+    core when its in-memory schedule would exceed it, with any scratch file next to the output's temporary.
     """
     t0 = time.perf_counter()
     m = get_method(method)
     p = parse_params(m, dict(params or {}))
     shard_size = parse_size(max_shard_size)
+    budget = None if max_memory is None else parse_size(max_memory)
     base_ckpt = open_checkpoint(base)
     expert_ckpts = [open_checkpoint(e) for e in experts]
     try:
@@ -119,7 +124,8 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
         with sink:
             try:
                 for key, tensor in merge_stream(base_ckpt, expert_ckpts, m, p, plan, force=force, fresh=False,
-                                                progress=progress, stats=stats, history=history):
+                                                progress=progress, stats=stats, history=history,
+                                                max_memory=budget, scratch_dir=sink.tmp.parent):
                     sink.write(key, tensor)
             except BaseException:
                 hasher.cancel()
@@ -127,8 +133,10 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
             checksums = hasher.result()
             card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms(), history)
             path = sink.finish({"samerge.sha256": json.dumps(checksums, sort_keys=True)}, model_card=card)
+        describe = getattr(stats.method_state, "describe", None)
         return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),
-                           stats.merged_tensors, stats.copied_tensors, checksums, history)
+                           stats.merged_tensors, stats.copied_tensors, checksums, history,
+                           describe() if describe is not None else MergeReport.schedule)
     finally:
         base_ckpt.close()
         for e in expert_ckpts:

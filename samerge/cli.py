@@ -2,6 +2,7 @@
 
     samerge merge --base PATH --expert PATH [--expert PATH ...] --method NAME --out PATH [--set key=value ...]
                   [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
+                  [--max-memory 3GB]
     samerge merge-lora --base PATH --adapter DIR [--adapter DIR ...] [--method sa_merging] --out DIR
                        [--output adapter|dense] [--rank R] [--set key=value ...]
     samerge methods [--json]
@@ -46,6 +47,7 @@ class MergeConfig(BaseModel):
     force: bool = False
     overwrite: bool = False
     max_shard_size: str | int = "5GB"
+    max_memory: str | int | None = None
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -102,6 +104,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         base, experts, out, method, params=params, exclude=[*cfg.exclude, *(args.exclude or [])],
         force=args.force or cfg.force, overwrite=args.overwrite or cfg.overwrite,
         max_shard_size=args.max_shard_size or cfg.max_shard_size, progress=not args.quiet,
+        max_memory=args.max_memory or cfg.max_memory,
     )
     if not args.quiet:
         print(f"merged {len(experts)} expert(s) with {report.method} "
@@ -113,24 +116,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
             print(f"  {len(report.history)} iterations: density {last.overall_density:.4f}, "
                   f"||sum tau^(T)|| / ||sum tau|| {last.norm_ratio:.3f}, sign conflicts among survivors "
                   f"{last.conflict:.3f}")
+        if report.schedule != "streamed tensor by tensor":
+            print(f"  schedule: {report.schedule}")
         print(f"  wrote {report.out} in {report.seconds:.1f} s")
     return 0
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     from samerge.lora import merge_lora_checkpoints
+    from samerge.memory import format_size
 
     if not args.adapter:
         raise SamergeError("no adapters given (--adapter DIR, once per adapter)")
     path, result = merge_lora_checkpoints(args.base, args.adapter, args.out, args.method, output=args.output,
                                           rank=args.rank, params=_parse_set(args.set or []), force=args.force,
-                                          overwrite=args.overwrite)
+                                          overwrite=args.overwrite, max_memory=args.max_memory)
     ranks = [A.shape[0] for _, A in result.modules.values()]
     print(f"merged {len(args.adapter)} adapter(s) with {args.method} into {len(result.modules)} modules "
           f"(rank {min(ranks)}-{max(ranks)}); wrote {path} ({args.output})")
     if result.history:
         last = result.history[-1]
         print(f"  {len(result.history)} iterations: {last.components} of {last.initial} rank-1 components kept")
+    if result.streamed and result.memory is not None and result.budget is not None:
+        print(f"  flows streamed one tensor at a time: in memory they would need "
+              f"~{format_size(result.memory.in_memory)}, over the budget {format_size(result.budget)}")
     return 0
 
 
@@ -338,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="merge even experts that do not look derived from the base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--max-shard-size", help="shard directory output above this size (default 5GB)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="peak resident memory of the whole process, e.g. 3GB (default: derived from the free RAM); "
+                        "sa_merging runs out of core when it would not fit in memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 
@@ -353,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations, prune_ratio, scale, density (ties), qk_rule, graph")
     p.add_argument("--force", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="peak resident memory of the whole process, e.g. 2GB (default: what samerge holds plus 80%% "
+                        "of the free RAM); the base's |W| is streamed tensor by tensor when its caches would not fit")
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")

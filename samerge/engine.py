@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io.checkpoint import Checkpoint, aliases_of, tensor_info
+from samerge.io.writer import parse_size
 from samerge.methods import get_method, parse_params
 from samerge.methods.base import MergeContext, MergeMethod, MethodParams, TensorGroup
 from samerge.selection import Workspace
@@ -148,35 +149,69 @@ def _norm_sq_checked(x: torch.Tensor, key: str, who: str) -> float:
     return n * n
 
 
+class InputReader:
+    """One tensor of the base or of one expert at a time, read from the inputs in the compute dtype.
+
+    With ``check=True`` a read refuses NaN/Inf and adds to the derived-from-base statistics (when ``stats`` is
+    given): the one pass over the inputs that validates them. Out-of-core methods read the experts again on every
+    later pass instead of holding them."""
+
+    def __init__(self, base: StateDict, experts: Sequence[StateDict], plan: MergePlan, ws: Workspace,
+                 stats: MergeStats | None = None) -> None:
+        self.base_state, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def _read(self, state: StateDict, key: str, out: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(self.plan.shapes[key])
+        _load_into(state, key, out, lambda dtype: self.ws.get("io.staging", numel, dtype))
+        return out
+
+    def base(self, key: str, out: torch.Tensor, check: bool = False) -> torch.Tensor:
+        self._read(self.base_state, key, out)
+        if check:
+            sq = _norm_sq_checked(out, key, _name(self.base_state, None))
+            if self.stats is not None:
+                self.stats.base_sq += sq
+        return out
+
+    def task_vector(self, n: int, key: str, base: torch.Tensor, out: torch.Tensor, check: bool = False
+                    ) -> torch.Tensor:
+        """``expert_n[key] - base`` into ``out``."""
+        self._read(self.experts[n], key, out).sub_(base)
+        if check:
+            sq = _norm_sq_checked(out, key, _name(self.experts[n], n))
+            if self.stats is not None:
+                self.stats.expert_sq[n] += sq
+        return out
+
+
 class _Groups:
     """Streams :class:`TensorGroup` objects for the merged keys, reading into a shared workspace."""
 
     def __init__(self, base: StateDict, experts: Sequence[StateDict], plan: MergePlan, ws: Workspace,
                  stats: MergeStats | None) -> None:
-        self.base, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
+        self.reader = InputReader(base, experts, plan, ws, stats)
+        self.plan, self.ws = plan, ws
+
+    @property
+    def stats(self) -> MergeStats | None:
+        return self.reader.stats
+
+    @stats.setter
+    def stats(self, value: MergeStats | None) -> None:
+        self.reader.stats = value
 
     def group(self, key: str, with_experts: bool = True) -> TensorGroup:
-        plan, ws = self.plan, self.ws
-        shape, cdt = plan.shapes[key], plan.compute_dtypes[key]
-        numel = math.prod(shape)
-
-        def staging(dtype: torch.dtype) -> torch.Tensor:
-            return ws.get("io.staging", numel, dtype)
-
-        b = ws.get("io.base", shape, cdt)
-        _load_into(self.base, key, b, staging)
+        shape, cdt = self.plan.shapes[key], self.plan.compute_dtypes[key]
+        b = self.reader.base(key, self.ws.get("io.base", shape, cdt), check=with_experts)
         if not with_experts:
             return TensorGroup(key, b, b.new_empty((0, *shape)))
-        tvs = ws.get("io.task_vectors", (len(self.experts), *shape), cdt)
-        base_sq = _norm_sq_checked(b, key, _name(self.base, None))
-        for i, e in enumerate(self.experts):
-            _load_into(e, key, tvs[i], staging)
-            tvs[i].sub_(b)
-            sq = _norm_sq_checked(tvs[i], key, _name(e, i))
-            if self.stats is not None:
-                self.stats.expert_sq[i] += sq
-        if self.stats is not None:
-            self.stats.base_sq += base_sq
+        tvs = self.ws.get("io.task_vectors", (self.reader.n_experts, *shape), cdt)
+        for i in range(self.reader.n_experts):
+            self.reader.task_vector(i, key, b, tvs[i], check=True)
         return TensorGroup(key, b, tvs)
 
     def __call__(self) -> Iterator[TensorGroup]:
@@ -187,13 +222,16 @@ class _Groups:
 
 def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | MergeMethod, params: MethodParams,
                  plan: MergePlan, *, force: bool = False, fresh: bool = True, progress: bool = False,
-                 stats: MergeStats | None = None, history: list[Any] | None = None
+                 stats: MergeStats | None = None, history: list[Any] | None = None,
+                 max_memory: int | None = None, scratch_dir: Any = None, schedule: str = "auto"
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every canonical key of the base, in base order.
 
     With ``fresh=False`` a yielded tensor may be a scratch buffer, valid only until the next one is requested.
     The derived-from-base check runs when the stream ends; a consumer that publishes output only after
-    exhausting the stream therefore never publishes a refused merge.
+    exhausting the stream therefore never publishes a refused merge. ``max_memory`` (bytes of peak RSS of the
+    process) lets whole-model methods choose an out-of-core schedule (``schedule="streamed"`` forces it,
+    ``"memory"`` forbids it); ``scratch_dir`` is where their scratch files go.
     """
     m = get_method(method) if isinstance(method, str) else method
     stats = stats if stats is not None else MergeStats()
@@ -204,7 +242,9 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     if m.needs_plan(params):
         context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
                                aliases=plan.aliases, config=getattr(base, "config", None), history=history,
-                               progress=progress)
+                               progress=progress, max_memory=max_memory,
+                               reader=groups.reader, scratch_dir=scratch_dir,
+                               schedule=schedule)
         stats.method_state = m.plan(params, groups, ws, context)
     groups.stats = None if once else stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
@@ -248,9 +288,24 @@ def _check_derived(experts: Sequence[StateDict], stats: MergeStats, force: bool)
                 "base, or pass --force (force=True) to merge anyway")
 
 
+def memory_plan(base: StateDict, experts: Sequence[StateDict], method: str = "sa_merging", *,
+                exclude: Sequence[str] = (), **params: Any) -> Any:
+    """What a whole-model method needs in peak RSS on these inputs, in memory and out of core, from shapes alone
+    (no tensor data is read); None for methods that stream tensor by tensor anyway."""
+    m = get_method(method)
+    p = parse_params(m, params)
+    experts = list(experts)
+    plan = plan_merge(base, experts, exclude)
+    if not hasattr(m, "memory_plan"):
+        return None
+    context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
+                           aliases=plan.aliases, config=getattr(base, "config", None))
+    return m.memory_plan(p, context, len(experts))
+
+
 def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,
           exclude: Sequence[str] = (), progress: bool = False, history: list[Any] | None = None,
-          **params: Any) -> dict[str, torch.Tensor]:
+          max_memory: int | str | None = None, schedule: str = "auto", **params: Any) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (full fine-tuned weights, not task vectors) into ``base`` with ``method``.
 
     Returns a new state dict with exactly the base's keys, shapes and dtypes. Floating-point tensors are merged in
@@ -259,17 +314,23 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
 
     ``method`` is one of :func:`available_methods`; ``params`` are its parameters (``samerge methods`` lists them).
     Iterative methods (``sa_merging``) append one record per iteration to ``history`` when a list is given.
+    ``max_memory`` ("3GB", or bytes) bounds the peak resident memory of the process: ``sa_merging`` then runs
+    out of core when its in-memory schedule would not fit (the result is the same, bit for bit);
+    ``schedule="streamed"`` runs it out of core whatever the budget, ``"memory"`` never.
     Raises :class:`~samerge.errors.SamergeError` (a ``ValueError``) for any problem with the inputs.
     """
     m = get_method(method)
     p = parse_params(m, params)
+    budget = None if max_memory is None else parse_size(max_memory)
+    if schedule not in ("auto", "memory", "streamed"):
+        raise SamergeError(f"schedule must be 'auto', 'memory' or 'streamed', got {schedule!r}")
     experts = list(experts)
     plan = plan_merge(base, experts, exclude)
     for note in plan.notes:
         warnings.warn(note, SamergeWarning, stacklevel=2)
     out: dict[str, torch.Tensor] = {}
     for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress,
-                               history=history):
+                               history=history, max_memory=budget, schedule=schedule):
         out[key] = t
     result: dict[str, torch.Tensor] = {}
     for k in base.keys():

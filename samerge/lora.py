@@ -31,8 +31,14 @@ from typing import Any, Literal
 import torch
 
 from samerge.errors import CheckpointError, SamergeError
-from samerge.io import open_checkpoint, save_safetensors
+from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_factors, lockstep_flows
+from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
 from samerge.io.checkpoint import Checkpoint, tensor_info
+from samerge.io.safetensors_format import PlannedTensor
+from samerge.memory import SLACK, process_rss, resolve_budget, too_small
+from samerge.methods.ties import elect_and_merge
+from samerge.saliency import view2d
+from samerge.selection import GlobalThreshold, Workspace, keep_count
 
 ROW_CHUNK = 1 << 20  # entries of W formed at a time when a dense row block is needed
 
@@ -174,19 +180,57 @@ def check_adapters(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdap
 # ------------------------------------------------------------------------------------------------ rank-wise scores
 
 
-def expert_weight_rows(w0: torch.Tensor, mod: LoraModule, r0: int, r1: int, mask: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-    """Rows r0:r1 of W_n = W0 + s B A (in (d_out, d_in) orientation), formed without the full ΔW."""
-    base_rows = (w0.t() if mod.fan_in_fan_out else w0)[r0:r1].to(mod.A.dtype)
+# Streamed work writes into the reused buffers of a Workspace instead of fresh tensors. Freeing a fresh multi-MB
+# tensor per request lets glibc's allocator (its mmap threshold rises to the sizes freed) keep the freed heap
+# resident, and the RSS then grows pass after pass; reused buffers keep it flat (and skip touching fresh pages). A
+# buffer's view is valid until its slot is requested again: the flow walker keeps no weight past its next request.
+_BASE = "lora.base"  # one base tensor as stored
+_ABS = "lora.abs"  # one float32 |W|
+# row-chunk temporaries (at most ROW_CHUNK x 8 bytes): W_n's rows converted, W_n's rows or B A, B A converted
+_ROWS, _CHUNK, _DENSE = "lora.rows", "lora.chunk", "lora.dense"
+_CHUNK_SLOTS = (_ROWS, _CHUNK, _DENSE)
+
+
+def _workspace(base_bytes: int = 0, abs_bytes: int = 0) -> Workspace:
+    """A Workspace for streamed work, its buffers allocated at their largest up front (untouched pages cost no
+    RSS) so that none is regrown: one base tensor, one float32 |W|, and the row chunks (their size varies from
+    module to module)."""
+    ws = Workspace()
+    for slot, nbytes in ((_BASE, base_bytes), (_ABS, abs_bytes), *((s, ROW_CHUNK * 8) for s in _CHUNK_SLOTS)):
+        ws.get(slot, nbytes, torch.uint8)
+    return ws
+
+
+def _read_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None
+               ) -> tuple[torch.Tensor, bool]:
+    """``base[key]`` as stored, and whether it is ``ws``'s copy (a Checkpoint's tensor read into its base buffer;
+    a plain dict's tensor, or any without ``ws``, is not)."""
+    if ws is None or not isinstance(base, Checkpoint):
+        return base[key], False
+    shape, dtype = base.info(key)
+    return base.read(key, out=ws.get(_BASE, shape, dtype)), True
+
+
+def expert_weight_rows(w0: torch.Tensor, mod: LoraModule, r0: int, r1: int, mask: torch.Tensor | None = None,
+                       ws: Workspace | None = None) -> torch.Tensor:
+    """Rows r0:r1 of W_n = W0 + s B A (in (d_out, d_in) orientation), formed without the full ΔW (in ``ws``'s
+    row-chunk buffers when given: the same bits, valid until their next use)."""
+    rows = (w0.t() if mod.fan_in_fan_out else w0)[r0:r1]
     B = mod.B[r0:r1] if mask is None else mod.B[r0:r1] * mask
-    return torch.addmm(base_rows, B, mod.A, alpha=mod.scale)
+    if ws is None:
+        return torch.addmm(rows.to(mod.A.dtype), B, mod.A, alpha=mod.scale)
+    if rows.dtype != mod.A.dtype:
+        rows = ws.get(_ROWS, rows.shape, mod.A.dtype).copy_(rows)
+    out = ws.get(_CHUNK, (r1 - r0, mod.A.shape[1]), mod.A.dtype)
+    return torch.addmm(rows, B, mod.A, alpha=mod.scale, out=out)
 
 
-def gamma(w0: torch.Tensor, mod: LoraModule, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-          ) -> torch.Tensor:
+def gamma(w0: torch.Tensor, mod: LoraModule, u: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+          ws: Workspace | None = None) -> torch.Tensor:
     """γ_k = b_kᵀ (sign(W_n) ⊙ u vᵀ) a_k for every component k (W_n with the current ``mask`` of components).
 
-    X = sign(W_n) @ (A_nᵀ ⊙ v) is one GEMM over row chunks of W_n; γ = colsum((B ⊙ u) ⊙ X).
+    X = sign(W_n) @ (A_nᵀ ⊙ v) is one GEMM over row chunks of W_n; γ = colsum((B ⊙ u) ⊙ X). ``ws``: form the
+    chunks in its reused buffers (same result).
     """
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
     av = (mod.A * v.to(mod.A.dtype)).t()  # d_in × r
@@ -195,7 +239,8 @@ def gamma(w0: torch.Tensor, mod: LoraModule, u: torch.Tensor, v: torch.Tensor, m
     step = max(1, ROW_CHUNK // max(1, d_in))
     for r0 in range(0, d_out, step):
         r1 = min(d_out, r0 + step)
-        x = torch.sign(expert_weight_rows(w0, mod, r0, r1, mask)) @ av  # rows × r
+        rows = expert_weight_rows(w0, mod, r0, r1, mask, ws)
+        x = (torch.sign(rows) if ws is None else rows.sign_()) @ av  # rows × r
         out += ((B[r0:r1] * u[r0:r1, None].to(B.dtype)) * x).sum(0)
     return out
 
@@ -244,6 +289,9 @@ class LoraMergeResult:
     fan_in_fan_out: bool
     history: list[LoraIteration]
     kept: dict[str, list[int]]  # module -> surviving components per adapter
+    memory: LoraMemoryPlan | None = None  # the estimates the run was planned with
+    budget: int | None = None  # the peak-RSS budget it ran under, bytes
+    streamed: bool = False  # whether the flows were streamed one tensor at a time
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged adapter's tensors under PEFT's names (scale 1: lora_alpha = r per module)."""
@@ -254,46 +302,261 @@ class LoraMergeResult:
         return out
 
 
-def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
-                qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
-    """Connectivity flow factors of every expert's full weights W0 + ΔW_n (target modules formed per row chunk)."""
-    from samerge.graphs import flow_factors
-    from samerge.saliency import view2d
+def _abs_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None) -> torch.Tensor:
+    """|W0| of one base tensor in float32: fresh, or in ``ws``'s |W| buffer (the same bits: |x| is exact and
+    rounding to float32 is symmetric in sign); a float32 Checkpoint tensor is read straight into that buffer."""
+    if ws is None:
+        return base[key].to(torch.float32).abs()
+    shape, dtype = tensor_info(base, key)
+    out = ws.get(_ABS, shape, torch.float32)
+    if isinstance(base, Checkpoint) and dtype == torch.float32:
+        return base.read(key, out=out).abs_()
+    return out.copy_(_read_base(base, key, ws)[0]).abs_()
 
+
+def _abs_expert(w0: torch.Tensor, mod: LoraModule, mask: torch.Tensor | None, ws: Workspace | None = None
+                ) -> torch.Tensor:
+    """|W0 + ΔW_n| of one adapted module in float32, in the base's layout, formed per row chunk from its base
+    tensor ``w0`` (fresh, or in ``ws``'s |W| buffer)."""
+    if w0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # rows are converted per chunk below; via float32 only where that is not exact (float64 bases)
+        w0 = w0.to(torch.float32)
+    shape = (mod.B.shape[0], mod.A.shape[1])
+    full = ws.get(_ABS, shape, torch.float32) if ws is not None else torch.empty(shape, dtype=torch.float32)
+    step = max(1, ROW_CHUNK // max(1, full.shape[1]))
+    for r0 in range(0, full.shape[0], step):
+        r1 = min(full.shape[0], r0 + step)
+        full[r0:r1] = expert_weight_rows(w0, mod, r0, r1, mask, ws).abs_()
+    return full.t() if mod.fan_in_fan_out else full
+
+
+def _as_requested(w: torch.Tensor, ref: Ref) -> torch.Tensor:
+    """A stored tensor's |W| as the flow walker asks for it: 2-D, its row block, transposed per ``ref``."""
+    w = view2d(w)
+    if ref.rows is not None:
+        w = w[ref.rows[0]: ref.rows[1]]
+    return w.t() if ref.transposed else w
+
+
+class _CachedWeights:
+    """The walker's ``weights``/``gammas`` for one expert, in memory: every |W| is kept, non-adapted tensors'
+    |W0| in ``static`` (shared by the experts of one iteration), the adapted modules' |W0 + ΔW_n| in this
+    expert's cache."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], adapter: LoraAdapter, masks: dict[str, Any],
+                 static: dict[str, torch.Tensor]) -> None:
+        self.base, self.masks, self.static = base, masks, static
+        self.by_key = {m.base_key: m for m in adapter.modules.values()}
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def absolute(self, key: str) -> torch.Tensor:
+        mod = self.by_key.get(key)
+        if mod is None:
+            if key not in self.static:
+                self.static[key] = _abs_base(self.base, key)
+            return self.static[key]
+        if key not in self.cache:
+            self.cache[key] = _abs_expert(self.base[key], mod, self.masks.get(mod.name))
+        return self.cache[key]
+
+    def weights(self, ref: Ref) -> torch.Tensor:
+        return _as_requested(self.absolute(ref.key), ref)
+
+    def gammas(self, key: str) -> torch.Tensor:
+        return self.absolute(key).to(torch.float64).reshape(-1)
+
+
+class _StreamedWeights(LockstepSource):
+    """Every expert's |W0 + ΔW_n| served to :func:`lockstep_flows`, one stored tensor at a time: ``open`` reads the
+    base tensor once (a :class:`Checkpoint` reads it from disk into ``ws``) for all experts, and each expert's
+    |W| is formed in ``ws``'s |W| buffer, a view that the next expert's overwrites. Non-adapted tensors' |W0| is
+    formed once per request and served to every expert that does not adapt them. The values are those of
+    :class:`_CachedWeights`, in the same layout, so both give the same bits."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
+                 ws: Workspace) -> None:
+        self.base, self.masks, self.ws = base, masks, ws
+        self.by_key = [{m.base_key: m for m in ad.modules.values()} for ad in adapters]
+        self.key: str | None = None
+        self.w0: torch.Tensor | None = None  # the base tensor held now (None: no expert adapts it)
+        self.held: tuple[int, torch.Tensor] | None = None  # whose |W| the |W| buffer holds (-1: |W0|), and it
+
+    def open(self, key: str) -> None:
+        if key == self.key:  # asked again (e.g. another row block of a fused tensor): it is still held
+            return
+        self.key, self.held = key, None
+        if any(key in by_key for by_key in self.by_key):
+            self.w0 = _read_base(self.base, key, self.ws)[0]
+        else:  # |W0| only: formed straight from the read
+            self.w0 = None
+            self.held = (-1, _abs_base(self.base, key, self.ws))
+
+    def _absolute(self, n: int) -> torch.Tensor:
+        assert self.key is not None
+        mod = self.by_key[n].get(self.key)
+        who = n if mod is not None else -1
+        if self.held is None or self.held[0] != who:
+            self.held = None  # the buffer is overwritten now
+            assert self.w0 is not None
+            if mod is None:
+                w = self.ws.get(_ABS, self.w0.shape, torch.float32).copy_(self.w0).abs_()
+            else:
+                w = _abs_expert(self.w0, mod, self.masks[n].get(mod.name), self.ws)
+            self.held = (who, w)
+        return self.held[1]
+
+    def weight(self, n: int, ref: Ref) -> torch.Tensor:
+        return _as_requested(self._absolute(n), ref)
+
+    def gamma(self, n: int, key: str) -> torch.Tensor:
+        return self._absolute(n).to(torch.float64).reshape(-1)
+
+
+def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
+                qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]], ws: Workspace | None = None
+                ) -> list[dict[str, Any]]:
+    """Connectivity flow factors of every expert's full weights W0 + ΔW_n (target modules formed per row chunk).
+
+    In memory (``ws=None``), one expert after the other with its |W| cached (:class:`_CachedWeights`); with
+    ``ws``, streamed: every expert's walk in lockstep, each base tensor read once per request for all of them and
+    no |W| kept past one request (:class:`_StreamedWeights`).
+    """
+    if ws is not None:
+        return lockstep_flows(graph, len(adapters), _StreamedWeights(base, adapters, masks, ws), qk_rule, shapes)
     static: dict[str, torch.Tensor] = {}
     out = []
     for n, ad in enumerate(adapters):
-        cache: dict[str, torch.Tensor] = {}
-        by_key = {m.base_key: m for m in ad.modules.values()}
-
-        def absolute(key: str) -> torch.Tensor:
-            if key in cache:
-                return cache[key]
-            mod = by_key.get(key)
-            if mod is None:
-                if key not in static:
-                    static[key] = base[key].to(torch.float32).abs()
-                return static[key]
-            w0 = base[key].to(torch.float32)
-            full = torch.empty((mod.B.shape[0], mod.A.shape[1]), dtype=torch.float32)
-            step = max(1, ROW_CHUNK // max(1, full.shape[1]))
-            for r0 in range(0, full.shape[0], step):
-                r1 = min(full.shape[0], r0 + step)
-                full[r0:r1] = expert_weight_rows(w0, mod, r0, r1, masks[n].get(mod.name)).abs_()
-            cache[key] = full.t() if mod.fan_in_fan_out else full
-            return cache[key]
-
-        def weights(ref: Any) -> torch.Tensor:
-            w = view2d(absolute(ref.key))
-            if ref.rows is not None:
-                w = w[ref.rows[0]: ref.rows[1]]
-            return w.t() if ref.transposed else w
-
-        def gammas(key: str) -> torch.Tensor:
-            return absolute(key).to(torch.float64).reshape(-1)
-
-        out.append(flow_factors(graph, weights, gammas, qk_rule, shapes))
+        cw = _CachedWeights(base, ad, masks[n], static)
+        out.append(flow_factors(graph, cw.weights, cw.gammas, qk_rule, shapes))
+        del cw  # this expert's cache goes before the next expert's is built
     return out
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+# Row-chunk temporaries of one step: the workspace's row-chunk buffers (W_n's rows in the factors' dtype, <= float64;
+# W_n's rows or B A; B A in the base's dtype), allocated at ROW_CHUNK x 8 bytes each, plus one chunk's worth of
+# fresh temporaries (masked B rows, X, a fresh step's conversions).
+CHUNK_BYTES = (len(_CHUNK_SLOTS) + 1) * ROW_CHUNK * 8
+# TIES on LoRA, per module: the merged update in float64 (2x its float32 bytes) plus the SVD's copy of it, U, Vᵀ
+# and LAPACK's workspace (measured ~13x for a square module).
+TIES_COPIES = 16
+
+
+@dataclass(frozen=True)
+class LoraMemoryPlan:
+    """Estimated peak RSS of a merge-lora run, in bytes (see :func:`lora_memory_plan`)."""
+
+    baseline: int  # process RSS when planned: interpreter, torch, the loaded adapters, the caller's objects
+    in_memory: int  # flows computed with every |W| cached for the iteration
+    streamed: int  # flows streamed one tensor at a time: the smallest budget that works
+    raw_bytes: int = 0  # streamed: the workspace's buffer for one base tensor as stored (0: not read from disk)
+    f32_bytes: int = 0  # streamed: the workspace's buffer for one float32 |W| (0 for methods without flows)
+
+    def streams(self, budget: int) -> bool:
+        """Whether a run under ``budget`` bytes computes its flows streamed."""
+        return budget < self.in_memory
+
+
+def _graph_keys(g: Any) -> list[str]:
+    """Every stored tensor the flow walker asks for: its maps and its norms' gammas."""
+    keys = list(g.chain_keys())
+    if isinstance(g, ChainGraph):
+        keys += [k for layer in g.layers if layer.bn is not None for k in layer.bn]
+    else:
+        for stack in (g.encoder, g.decoder):
+            if stack is None:
+                continue
+            keys += [stack.embed_norm, stack.final_norm]
+            keys += [k for b in stack.blocks for k in (b.norm, b.post_norm)]
+    return list(dict.fromkeys(k for k in keys if k is not None))
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _flow_graph(base: Mapping[str, torch.Tensor], graph: str, config: Mapping[str, Any] | None
+                ) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    keys = list(base.keys())
+    shapes = {k: tuple(tensor_info(base, k)[0]) for k in keys}
+    cfg = config if config is not None else getattr(base, "config", None)
+    g = build_graph([k for k in keys if tensor_info(base, k)[1].is_floating_point], shapes, cfg, graph)
+    return g, shapes
+
+
+def _memory_plan(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], method: str, g: Any,
+                 output: str) -> LoraMemoryPlan:
+    """The estimates (all on top of the current process RSS, plus ``SLACK``):
+
+    * in memory: the float32 |W0| of every floating tensor the flow graph touches (kept for the iteration) + one
+      expert's cache of its adapted modules' |W0 + ΔW_n| + the read of the tensor being added (stored copy and its
+      float32 conversion: 2x the largest) + row-chunk temporaries;
+    * streamed (the smallest budget): one base tensor as stored + one float32 |W| (reused buffers) + row-chunk
+      temporaries; for ``ties`` at least TIES_COPIES x the largest module in float32 (its SVD); for a dense output
+      one base tensor as stored (+ its merged copy for a plain dict base); for the returned dense state dict, that
+      state dict as well.
+    """
+    rss = process_rss()
+    on_disk = isinstance(base, Checkpoint)
+    work = 0  # what the largest step needs on top of the baseline, streamed
+    flows_in_memory = 0
+    raw_bytes = f32_bytes = 0
+    if method == "sa_merging":
+        stored, fp32 = {}, {}
+        for k in _graph_keys(g):
+            if k in base:
+                shape, dtype = tensor_info(base, k)
+                if dtype.is_floating_point:
+                    stored[k], fp32[k] = _nbytes(shape, dtype), _nbytes(shape, torch.float32)
+        f32_bytes = max(fp32.values(), default=0)
+        raw_bytes = max(stored.values(), default=0) if on_disk else 0
+        caches = [sum(fp32.get(m.base_key, 0) for m in ad.modules.values()) for ad in adapters]
+        flows_in_memory = sum(fp32.values()) + max(caches, default=0) + 2 * f32_bytes + CHUNK_BYTES
+        work = raw_bytes + f32_bytes + CHUNK_BYTES
+    if method == "ties":
+        mods = [m for ad in adapters for m in ad.modules.values()]
+        work = max(work, TIES_COPIES * max((m.B.shape[0] * m.A.shape[1] * 4 for m in mods), default=0) + CHUNK_BYTES)
+    if output in ("dense", "state"):
+        adapted = {m.base_key for ad in adapters for m in ad.modules.values()}
+        aliases = getattr(base, "aliases", {})
+        sizes = {k: _nbytes(*tensor_info(base, k)) for k in base.keys() if k not in aliases}
+        # a Checkpoint's tensor is read into a reused buffer and merged there; a dict's adapted tensor is cloned
+        read = max((b for k, b in sizes.items() if on_disk or k in adapted), default=0)
+        if output == "dense":
+            work = max(work, read + CHUNK_BYTES)
+        else:  # the returned state dict: a new tensor for every read (Checkpoint) or cloned module (dict)
+            work = max(work, sum(b for k, b in sizes.items() if on_disk or k in adapted) + CHUNK_BYTES)
+    streamed = rss + work + SLACK
+    return LoraMemoryPlan(rss, max(streamed, rss + flows_in_memory + SLACK), streamed, raw_bytes, f32_bytes)
+
+
+def lora_memory_plan(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter],
+                     method: str = "sa_merging", *, output: Literal["adapter", "dense", "state"] = "adapter",
+                     graph: str = "auto", config: Mapping[str, Any] | None = None) -> LoraMemoryPlan:
+    """Estimated peak RSS of merging ``adapters`` into ``base`` with ``method``, with the flows' caches in memory
+    (``in_memory``) and streamed one tensor at a time (``streamed``, the smallest budget that works).
+
+    ``output``: ``adapter`` (factors), ``dense`` (the merged model written tensor by tensor) or ``state`` (the merged
+    model returned as a state dict, :func:`merge_lora_api`). Estimates start from the current process RSS, so plan
+    with the adapters already loaded.
+    """
+    g = _flow_graph(base, graph, config)[0] if method == "sa_merging" else None
+    return _memory_plan(base, adapters, method, g, output)
+
+
+# Added to the smallest budget the too-small error prints, so that a rerun with it passes although the baseline RSS
+# (where every estimate starts) differs a little from run to run.
+HEADROOM = 16 * 1024**2
+
+
+def _check_budget(plan: LoraMemoryPlan, max_memory: str | int | None) -> int:
+    """The budget in bytes; a given budget below the streamed minimum is the one too-small error. Without one
+    (``None``: what the process holds + 80% of the free RAM) a run streams when it must and never refuses."""
+    budget = resolve_budget(max_memory)
+    if max_memory is not None and budget < plan.streamed:
+        raise too_small("merge-lora", budget, plan.streamed + HEADROOM)
+    return budget
 
 
 def _module_flow(factors: list[Any], mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,10 +575,15 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
                method: Literal["sa_merging", "task_arithmetic", "ties", "cat"] = "sa_merging", *,
                iterations: int = 10, prune_ratio: float = 0.2, scale: float = 1.0, density: float = 0.2,
                qk_rule: str = "bilinear", graph: str = "auto", config: Mapping[str, Any] | None = None,
-               rank: int | None = None, force: bool = False, history: list[Any] | None = None) -> LoraMergeResult:
-    """Merge LoRA adapters into factor form (see the module docstring). ``density`` is TIES' kept fraction."""
-    from samerge.graphs import build_graph
+               rank: int | None = None, force: bool = False, history: list[Any] | None = None,
+               max_memory: str | int | None = None) -> LoraMergeResult:
+    """Merge LoRA adapters into factor form (see the module docstring). ``density`` is TIES' kept fraction.
 
+    ``max_memory`` (``"2GB"``, bytes; default: what the process holds plus 80% of the free RAM) bounds the peak RSS
+    of the whole process: when the flows' in-memory caches would not fit (:func:`lora_memory_plan`), every |W| is
+    streamed from ``base`` one tensor at a time instead, with identical results. A given budget below what
+    streaming needs raises the one too-small error before any work.
+    """
     valid = ("sa_merging", "task_arithmetic", "ties", "cat")
     if method not in valid:
         raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(valid)}")
@@ -334,28 +602,30 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
                 raise SamergeError(f"{ad.path}: module {mod.name!r} contains NaN or Inf")
     names = sorted({name for ad in adapters for name in ad.modules})
     fifo = any(m.fan_in_fan_out for ad in adapters for m in ad.modules.values())
+    g, shapes = _flow_graph(base, graph, config) if method == "sa_merging" else (None, {})
+    plan = _memory_plan(base, adapters, method, g, "adapter")
+    budget = _check_budget(plan, max_memory)
+    stream = method == "sa_merging" and plan.streams(budget)
+    ws = _workspace(plan.raw_bytes, plan.f32_bytes) if stream else None
     masks: list[dict[str, torch.Tensor]] = [{name: torch.ones(m.rank, dtype=m.A.dtype) for name, m in ad.modules.items()}
                                             for ad in adapters]
     records: list[LoraIteration] = []
     if method == "sa_merging":
-        keys = list(base.keys())
-        shapes = {k: tuple(tensor_info(base, k)[0]) for k in keys}
-        cfg = config if config is not None else getattr(base, "config", None)
-        g = build_graph([k for k in keys if tensor_info(base, k)[1].is_floating_point], shapes, cfg, graph)
         r0 = {(n, name): m.rank for n, ad in enumerate(adapters) for name, m in ad.modules.items()}
         initial = sum(r0.values())
         for t in range(1, iterations + 1):
-            flows = _lora_flows(base, adapters, masks, qk_rule, g, shapes)
+            flows = _lora_flows(base, adapters, masks, qk_rule, g, shapes, ws)
             new_masks = [dict(mk) for mk in masks]
             for name in names:
                 holders = [n for n, ad in enumerate(adapters) if name in ad.modules]
                 mods = [adapters[n].modules[name] for n in holders]
                 mmasks = [masks[n][name] for n in holders]
-                w0 = base[mods[0].base_key]
+                # one tensor, read once for every adapter of the module
+                w0 = _read_base(base, mods[0].base_key, ws)[0]
                 for j, n in enumerate(holders):
                     mod = mods[j]
                     u, v = _module_flow(flows[n].get(mod.base_key, []), mod)
-                    score = (gamma(w0, mod, u, v, mmasks[j]) * eta(mods, j, mmasks)).abs()
+                    score = (gamma(w0, mod, u, v, mmasks[j], ws) * eta(mods, j, mmasks)).abs()
                     alive = mmasks[j] > 0
                     keep = max(1, round(r0[(n, name)] * (1.0 - prune_ratio) ** t))
                     keep = min(keep, int(alive.sum()))
@@ -364,6 +634,7 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
                     m = torch.zeros_like(mmasks[j])
                     m[order[:keep]] = 1.0
                     new_masks[n][name] = m
+                del w0
             masks = new_masks
             kept = int(sum(float(mk.sum()) for mkd in masks for mk in mkd.values()))
             records.append(LoraIteration(t, kept, initial))
@@ -374,7 +645,7 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
         holders = [n for n, ad in enumerate(adapters) if name in ad.modules]
         mods = [adapters[n].modules[name] for n in holders]
         if method == "ties":
-            B, A = _ties_module(base[mods[0].base_key], mods, density, scale, rank)
+            B, A = _ties_module(mods, density, scale, rank)
         else:
             Bs, As = [], []
             for n, mod in zip(holders, mods):
@@ -385,12 +656,13 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
             if rank is not None and rank < A.shape[0]:
                 B, A = compress(B, A, rank)
         out[name] = (B, A)
+    del ws
     kept_counts = {name: [int(masks[n][name].sum()) for n, ad in enumerate(adapters) if name in ad.modules]
                    for name in names}
-    return LoraMergeResult(out, fifo, records, kept_counts)
+    return LoraMergeResult(out, fifo, records, kept_counts, plan, budget, stream)
 
 
-def _ties_module(w0: torch.Tensor, mods: Sequence[LoraModule], density: float, scale: float, rank: int | None
+def _ties_module(mods: Sequence[LoraModule], density: float, scale: float, rank: int | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES on one module's updates, formed in row chunks (never a whole ΔW per adapter); the merged update is
     factorised by SVD (to ``rank``, default Σ r).
@@ -398,9 +670,6 @@ def _ties_module(w0: torch.Tensor, mods: Sequence[LoraModule], density: float, s
     Trim keeps each adapter's top ``density`` of |ΔW| over the whole module: the exact threshold comes from
     two streamed passes over row chunks (:class:`~samerge.selection.GlobalThreshold`).
     """
-    from samerge.methods.ties import elect_and_merge
-    from samerge.selection import GlobalThreshold, Workspace, keep_count
-
     ws = Workspace()
     d_out, d_in = mods[0].B.shape[0], mods[0].A.shape[1]
     step = max(1, ROW_CHUNK // max(1, d_in))
@@ -471,41 +740,56 @@ def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_m
     return out
 
 
+def _dense_tensor(base: Mapping[str, torch.Tensor], key: str, by_key: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                  fan_in_fan_out: bool, ws: Workspace | None = None) -> torch.Tensor:
+    """One tensor of the merged model: ``base[key]``, plus B A (added per row chunk) for an adapted module; with
+    ``ws``, formed in its base buffer (valid until its next use)."""
+    w, owned = _read_base(base, key, ws)
+    if key in by_key:
+        B, A = by_key[key]
+        if not owned:
+            w = w.clone()
+        tgt = w.t() if fan_in_fan_out else w
+        step = max(1, ROW_CHUNK // max(1, A.shape[1]))
+        for r0 in range(0, tgt.shape[0], step):
+            r1 = min(tgt.shape[0], r0 + step)
+            if ws is None:
+                tgt[r0:r1] += (B[r0:r1].to(torch.float32) @ A.to(torch.float32)).to(w.dtype)
+            else:  # the same arithmetic in reused buffers
+                ba = torch.mm(B[r0:r1].to(torch.float32), A.to(torch.float32),
+                              out=ws.get(_CHUNK, (r1 - r0, A.shape[1]), torch.float32))
+                tgt[r0:r1] += ba if w.dtype == torch.float32 else ws.get(_DENSE, ba.shape, w.dtype).copy_(ba)
+    return w
+
+
 def dense_state(base: Mapping[str, torch.Tensor], result: LoraMergeResult) -> dict[str, torch.Tensor]:
     """The merged model: base weights plus each module's B A (added per row chunk), other tensors copied."""
     by_key = {name + ".weight": ba for name, ba in result.modules.items()}
-    out: dict[str, torch.Tensor] = {}
-    for k in base.keys():
-        w = base[k]
-        if k in by_key:
-            B, A = by_key[k]
-            w = w.clone()
-            tgt = w.t() if result.fan_in_fan_out else w
-            step = max(1, ROW_CHUNK // max(1, A.shape[1]))
-            for r0 in range(0, tgt.shape[0], step):
-                r1 = min(tgt.shape[0], r0 + step)
-                tgt[r0:r1] += (B[r0:r1].to(torch.float32) @ A.to(torch.float32)).to(w.dtype)
-        out[k] = w
-    return out
+    return {k: _dense_tensor(base, k, by_key, result.fan_in_fan_out) for k in base.keys()}
 
 
 def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
                    adapters: Sequence[LoraAdapter | str | os.PathLike[str]], method: str = "sa_merging", *,
                    output: Literal["adapter", "dense"] = "adapter", rank: int | None = None, iterations: int = 10,
-                   prune_ratio: float = 0.2, scale: float = 1.0, **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
+                   prune_ratio: float = 0.2, scale: float = 1.0, max_memory: str | int | None = None,
+                   **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
     """``samerge.merge_lora``: merge LoRA adapters of one base.
 
     ``base``: a state dict or a model path; ``adapters``: PEFT adapter directories or :class:`LoraAdapter` objects.
     ``output="adapter"`` returns a :class:`LoraMergeResult` (factors per module; ``peft_state_dict()``);
-    ``output="dense"`` returns the merged model's state dict.
+    ``output="dense"`` returns the merged model's state dict (which is then resident as a whole: to write a dense
+    model larger than memory use :func:`merge_lora_checkpoints`). ``max_memory``: see :func:`merge_lora`.
     """
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
     state = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
     try:
+        if output == "dense" and max_memory is not None:
+            _check_budget(lora_memory_plan(state, loaded, method, output="state", graph=kw.get("graph", "auto"),
+                                           config=kw.get("config")), max_memory)
         result = merge_lora(state, loaded, method, rank=rank, iterations=iterations,  # type: ignore[arg-type]
-                            prune_ratio=prune_ratio, scale=scale, **kw)
+                            prune_ratio=prune_ratio, scale=scale, max_memory=max_memory, **kw)
         return dense_state(state, result) if output == "dense" else result
     finally:
         if isinstance(state, Checkpoint) and state is not base:
@@ -515,9 +799,15 @@ def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
 def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
                            out: str | os.PathLike[str], method: str = "sa_merging", *,
                            output: Literal["adapter", "dense"] = "adapter", rank: int | None = None,
-                           params: Mapping[str, Any] | None = None, force: bool = False, overwrite: bool = False
-                           ) -> tuple[Path, LoraMergeResult]:
-    """Files in, files out: merge PEFT adapter directories for the model at ``base``."""
+                           params: Mapping[str, Any] | None = None, force: bool = False, overwrite: bool = False,
+                           max_memory: str | int | None = None) -> tuple[Path, LoraMergeResult]:
+    """Files in, files out: merge PEFT adapter directories for the model at ``base``.
+
+    The dense output (``output="dense"``) is written tensor by tensor: W0 + λ Σ s B A is formed per tensor and
+    goes straight to the output, so the merged model is never resident. ``max_memory``: see :func:`merge_lora`
+    (the dense writing's one-tensor step is part of the smallest budget). Nothing is written at ``out`` on any
+    failure.
+    """
     import samerge
 
     allowed = {"iterations", "prune_ratio", "scale", "density", "qk_rule", "graph"}
@@ -530,7 +820,11 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [load_adapter(a) for a in adapters]
     with open_checkpoint(base) as ck:
-        result = merge_lora(ck, loaded, method, rank=rank, force=force, **params)  # type: ignore[arg-type]
+        if output == "dense" and max_memory is not None:
+            _check_budget(lora_memory_plan(ck, loaded, method, output="dense", graph=params.get("graph", "auto")),
+                          max_memory)
+        result = merge_lora(ck, loaded, method, rank=rank, force=force, max_memory=max_memory,  # type: ignore[arg-type]
+                            **params)
         meta = {"samerge.version": samerge.__version__, "samerge.method": f"lora:{method}",
                 "samerge.params": json.dumps({**params, "rank": rank}, sort_keys=True),
                 "samerge.adapters": json.dumps([str(a) for a in adapters])}
@@ -539,15 +833,14 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
             path = save_adapter(result, out, base_model_name=name, template=loaded[0].config, overwrite=overwrite,
                                 metadata=meta)
         else:
-            from samerge.io import SafetensorsSink
-            from samerge.io.safetensors_format import PlannedTensor
-
-            state = dense_state(ck, result)
-            plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in state.items() if k not in ck.aliases]
+            by_key = {name + ".weight": ba for name, ba in result.modules.items()}
+            # shapes and dtypes from the header: the merged tensor keeps its base tensor's (see _dense_tensor)
+            plan = [PlannedTensor(k, ck.info(k)[1], tuple(ck.info(k)[0])) for k in ck.keys() if k not in ck.aliases]
+            ws = _workspace(max((_nbytes(t.shape, t.dtype) for t in plan), default=0))
             with SafetensorsSink(out, plan, metadata={"format": "pt", **meta}, aliases=ck.aliases,
                                  overwrite=overwrite, copy_from=ck.directory) as sink:
                 for t in plan:
-                    sink.write(t.name, state[t.name])
+                    sink.write(t.name, _dense_tensor(ck, t.name, by_key, result.fan_in_fan_out, ws))
                 path = sink.finish(model_card=f"# Merged model (LoRA {method})\n\nMerged with samerge "
                                               f"{samerge.__version__} from {len(adapters)} adapters.\n")
     return path, result

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samerge.errors import SamergeError
+from samerge.io.writer import parse_size
 from samerge.methods.sa_merging import SaMergingParams
 
 
@@ -61,6 +62,15 @@ class PruneParams(_Section):
     aggregate: Literal["sum", "disjoint_mean"] = _SA["aggregate"].default
     density_rule: Literal["uniform", "tadrop"] = _SA["density_rule"].default
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="other methods' parameters, by method")
+    max_memory: str | None = Field(None, description="peak RSS of a merge, e.g. 3GB (null: derived from the free "
+                                                     "RAM); SA-Merging runs out of core when it would not fit")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
 
     @field_validator("methods")
     @classmethod

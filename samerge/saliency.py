@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from samerge.graphs import Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
+from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
 from samerge.selection import Workspace, signed_keys_into
 
@@ -24,6 +24,32 @@ DEAD = 3.0e38  # dead entries score -DEAD: below every real saliency (|S| <= |M|
 
 def view2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+
+
+def graph_units(graph: TransformerGraph | ChainGraph) -> list[Unit]:
+    """Mask units read from the graph alone (no flows needed): chain keys with the row blocks its maps use."""
+    refs: list[Ref] = []
+    if isinstance(graph, ChainGraph):
+        refs = [layer.weight for layer in graph.layers]
+    else:
+        for stack in (graph.encoder, graph.decoder):
+            if stack is None:
+                continue
+            refs += [r for r in (stack.embed, stack.patch, stack.head) if r is not None]
+            for b in stack.blocks:
+                refs += [b.q, b.k, b.v, b.o] if isinstance(b, Attention) else [r for r in (b.up, b.down, b.gate)
+                                                                                  if r is not None]
+    rows_of: dict[str, set] = {}
+    for r in refs:
+        rows_of.setdefault(r.key, set()).add(r.rows)
+    units: list[Unit] = []
+    for key in graph.chain_keys():
+        blocks = sorted(rows_of.get(key, ()), key=lambda r: (-1, -1) if r is None else r)
+        if None in blocks or not blocks:
+            units.append((key, None))
+        else:
+            units += [(key, r) for r in blocks]
+    return units
 
 
 def mask_units(graph: TransformerGraph | ChainGraph, factors: FlowFactors) -> list[Unit]:

@@ -34,9 +34,15 @@ class Workspace:
         nbytes = math.prod(shape) * itemsize
         buf = self._buffers.get(slot)
         if buf is None or buf.numel() < nbytes:
+            buf = self._buffers.pop(slot, None)  # the old contents are not kept: free them before growing
+            del buf
             buf = torch.empty(max(nbytes, 64), dtype=torch.uint8)
             self._buffers[slot] = buf
         return buf[:nbytes].view(dtype).view(shape)
+
+    def release(self, slot: str) -> None:
+        """Free one slot's buffer (a large buffer that later work no longer needs)."""
+        self._buffers.pop(slot, None)
 
     def clear(self) -> None:
         self._buffers.clear()

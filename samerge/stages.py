@@ -424,7 +424,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
     with publish_dir(layout.merged(method)) as out:
         rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,
                                 exclude=manifest.get("exclude", ()), force=params.extract.force,
-                                progress=not quiet)
+                                progress=not quiet, max_memory=params.prune.max_memory)
         with open(out / "iterations.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["iteration", "density", "norm_ratio", "conflict"])

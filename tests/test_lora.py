@@ -305,3 +305,290 @@ def test_fan_in_fan_out_gpt2_adapters_round_trip_through_peft(tmp_path):
     p = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), out).eval()
     d = GPT2LMHeadModel.from_pretrained(dense).eval()
     torch.testing.assert_close(_forward(p, ids), _forward(d, ids), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ memory budget
+
+
+def _write_llama_base(d, *, hidden, inter, layers, vocab, heads, kv_heads, dtype=torch.float32, seed=0):
+    """A LLaMA-shaped base (untied head) as one safetensors file plus config.json, written tensor by tensor with
+    small random values generated in chunks of 1M, so the test process never holds the model. Returns
+    {name: shape}."""
+    import struct
+
+    d.mkdir(parents=True)
+    kv = hidden // heads * kv_heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                       p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter)})
+    size = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * size
+        header[name] = {"dtype": {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            left = math.prod(shape)
+            while left:
+                c = min(left, 1 << 20)
+                x = torch.randn(c, generator=g) * 0.02 + (1.0 if name.endswith("norm.weight") else 0.0)
+                f.write(x.to(dtype).view(torch.int16 if size == 2 else torch.int32).numpy().tobytes())
+                left -= c
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "tie_word_embeddings": False}))
+    return shapes
+
+
+def _write_peft_adapter(d, shapes, targets, r, alpha, seed, **cfg):
+    """A PEFT LoRA adapter directory for the modules of ``shapes`` whose name ends with one of ``targets``."""
+    from samerge.io import save_safetensors
+
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in shapes.items():
+        name = key[: -len(".weight")]
+        if len(shape) == 2 and name.rsplit(".", 1)[-1] in targets:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, shape[1], generator=g) * 0.05
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(shape[0], r, generator=g) * 0.05
+    save_safetensors(tensors, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(targets), "bias": "none",
+        "task_type": "CAUSAL_LM", "fan_in_fan_out": False, **cfg}))
+    return d
+
+
+def _safetensors_state(path):
+    with open_checkpoint(path) as ck:
+        return {k: ck[k] for k in ck.keys()}
+
+
+@pytest.fixture(scope="module")
+def medium_llama(tmp_path_factory):
+    """A ~63 MB (fp32) LLaMA-shaped base with three adapters, per base dtype: big enough that the in-memory flow
+    caches and the one-tensor streamed step differ by tens of MB (more than the test process's RSS drifts)."""
+    root = tmp_path_factory.mktemp("lora_medium")
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = root / str(dtype).split(".")[-1]
+        shapes = _write_llama_base(d / "base", hidden=512, inter=1376, layers=4, vocab=4096, heads=8, kv_heads=4,
+                                   dtype=dtype)
+        # scales 1.5, 3.5 and 10/6: not powers of two, so that a change in the order of operations shows
+        ads = [_write_peft_adapter(d / "a0", shapes, ["q_proj", "v_proj"], 8, 12, 1),
+               _write_peft_adapter(d / "a1", shapes, ["q_proj", "v_proj", "down_proj"], 4, 7, 2, use_rslora=True),
+               _write_peft_adapter(d / "a2", shapes, ["o_proj", "gate_proj"], 6, 10, 3,
+                                   rank_pattern={"model.layers.1.self_attn.o_proj": 6})]
+        out[dtype] = (d / "base", ads)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_streamed_flows_and_gammas_equal_the_cached_ones_bit_for_bit(medium_llama, dtype):
+    """The flow factors and γ that the masks are chosen from: streamed (reused buffers, one tensor per request)
+    equals in memory, bit for bit, for a Checkpoint and for a plain dict base (masks with dead components)."""
+    from samerge.lora import _flow_graph, _lora_flows, _read_base, _workspace
+
+    base, paths = medium_llama[dtype]
+    adapters = [load_adapter(p) for p in paths]
+    g = torch.Generator().manual_seed(0)
+    masks = [{n: (torch.rand(m.rank, generator=g) > 0.4).to(m.A.dtype) for n, m in ad.modules.items()}
+             for ad in adapters]
+    with open_checkpoint(base) as ck:
+        graph, shapes = _flow_graph(ck, "auto", None)
+        for state in (ck, {k: ck[k] for k in ck.keys()}):
+            mem = _lora_flows(state, adapters, masks, "bilinear", graph, shapes)
+            st = _lora_flows(state, adapters, masks, "bilinear", graph, shapes, _workspace())
+            for fm, fs in zip(mem, st):
+                assert set(fm) == set(fs) and len(fm) == 4 * 7 + 2  # every map of the graph
+                for key in fm:
+                    assert len(fm[key]) == len(fs[key])
+                    for a, b in zip(fm[key], fs[key]):
+                        assert a.rows == b.rows and a.log == b.log, key
+                        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v), key
+            ws = _workspace()
+            for n, ad in enumerate(adapters):
+                for name, mod in ad.modules.items():
+                    u = torch.rand(mod.B.shape[0], generator=g, dtype=torch.float64)
+                    v = torch.rand(mod.A.shape[1], generator=g, dtype=torch.float64)
+                    want = gamma(state[mod.base_key], mod, u, v, masks[n][name])
+                    got = gamma(_read_base(state, mod.base_key, ws)[0], mod, u, v, masks[n][name], ws)
+                    assert torch.equal(got, want), name
+
+
+# Runs in a fresh process: a budget between two estimates that start from the current RSS is only meaningful where
+# the RSS does not move by tens of MB between planning and merging (in the test process, garbage of earlier tests
+# is freed, and heap trimmed, at unpredictable moments).
+_STREAM_CHILD = r"""
+import contextlib, io, json, sys
+from samerge.cli import main
+from samerge.io import open_checkpoint, parse_size, save_safetensors
+from samerge.lora import load_adapter, lora_memory_plan, merge_lora_checkpoints
+
+base, out, *adapters = sys.argv[1:]
+params = {"iterations": 3, "prune_ratio": 0.3}
+report = {}
+
+def budget(output):
+    # between the streamed minimum and the in-memory estimate, planned right before the merge plans again
+    loaded = [load_adapter(a) for a in adapters]
+    with open_checkpoint(base) as ck:
+        plan = lora_memory_plan(ck, loaded, "sa_merging", output=output)
+    assert plan.in_memory - plan.streamed > 40 * 1024**2, plan
+    return (plan.streamed + plan.in_memory) // 2
+
+def cli(*extra):
+    args = ["merge-lora", "--base", base, "--set", "iterations=3", "--set", "prune_ratio=0.3", *extra]
+    for a in adapters:
+        args += ["--adapter", a]
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        code = main(args)
+    return code, o.getvalue(), e.getvalue()
+
+# --output dense through the Python API, streamed: its factors are saved for the parent to compare
+b = budget("dense")
+_, res = merge_lora_checkpoints(base, adapters, out + "/dense", output="dense", params=params, max_memory=b)
+report["dense_streamed"] = res.streamed and res.budget == b
+save_safetensors(res.peft_state_dict(), out + "/factors.safetensors")
+# the adapter output through the CLI, streamed
+report["cli"] = cli("--out", out + "/adapter", "--max-memory", str(budget("adapter")))
+# below the minimum: the one-line error; the minimum it prints works (and streams)
+report["too_small"] = cli("--out", out + "/small", "--max-memory", "1MB")
+smallest = parse_size(report["too_small"][2].strip().rsplit(" ", 1)[-1])
+report["at_minimum"] = cli("--out", out + "/minimum", "--max-memory", str(smallest))
+print(json.dumps(report))
+"""
+
+
+def _run_child(tmp_path, script, *args, timeout=300):
+    """Run ``script`` in a fresh Python, started from a small shell that forks it: started straight from this
+    (large) process, Linux folds this process's peak RSS into the child's ru_maxrss at exec (vfork + exec)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "child.py").write_text(script)
+    proc = subprocess.run(["sh", "-c", '"$@" & wait $!', "sh", sys.executable, str(tmp_path / "child.py"),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_streamed_merge_lora_is_bit_identical_to_in_memory(medium_llama, tmp_path, dtype):
+    base, adapters = medium_llama[dtype]
+    r = _run_child(tmp_path, _STREAM_CHILD, base, tmp_path, *adapters)
+    assert r["dense_streamed"] is True
+    code, out, err = r["cli"]
+    assert code == 0, err
+    assert "flows streamed one tensor at a time" in out
+    code, out, err = r["too_small"]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "smallest budget that works here is" in err
+    assert not (tmp_path / "small").exists()
+    code, out, err = r["at_minimum"]
+    assert code == 0 and "flows streamed one tensor at a time" in out, err
+    # the same merge in memory, in this process
+    _, mem = merge_lora_checkpoints(base, adapters, tmp_path / "mem", output="dense",
+                                    params={"iterations": 3, "prune_ratio": 0.3}, max_memory="1000GB")
+    assert not mem.streamed
+    assert mem.history[-1].components < mem.history[0].initial  # the masks did prune: the flows mattered
+    want = mem.peft_state_dict()
+    for got in (_safetensors_state(tmp_path / "factors.safetensors"),
+                _safetensors_state(tmp_path / "adapter" / "adapter_model.safetensors"),
+                _safetensors_state(tmp_path / "minimum" / "adapter_model.safetensors")):
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    dense_st, dense_mem = _safetensors_state(tmp_path / "dense"), _safetensors_state(tmp_path / "mem")
+    assert set(dense_st) == set(dense_mem)
+    for k, v in dense_mem.items():
+        assert v.dtype == dtype and torch.equal(v, dense_st[k]), k
+    # the tensor-by-tensor writer equals the in-memory construction of the merged model
+    with open_checkpoint(base) as ck:
+        state = dense_state(ck, mem)
+        assert set(state) == set(dense_mem) and all(torch.equal(state[k], dense_mem[k]) for k in state)
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(ck[q], dense_mem[q])
+
+
+def test_budget_below_the_streamed_minimum_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys):
+    from samerge.io import parse_size
+    from samerge.memory import process_rss
+
+    root, _, paths = tiny_llama
+    for output in ("adapter", "dense"):
+        out = tmp_path / f"o-{output}"
+        args = ["merge-lora", "--base", str(root / "base"), "--out", str(out), "--output", output,
+                "--max-memory", "1MB"]
+        for p in paths:
+            args += ["--adapter", str(p)]
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("samerge: error: merge-lora: --max-memory 1.00MB is below what streaming one layer "
+                              "needs; the smallest budget that works here is ")
+        smallest = parse_size(err.strip().rsplit(" ", 1)[-1])
+        assert process_rss() / 2 < smallest < process_rss() + 512 * 1024**2
+        assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries
+    with pytest.raises(samerge.SamergeError, match="smallest budget that works here is"):
+        merge_lora_checkpoints(root / "base", paths, tmp_path / "api", max_memory=1000)
+    with pytest.raises(samerge.SamergeError, match="smallest budget that works here is"):
+        samerge.merge_lora(root / "base", paths, "cat", output="dense", max_memory="2MB")
+    with open_checkpoint(root / "base") as base:
+        with pytest.raises(samerge.SamergeError, match="smallest budget that works here is"):
+            merge_lora(base, [load_adapter(p) for p in paths], "ties", max_memory="1KB")
+    assert not (tmp_path / "api").exists()
+    code = main(["merge-lora", "--base", str(root / "base"), "--adapter", str(paths[0]), "--out",
+                 str(tmp_path / "x"), "--max-memory", "lots"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot parse size 'lots'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+_PEAK_CHILD = r"""
+import json, math, resource, sys
+from samerge.io import open_checkpoint
+from samerge.lora import load_adapter, lora_memory_plan, merge_lora_checkpoints
+
+base, out, *adapters = sys.argv[1:]
+loaded = [load_adapter(a) for a in adapters]
+with open_checkpoint(base) as ck:
+    plan = lora_memory_plan(ck, loaded, "sa_merging", output="dense")
+    base_fp32 = sum(math.prod(ck.info(k)[0]) * 4 for k in ck.keys())
+del loaded
+budget = plan.streamed + 32 * 1024**2
+_, result = merge_lora_checkpoints(base, adapters, out, output="dense", params={"iterations": 2}, max_memory=budget)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+hwm = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+print(json.dumps({"code": 0, "streamed": result.streamed, "baseline": plan.baseline, "in_memory": plan.in_memory,
+                  "budget": budget, "peak": peak, "hwm": hwm, "base_fp32": base_fp32}))
+"""
+
+
+def test_streamed_merge_lora_peak_rss_stays_within_the_budget(tmp_path):
+    """A ~430 MB (fp32) LLaMA-shaped base merged (sa_merging, --output dense) under a budget of the child's
+    baseline + ~200 MB: its peak RSS (ru_maxrss, KiB on Linux) stays within the budget + 10%."""
+    shapes = _write_llama_base(tmp_path / "base", hidden=1024, inter=2816, layers=8, vocab=8192, heads=16,
+                               kv_heads=4)
+    adapters = [_write_peft_adapter(tmp_path / "a0", shapes, ["q_proj", "v_proj"], 8, 16, 1),
+                _write_peft_adapter(tmp_path / "a1", shapes, ["q_proj", "down_proj"], 8, 8, 2)]
+    r = _run_child(tmp_path, _PEAK_CHILD, tmp_path / "base", tmp_path / "merged", *adapters)
+    assert r["code"] == 0 and r["streamed"] and (tmp_path / "merged" / "model.safetensors").is_file()
+    # the base's fp32 |W| is clearly larger than what the budget leaves above the baseline: caching cannot fit
+    assert r["base_fp32"] > 1.5 * (r["budget"] - r["baseline"]) and r["in_memory"] > r["budget"]
+    print(f"peak RSS {r['peak'] / 1e6:.0f} MB, budget {r['budget'] / 1e6:.0f} MB, baseline {r['baseline'] / 1e6:.0f}"
+          f" MB, base fp32 {r['base_fp32'] / 1e6:.0f} MB")
+    assert r["peak"] <= 1.1 * r["budget"] and r["hwm"] <= 1.1 * r["budget"], r

@@ -274,15 +274,11 @@ def _tiny_models():
 TINY = list(_tiny_models())
 
 
-@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
-def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(name, model, exclude):
-    torch.manual_seed(0)
-    sd = model.state_dict()
-    base = dict(sd)  # keeps tied tensors tied (shared storage)
-    config = model.config.to_dict() if hasattr(model, "config") else None
-    g = torch.Generator().manual_seed(1)
+def experts_of(sd: dict[str, torch.Tensor], n: int = 3, seed: int = 1, rel: float = 0.01) -> list[dict]:
+    """n perturbed copies of a state dict; tied tensors stay tied."""
+    g = torch.Generator().manual_seed(seed)
     experts = []
-    for _ in range(3):
+    for _ in range(n):
         e, seen = {}, {}
         for k, v in sd.items():
             ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
@@ -290,8 +286,18 @@ def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(n
                 e[k] = e[seen[ptr]]
                 continue
             seen[ptr] = k
-            e[k] = v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            e[k] = v + rel * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
         experts.append(e)
+    return experts
+
+
+@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
+def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(name, model, exclude):
+    torch.manual_seed(0)
+    sd = model.state_dict()
+    base = dict(sd)  # keeps tied tensors tied (shared storage)
+    config = model.config.to_dict() if hasattr(model, "config") else None
+    experts = experts_of(sd)
     from samerge.engine import plan_merge
 
     plan = plan_merge(base, experts, exclude or ())

@@ -12,12 +12,17 @@ The surrogate differentiated (spec §1, checked against ``torch.autograd`` in th
   auxiliary score (``qk_rule``) that only ranks them and does not feed back into the stream;
 * SwiGLU ``z = s * (|Wu| y)`` with ``s = |Wg| y / rms(|Wg| y)``: the rms is frozen and the gate does not pass flow
   back into ``y`` (``stream += |Wu|^T (s * bz)``), while ``|Wg|`` itself receives ``(bz * |Wu| y / c) y^T``.
+
+The walker asks for each weight when it needs it and keeps no weight past its next request
+(:meth:`FlowComputer.steps` is a generator of requests), so the caller decides where weights live: all in memory
+(:func:`flow_factors`), or read from files one tensor at a time for many experts in lockstep
+(:func:`lockstep_flows`: the request sequence depends on the graph only, never on the weights).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,8 @@ from samerge.graphs.spec import Attention, ChainGraph, Factor, FlowFactors, Mlp,
 
 Weights = Callable[[Ref], torch.Tensor]  # |W| as a 2-D float tensor in the map's (out, in) orientation
 Gammas = Callable[[str], torch.Tensor]  # |gamma| of a norm, float64
+Request = tuple[str, "Ref | str"]  # ("w", ref): |W| of a map; ("g", key): |gamma| of a norm (float64, flat)
+Steps = Generator[Request, torch.Tensor, FlowFactors]
 
 
 @dataclass
@@ -113,8 +120,9 @@ def _sum_kv(v: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
 class FlowComputer:
     """Computes :data:`FlowFactors` of one expert's current weights for ``graph``."""
 
-    def __init__(self, graph: TransformerGraph | ChainGraph, weights: Weights, gammas: Gammas,
-                 qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(self, graph: TransformerGraph | ChainGraph, weights: Weights | None = None,
+                 gammas: Gammas | None = None, qk_rule: str = "bilinear",
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         self.graph = graph
         self.shapes = shapes or {}
         self.W = weights
@@ -130,20 +138,35 @@ class FlowComputer:
             u, v = v, u
         self.factors.setdefault(ref.key, []).append(Factor(ref.rows, u.vec, v.vec, u.log + v.log))
 
-    def _g(self, key: str | None) -> torch.Tensor | None:
-        return None if key is None else self.gamma(key)
+    def _w(self, ref: Ref) -> Generator[Request, torch.Tensor, torch.Tensor]:
+        return (yield ("w", ref))
+
+    def _g(self, key: str | None) -> Generator[Request, torch.Tensor, torch.Tensor | None]:
+        if key is None:
+            return None
+        return (yield ("g", key))
+
+    def _shape(self, ref: Ref) -> Generator[Request, torch.Tensor, tuple[int, int]]:
+        """(out, in) of a map, from the stored shape when known (no weight is requested for a shape)."""
+        stored = self.shapes.get(ref.key)
+        if stored is None:
+            w = yield from self._w(ref)
+            return int(w.shape[0]), int(w.shape[1])
+        rows = stored[0] if ref.rows is None else ref.rows[1] - ref.rows[0]
+        cols = math.prod(stored[1:]) if len(stored) > 1 else 1
+        return (cols, rows) if ref.transposed else (rows, cols)
 
     # ------------------------------------------------------------------------------------------------ chain
-    def chain(self) -> FlowFactors:
+    def chain(self) -> Steps:
         """Paper-literal SynFlow on a chain of maps. A kernel (out, in, *taps) acts on channel flows (the flow of
         an all-ones input is uniform over positions, border taps ignored); a depthwise kernel (C, 1, *taps) acts
         channel-wise; an input wider than the previous output (flatten) repeats each channel's flow."""
         graph = self.graph
         assert isinstance(graph, ChainGraph)
-        tape: list[tuple[torch.Tensor, LogVec, bool, int, LogVec | None]] = []
+        tape: list[tuple[LogVec, bool, int, LogVec | None]] = []
         a: LogVec | None = None
         for layer in graph.layers:
-            w = self.W(layer.weight)
+            w = yield from self._w(layer.weight)
             if a is None:
                 shape = self.shapes.get(layer.weight.key, tuple(w.shape))
                 a = LogVec.ones(shape[1] if len(shape) > 1 else w.shape[1])
@@ -160,14 +183,16 @@ class FlowComputer:
                 a_out = mv(w, LogVec(a.vec.repeat_interleave(rep), a.log) if rep > 1 else a)
             mult = None
             if layer.bn is not None:
-                gamma, var = self.gamma(layer.bn[0]), self.gamma(layer.bn[1])
+                gamma = yield from self._g(layer.bn[0])
+                var = yield from self._g(layer.bn[1])
                 mult = LogVec.of(gamma / torch.sqrt(var + layer.bn_eps))
                 a_out = a_out * mult
-            tape.append((w, a, depthwise, rep, mult))
+            tape.append((a, depthwise, rep, mult))
             a = a_out
         assert a is not None
         b = LogVec.ones(a.vec.numel())
-        for layer, (w, a_in, depthwise, rep, mult) in zip(reversed(graph.layers), reversed(tape)):
+        for layer, (a_in, depthwise, rep, mult) in zip(reversed(graph.layers), reversed(tape)):
+            w = yield from self._w(layer.weight)  # asked again: no weight is kept between requests
             if mult is not None:
                 b = b * mult
             if depthwise:  # F[c, t] = b_c a_c
@@ -181,42 +206,43 @@ class FlowComputer:
         return self.factors
 
     # ------------------------------------------------------------------------------------------------ transformer
-    def transformer(self) -> FlowFactors:
+    def transformer(self) -> Steps:
         graph = self.graph
         assert isinstance(graph, TransformerGraph)
-        enc_out, enc_tape, enc_final = self._forward(graph.encoder, None)
+        enc_out, enc_tape, enc_final = yield from self._forward(graph.encoder, None)
         if graph.decoder is None:
-            self._backward(graph.encoder, enc_tape, enc_final, None)
+            yield from self._backward(graph.encoder, enc_tape, enc_final, None)
             return self.factors
-        dec_out, dec_tape, dec_final = self._forward(graph.decoder, enc_out)
-        b_enc = self._backward(graph.decoder, dec_tape, dec_final, None)
-        self._backward(graph.encoder, enc_tape, enc_final, b_enc)
+        dec_out, dec_tape, dec_final = yield from self._forward(graph.decoder, enc_out)
+        b_enc = yield from self._backward(graph.decoder, dec_tape, dec_final, None)
+        yield from self._backward(graph.encoder, enc_tape, enc_final, b_enc)
         return self.factors
 
-    def _stream_input(self, stack: Stack, width: int | None) -> LogVec:
+    def _stream_input(self, stack: Stack, width: int | None) -> Generator[Request, torch.Tensor, LogVec]:
         if stack.embed is not None:
-            e = self.W(stack.embed)  # oriented (d, V): h0 = |E|^T 1 / V (a float32 sum: no float64 copy of E)
+            e = yield from self._w(stack.embed)  # (d, V): h0 = |E|^T 1 / V (a float32 sum: no float64 copy of E)
             return LogVec.of(e.sum(1).to(torch.float64) / e.shape[1])
         if stack.patch is not None:
-            p = self.W(stack.patch)
+            p = yield from self._w(stack.patch)
             return mv(p, LogVec.ones(p.shape[1]))
         assert width is not None
         return LogVec.ones(width)
 
-    def _forward(self, stack: Stack, enc_out: LogVec | None) -> tuple[LogVec, list[dict], dict]:
+    def _forward(self, stack: Stack, enc_out: LogVec | None
+                 ) -> Generator[Request, torch.Tensor, tuple[LogVec, list[dict], dict]]:
         first = stack.blocks[0]
-        width = self.W(first.q if isinstance(first, Attention) else first.up).shape[1]
-        h = self._stream_input(stack, width)
+        _, width = yield from self._shape(first.q if isinstance(first, Attention) else first.up)
+        h = yield from self._stream_input(stack, width)
         final: dict = {"h0": h}
         if stack.embed_norm is not None:
-            n = _normalise(h, self._g(stack.embed_norm), self.linear)
+            n = _normalise(h, (yield from self._g(stack.embed_norm)), self.linear)
             final["embed_norm"] = n
             h = n.out
         tape: list[dict] = []
         for blk in stack.blocks:
             rec: dict = {"blk": blk}
             if stack.pre_ln:
-                n = _normalise(h, self._g(blk.norm), self.linear) if blk.has_norm else None
+                n = _normalise(h, (yield from self._g(blk.norm)), self.linear) if blk.has_norm else None
                 x = n.out if n is not None else h
             else:
                 n, x = None, h
@@ -224,44 +250,45 @@ class FlowComputer:
             if isinstance(blk, Attention):
                 src = enc_out if blk.cross else x
                 assert src is not None, "cross-attention without an encoder"
-                v = mv(self.W(blk.v), src)
+                v = mv((yield from self._w(blk.v)), src)
                 vr = LogVec(_repeat_kv(v.vec, blk.n_heads, blk.n_kv_heads), v.log)
-                branch = mv(self.W(blk.o), vr)
+                branch = mv((yield from self._w(blk.o)), vr)
                 rec.update(src=src, v=v, vr=vr)
                 if self.qk_rule == "bilinear":
-                    rec["q"] = mv(self.W(blk.q), x)
-                    rec["k"] = mv(self.W(blk.k), src)
+                    rec["q"] = mv((yield from self._w(blk.q)), x)
+                    rec["k"] = mv((yield from self._w(blk.k)), src)
             else:
                 if blk.gate is not None:
-                    gz = mv(self.W(blk.gate), x)
+                    gz = mv((yield from self._w(blk.gate)), x)
                     r = float(gz.vec.square().mean().sqrt())
                     s = gz.vec / r if r > 0 else torch.zeros_like(gz.vec)  # gz / rms(gz), scale-free
-                    uz = mv(self.W(blk.up), x)
+                    uz = mv((yield from self._w(blk.up)), x)
                     z = LogVec.of(s * uz.vec, uz.log)
                     rec.update(s=s, uz=uz, cz_log=(gz.log + math.log(r)) if r > 0 else 0.0, gz_log=gz.log)
                 else:
-                    z = mv(self.W(blk.up), x)
+                    z = mv((yield from self._w(blk.up)), x)
                 rec["z"] = z
-                branch = mv(self.W(blk.down), z)
+                branch = mv((yield from self._w(blk.down)), z)
             h = h + branch
             if not stack.pre_ln:
-                pn = _normalise(h, self._g(blk.post_norm), self.linear)
+                pn = _normalise(h, (yield from self._g(blk.post_norm)), self.linear)
                 rec["post"] = pn
                 h = pn.out
             tape.append(rec)
         if stack.final_norm is not None:
-            n = _normalise(h, self._g(stack.final_norm), self.linear)
+            n = _normalise(h, (yield from self._g(stack.final_norm)), self.linear)
             final["final_norm"] = n
             h = n.out
         final["out"] = h
         return h, tape, final
 
-    def _backward(self, stack: Stack, tape: list[dict], final: dict, b_override: LogVec | None) -> LogVec | None:
+    def _backward(self, stack: Stack, tape: list[dict], final: dict, b_override: LogVec | None
+                  ) -> Generator[Request, torch.Tensor, LogVec | None]:
         out = final["out"]
         if b_override is not None:
             b = b_override
         elif stack.head is not None:
-            w = self.W(stack.head)  # (V, d): R = 1^T |W| out
+            w = yield from self._w(stack.head)  # (V, d): R = 1^T |W| out
             ones = LogVec.ones(w.shape[0])
             self._add(stack.head, ones, out)
             b = mvt(w, ones)
@@ -276,44 +303,45 @@ class FlowComputer:
                 b = b * rec["post"].grad
             if isinstance(blk, Attention):
                 self._add(blk.o, b, rec["vr"])
-                bvr = mvt(self.W(blk.o), b)
+                bvr = mvt((yield from self._w(blk.o)), b)
                 bv = LogVec.of(_sum_kv(bvr.vec, blk.n_heads, blk.n_kv_heads), bvr.log)
                 self._add(blk.v, bv, rec["src"])
-                into = mvt(self.W(blk.v), bv)
-                self._qk(blk, rec, bvr)
+                into = mvt((yield from self._w(blk.v)), bv)
+                yield from self._qk(blk, rec, bvr)
                 if blk.cross:
                     b_enc = into if b_enc is None else b_enc + into
                     continue
             else:
                 self._add(blk.down, b, rec["z"])
-                bz = mvt(self.W(blk.down), b)
+                bz = mvt((yield from self._w(blk.down)), b)
                 if blk.gate is not None:
                     s = rec["s"]
                     self._add(blk.up, LogVec.of(s * bz.vec, bz.log), rec["x"])
                     uz = rec["uz"]
                     # dz/d|Wg| = (|Wu| y / c_z) y^T with c_z = rms(|Wg| y) frozen
                     self._add(blk.gate, LogVec.of(bz.vec * uz.vec, bz.log + uz.log - rec["cz_log"]), rec["x"])
-                    into = mvt(self.W(blk.up), LogVec.of(s * bz.vec, bz.log))
+                    into = mvt((yield from self._w(blk.up)), LogVec.of(s * bz.vec, bz.log))
                 else:
                     self._add(blk.up, bz, rec["x"])
-                    into = mvt(self.W(blk.up), bz)
+                    into = mvt((yield from self._w(blk.up)), bz)
             if rec["norm"] is not None:
                 into = into * rec["norm"].grad
             b = b + into
         if "embed_norm" in final:
             b = b * final["embed_norm"].grad
         if stack.embed is not None:
-            e = self.W(stack.embed)  # (d, V)
-            self._add(stack.embed, b, LogVec(torch.ones(e.shape[1], dtype=torch.float64), -math.log(e.shape[1])))
+            _, vocab = yield from self._shape(stack.embed)  # (d, V)
+            self._add(stack.embed, b, LogVec(torch.ones(vocab, dtype=torch.float64), -math.log(vocab)))
         elif stack.patch is not None:
-            p = self.W(stack.patch)
-            self._add(stack.patch, b, LogVec.ones(p.shape[1]))
+            _, fan_in = yield from self._shape(stack.patch)
+            self._add(stack.patch, b, LogVec.ones(fan_in))
         return b_enc
 
-    def _qk(self, blk: Attention, rec: dict, bvr: LogVec) -> None:
+    def _qk(self, blk: Attention, rec: dict, bvr: LogVec) -> Generator[Request, torch.Tensor, None]:
         x, src = rec["x"], rec["src"]
         if self.qk_rule == "uniform":
-            nq, nk = self.W(blk.q).shape[0], self.W(blk.k).shape[0]
+            nq, _ = yield from self._shape(blk.q)
+            nk, _ = yield from self._shape(blk.k)
             self._add(blk.q, LogVec.ones(nq), LogVec.ones(x.vec.numel()))
             self._add(blk.k, LogVec.ones(nk), LogVec.ones(src.vec.numel()))
         elif self.qk_rule == "value_proxy":
@@ -330,14 +358,64 @@ class FlowComputer:
             self._add(blk.q, LogVec.of(beta_rows * _repeat_kv(k.vec, h, blk.n_kv_heads), beta_log + k.log), x)
             self._add(blk.k, LogVec.of(_sum_kv(beta_rows * q.vec, h, blk.n_kv_heads), beta_log + q.log), src)
 
-    def run(self) -> FlowFactors:
+    def steps(self) -> Steps:
+        """The flow computation as a generator: yields requests, receives the weights, returns the factors."""
         return self.chain() if isinstance(self.graph, ChainGraph) else self.transformer()
+
+    def run(self) -> FlowFactors:
+        """Run with the ``weights``/``gammas`` callbacks given at construction."""
+        assert self.W is not None and self.gamma is not None
+        gen = self.steps()
+        try:
+            kind, what = next(gen)
+            while True:
+                kind, what = gen.send(self.W(what) if kind == "w" else self.gamma(what))  # type: ignore[arg-type]
+        except StopIteration as stop:
+            return stop.value
 
 
 def flow_factors(graph: TransformerGraph | ChainGraph, weights: Weights, gammas: Gammas,
                  qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None) -> FlowFactors:
     """Rank-1 factors of dR/d|W| for every chain tensor of ``graph`` (see module docstring)."""
     return FlowComputer(graph, weights, gammas, qk_rule, shapes).run()
+
+
+class LockstepSource:
+    """Serves the weights of several experts to :func:`lockstep_flows`, one stored tensor at a time."""
+
+    def open(self, key: str) -> None:
+        """Called once per request before any expert is served (e.g. read the base tensor)."""
+
+    def weight(self, n: int, ref: Ref) -> torch.Tensor:
+        """|W| of expert ``n`` as :data:`Weights` returns it; valid until the next call."""
+        raise NotImplementedError
+
+    def gamma(self, n: int, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def lockstep_flows(graph: TransformerGraph | ChainGraph, n_experts: int, source: LockstepSource,
+                   qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None
+                   ) -> list[FlowFactors]:
+    """:func:`flow_factors` of ``n_experts`` experts at once, each request served for every expert before the
+    next one, so a caller reading weights from files reads each stored tensor once per request for all experts."""
+    gens = [FlowComputer(graph, qk_rule=qk_rule, shapes=shapes).steps() for _ in range(n_experts)]
+    reqs: list[Request | None] = [next(g) for g in gens]
+    out: list[FlowFactors] = [{} for _ in range(n_experts)]
+    while reqs[0] is not None:
+        req = reqs[0]
+        kind, what = req
+        source.open(what.key if isinstance(what, Ref) else what)
+        for n, g in enumerate(gens):
+            if reqs[n] != req:
+                raise AssertionError(f"lockstep flows diverged: {reqs[n]} vs {req}")
+            val = source.weight(n, what) if kind == "w" else source.gamma(n, what)  # type: ignore[arg-type]
+            try:
+                reqs[n] = g.send(val)
+            except StopIteration as stop:
+                reqs[n] = None
+                out[n] = stop.value
+    return out
 
 
 def dense_flow(factors: list[Factor], shape2d: tuple[int, int], dtype: torch.dtype = torch.float64,

@@ -52,6 +52,10 @@ class MergeContext:
     config: dict[str, Any] | None = None  # the base's config.json, when it came from a model directory
     history: list[Any] | None = None  # per-iteration records are appended here when given
     progress: bool = False
+    max_memory: int | None = None  # peak RSS budget of the whole process, bytes (None: derived from free RAM)
+    reader: Any = None  # engine.InputReader: one tensor of the base or of one expert at a time, from the inputs
+    scratch_dir: Any = None  # where scratch files may go (next to the output's temporary); None: the system's
+    schedule: str = "auto"  # whole-model methods: "auto" (by max_memory), "memory" or "streamed" (out of core)
 
 
 class MethodParams(BaseModel):

@@ -19,7 +19,6 @@ scale = 1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,11 +27,14 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from samerge.errors import SamergeError
 from samerge.graphs import build_graph
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
-from samerge.methods.ties import elect_and_merge
-from samerge.saliency import (expert_flows, mask_units, saliency_keys_into, sparse_saliency_keys_into,
-                              unit_view)
+from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
+                                         aggregate,
+                                         choose_schedule, conflicts_dense, iteration_record,
+                                         memory_plan, scheduled_keep, unit_name)
+from samerge.saliency import expert_flows, graph_units, saliency_keys_into, sparse_saliency_keys_into, unit_view
 from samerge.selection import Workspace, select_top_keys
 
 
@@ -72,22 +74,14 @@ class SaMergingParams(MethodParams):
 
 
 @dataclass
-class IterationRecord:
-    """What one SA-Merging iteration did (``history`` of :func:`samerge.merge`)."""
-
-    iteration: int
-    density: dict[str, float]  # per mask unit ("key" or "key[r0:r1]"): alive / initially non-zero, mean over experts
-    overall_density: float  # alive / initially non-zero over all chain entries and experts
-    norm_ratio: float  # ||sum_n tau_n^(t)|| / ||sum_n tau_n|| over chain tensors
-    conflict: float  # fraction of surviving entries whose sign differs from the merged sign at that entry
-
-
-@dataclass
 class SaState:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[IterationRecord] = field(default_factory=list)
     graph: Any = None
     units: list[tuple[str, tuple[int, int] | None]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return "in memory"
 
 
 # A unit whose alive fraction falls to this is held as (sorted flat indices, values): from then on its saliency,
@@ -147,14 +141,10 @@ class _Store:
         """Surviving entries of expert n whose sign differs from the merged sign."""
         sp = self.sparse.get((n, key, rows))
         if sp is None:
-            prod = ws.get("sa.prod", merged.shape, merged.dtype)
-            torch.mul(unit_view(self.taus[n][key], rows), merged, out=prod)
-        else:
-            prod = ws.get("sa.prod", sp.idx.numel(), merged.dtype)
-            torch.index_select(merged.reshape(-1), 0, sp.idx, out=prod).mul_(sp.val)
-        prod.sign_()  # negatives = (#nonzero - sum of signs) / 2, with float reductions only
-        total = float(prod.sum(dtype=torch.float64))
-        return round((float(prod.abs_().sum(dtype=torch.float64)) - total) / 2)
+            return conflicts_dense(unit_view(self.taus[n][key], rows), merged, ws)
+        prod = ws.get("sa.prod", sp.idx.numel(), merged.dtype)
+        torch.index_select(merged.reshape(-1), 0, sp.idx, out=prod).mul_(sp.val)
+        return int(torch.count_nonzero(torch.lt(prod, 0, out=ws.get("sa.prod.neg", prod.shape, torch.bool))))
 
     def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
         """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
@@ -203,10 +193,6 @@ class _Store:
                 self.sparse.pop((n, key, rows), None)
 
 
-def unit_name(key: str, rows: tuple[int, int] | None) -> str:
-    return key if rows is None else f"{key}[{rows[0]}:{rows[1]}]"
-
-
 class SaMerging(MergeMethod):
     name = "sa_merging"
     description = "SA-Merging: iterative connectivity-saliency pruning of each task vector (T, p), then sum."
@@ -216,7 +202,47 @@ class SaMerging(MergeMethod):
     def needs_plan(self, params: Any) -> bool:
         return True
 
-    def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> SaState:
+    def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> SaState | StreamedSA:
+        graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
+        missing = [k for k in graph.chain_keys() if k not in context.shapes or k not in set(context.keys)]
+        if missing:
+            raise SamergeError(f"sa_merging: chain tensor {missing[0]!r} is excluded from the merge")
+        units = graph_units(graph)
+        if context.reader is not None:
+            schedule = choose_schedule(context, context.reader.n_experts, units, params)
+            if schedule.kind == "streamed":
+                return self._plan_streamed(params, ws, context, graph, units, schedule)
+        return self._plan_in_memory(params, groups, ws, context, graph, units)
+
+    def _plan_streamed(self, params: Any, ws: Workspace, context: MergeContext, graph: Any, units: list,
+                       schedule: Schedule) -> StreamedSA:
+        reader = context.reader
+        n_exp = reader.n_experts
+        units_of: dict[str, list[tuple[int, int] | None]] = {}
+        for key, rows in units:
+            units_of.setdefault(key, []).append(rows)
+        sizes = {(n, k, r): unit_view(torch.empty(context.shapes[k], device="meta"), r).numel()
+                 for n in range(n_exp) for k, r in units}
+        masks = MaskStore(sizes, schedule.masks_in_memory, context.scratch_dir)
+        state = StreamedState(units, units_of, {}, {}, 0.0, masks)
+        sched = StreamedSA(params, graph, context, ws, state, schedule.hold_up_to)
+        sched.count()
+        if params.density_rule == "uniform":
+            state.ratios = {u: params.prune_ratio for u in state.n0}
+        else:
+            def unit_stream():
+                for key, blocks in units_of.items():
+                    sched._open(key)
+                    taus = [sched.tau(n).clone() for n in range(n_exp)]
+                    for rows in blocks:
+                        yield key, rows, unit_view(sched.base, rows), [unit_view(t, rows) for t in taus]
+
+            state.ratios = self._ratios(params, unit_stream, state.n0, ws)
+        sched.run()
+        return sched
+
+    def _plan_in_memory(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext, graph: Any,
+                        units: list) -> SaState:
         base: dict[str, torch.Tensor] = {}
         taus: list[dict[str, torch.Tensor]] = []
         for g in groups():
@@ -225,14 +251,8 @@ class SaMerging(MergeMethod):
                 taus = [{} for _ in range(g.n_experts)]
             for n in range(g.n_experts):
                 taus[n][g.key] = g.task_vectors[n].clone()
-        graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
         state = SaState(graph=graph)
         chain = list(graph.chain_keys())
-        missing = [k for k in chain if k not in base]
-        if missing:
-            from samerge.errors import SamergeError
-
-            raise SamergeError(f"sa_merging: chain tensor {missing[0]!r} is excluded from the merge")
         n_exp = len(taus)
         store = _Store(base, taus)
         abs_buffers: dict[str, torch.Tensor] = {}  # |theta0 + tau_n|, reused by every expert and iteration
@@ -246,15 +266,21 @@ class SaMerging(MergeMethod):
             flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers,
                                   fill=store.abs_filler(n)) for n in range(n_exp)]
             if not store.units:
-                store.set_units(mask_units(graph, flows[0]))
+                store.set_units(units)
                 state.units = store.units
                 for n in range(n_exp):
                     for key, rows in store.units:
                         n0[(n, key, rows)] = alive[(n, key, rows)] = int(torch.count_nonzero(
                             unit_view(taus[n][key], rows)))
-                ratios = self._ratios(params, taus, store.units, n0, ws)
-                total0_sq = sum(float(torch.linalg.vector_norm(store.sum_unit(ws, k, r))) ** 2
-                                for k, r in store.units)
+
+                def unit_stream():
+                    for key, rows in store.units:
+                        yield key, rows, unit_view(base[key], rows), [unit_view(t[key], rows) for t in taus]
+
+                ratios = self._ratios(params, unit_stream, n0, ws)
+                total0_sq = 0.0
+                for k, r in store.units:
+                    total0_sq += float(torch.linalg.vector_norm(store.sum_unit(ws, k, r))) ** 2
             for key, rows in store.units:
                 merged_u = store.sum_unit(ws, key, rows)
                 for n in range(n_exp):
@@ -271,19 +297,8 @@ class SaMerging(MergeMethod):
         for key in list(base):
             stack = torch.stack([store.dense_key(n, key) for n in range(n_exp)])
             store.drop_key(key)
-            if key in chain_set:
-                if params.aggregate == "disjoint_mean":
-                    delta = elect_and_merge(stack.view(n_exp, -1), "mean", ws).clone().view(base[key].shape)
-                else:
-                    delta = stack.sum(0)
-                delta.mul_(params.scale)
-            elif params.outside_rule == "sum":
-                delta = stack.sum(0).mul_(params.scale)
-            elif params.outside_rule == "mean":
-                delta = stack.mean(0)
-            else:
-                delta = torch.zeros_like(base[key])
-            state.deltas[key] = delta
+            state.deltas[key] = aggregate(stack.__getitem__, n_exp, key in chain_set, params, ws,
+                                          torch.empty_like(base[key]))
             del base[key]
         return state
 
@@ -293,8 +308,7 @@ class SaMerging(MergeMethod):
                     ws: Workspace) -> None:
         """One TopKMask step for expert n on one unit: keep the scheduled count of the largest S among alive."""
         u = (n, key, rows)
-        keep = 0 if n0[u] == 0 else max(1, round(n0[u] * (1.0 - ratios[u]) ** t))
-        keep = min(keep, alive[u])
+        keep = min(scheduled_keep(n0[u], ratios[u], t), alive[u])
         if keep == alive[u]:
             return  # nothing to prune here at this iteration
         kdt = torch.int64 if merged_u.dtype == torch.float64 else torch.int32
@@ -319,19 +333,21 @@ class SaMerging(MergeMethod):
             sp.idx, sp.val = torch.masked_select(sp.idx, mask), torch.masked_select(sp.val, mask)
         alive[u] = keep
 
-    def _ratios(self, params: Any, taus: list[dict[str, torch.Tensor]], units: list, n0: dict, ws: Workspace
-                ) -> dict:
-        """Per (expert, unit) pruning ratio: p everywhere, or TADrop's per-tensor density rho -> 1 - rho^(1/T)."""
+    def _ratios(self, params: Any, unit_stream: Callable, n0: dict, ws: Workspace) -> dict:
+        """Per (expert, unit) pruning ratio: p everywhere, or TADrop's per-tensor density rho -> 1 - rho^(1/T).
+
+        ``unit_stream()`` yields ``(key, rows, base unit, [task vector unit of each expert])``."""
         if params.density_rule == "uniform":
             return {k: params.prune_ratio for k in n0}
         from samerge.tadrop import plan_tadrop
 
         target = (1.0 - params.prune_ratio) ** params.iterations
+        units: list = []
 
         def stream():
-            for key, rows in units:
-                yield TensorGroup(unit_name(key, rows), unit_view(taus[0][key], rows),
-                                  torch.stack([unit_view(t[key], rows) for t in taus]))
+            for key, rows, base_u, taus_u in unit_stream():
+                units.append((key, rows))
+                yield TensorGroup(unit_name(key, rows), base_u, torch.stack(taus_u))
 
         plan = plan_tadrop(stream, target, ws)
         out = {}
@@ -345,21 +361,22 @@ class SaMerging(MergeMethod):
     @staticmethod
     def _record(t: int, store: _Store, n0: dict, alive: dict, total0_sq: float, ws: Workspace) -> IterationRecord:
         n_exp = len(store.taus)
-        density: dict[str, float] = {}
-        for key, rows in store.units:
-            vals = [alive[(n, key, rows)] / n0[(n, key, rows)] for n in range(n_exp) if n0[(n, key, rows)]]
-            density[unit_name(key, rows)] = sum(vals) / len(vals) if vals else 0.0
-        alive_all, n0_all = sum(alive.values()), sum(n0.values())
-        sq = 0.0
-        conflicts = 0
+        merged_sq: dict = {}
+        conflicts: dict = {}
         for key, rows in store.units:
             merged = store.sum_unit(ws, key, rows)
-            sq += float(torch.linalg.vector_norm(merged)) ** 2
-            for n in range(n_exp):
-                conflicts += store.count_conflicts(n, key, rows, merged, ws)
-        return IterationRecord(t, density, alive_all / n0_all if n0_all else 0.0,
-                               math.sqrt(sq / total0_sq) if total0_sq > 0 else 0.0,
-                               conflicts / alive_all if alive_all else 0.0)
+            merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged)) ** 2
+            conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged, ws) for n in range(n_exp))
+        return iteration_record(t, store.units, n_exp, n0, alive, merged_sq, conflicts, total0_sq)
 
-    def merge_tensor(self, group: TensorGroup, params: Any, state: SaState, ws: Workspace) -> torch.Tensor:
+    def memory_plan(self, params: Any, context: MergeContext, n_experts: int) -> MemoryPlan:
+        """Peak RSS in memory and out of core, from shapes alone."""
+        graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
+        return memory_plan(context, n_experts, graph_units(graph), params)
+
+    def merge_tensor(self, group: TensorGroup, params: Any, state: SaState | StreamedSA, ws: Workspace
+                     ) -> torch.Tensor:
+        if isinstance(state, StreamedSA):
+            return state.merge_tensor(group)
         return state.deltas.pop(group.key)
+
