@@ -77,6 +77,40 @@ def test_streamed_equals_in_memory_byte_for_byte(name, kw, masks_in_file, monkey
     assert any(not torch.equal(got[k], ta[k]) for k in got if got[k].is_floating_point())
 
 
+def test_text_suite_minilm_experts_streamed_equals_in_memory(suite_cache):
+    """The text suite's fine-tuned MiniLM experts (post-LN BERT graph), the same experts the suite tests use."""
+    from samerge.evaluation.report import _suite
+
+    st, data = _suite("text", "small", 0, False, None, {})
+    experts = [st.expert(t).encoder for t in data]
+    want = samerge.merge(st.base, experts, "sa_merging", exclude=st.exclude, schedule="memory")
+    got, state, _ = _streamed(st.base, experts, st.exclude)
+    assert isinstance(state, StreamedSA)
+    assert _bytes(got) == _bytes(want)
+
+
+def test_streamed_chain_graph_cnn_with_batchnorm_equals_in_memory():
+    """The chain walker (convolutions, depthwise, eval-mode BatchNorm, a flatten into a linear layer) streamed."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16),
+                      nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.uniform_(0.5, 1.5)
+    sd = m.state_dict()
+    experts = experts_of(sd)
+    for kw in ({}, {"aggregate": "disjoint_mean", "outside_rule": "sum"}):
+        want = samerge.merge(sd, experts, "sa_merging", graph="chain", schedule="memory", **kw)
+        got, state, _ = _streamed(sd, experts, graph="chain", **kw)
+        assert isinstance(state, StreamedSA)
+        assert _bytes(got) == _bytes(want)
+
+
 def _no_hold(init):
     def wrapped(self, *args, **kwargs):
         init(self, *args, **kwargs)
