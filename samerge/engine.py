@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io.checkpoint import Checkpoint, aliases_of, tensor_info
 from samerge.io.writer import parse_size
+from samerge.memory import SLACK, process_rss, too_small
 from samerge.methods import get_method, parse_params
 from samerge.methods.base import MergeContext, MergeMethod, MethodParams, TensorGroup
 from samerge.selection import Workspace
@@ -234,6 +235,12 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     ``"memory"`` forbids it); ``scratch_dir`` is where their scratch files go.
     """
     m = get_method(method) if isinstance(method, str) else method
+    if max_memory is not None and not hasattr(m, "memory_plan"):
+        # a per-tensor method holds one tensor of the base and of each expert (compute dtype) plus scratch
+        largest = max((math.prod(plan.shapes[k]) for k in plan.merged_keys), default=0)
+        needed = process_rss() + 4 * largest * (len(experts) + 4) + SLACK
+        if needed > max_memory:
+            raise too_small(m.name, max_memory, needed)
     stats = stats if stats is not None else MergeStats()
     stats.expert_sq = [0.0] * len(experts)
     ws = Workspace()

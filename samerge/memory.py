@@ -61,5 +61,5 @@ def too_small(what: str, budget: int, needed: int) -> SamergeError:
     """The one error for a budget below what the streamed schedule needs."""
     step = 10 * 1000**2
     smallest = math.ceil((needed + JITTER) / step) * step
-    return SamergeError(f"{what}: --max-memory {format_size(budget)} is below what streaming one layer needs; "
+    return SamergeError(f"{what}: --max-memory {format_size(budget)} is below what streaming one tensor needs; "
                         f"the smallest budget that works here is {format_size(smallest)}")

@@ -538,7 +538,7 @@ def test_budget_below_the_streamed_minimum_is_one_line_and_writes_nothing(tiny_l
         code = main(args)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert err.startswith("samerge: error: merge-lora: --max-memory 1.00MB is below what streaming one layer "
+        assert err.startswith("samerge: error: merge-lora: --max-memory 1.00MB is below what streaming one tensor "
                               "needs; the smallest budget that works here is ")
         smallest = parse_size(err.strip().rsplit(" ", 1)[-1])
         assert process_rss() / 2 < smallest < process_rss() + 512 * 1024**2

@@ -164,6 +164,19 @@ def test_budget_below_one_layer_is_one_line_naming_the_smallest_budget(tmp_path)
     assert _bytes(a) == _bytes(b)
 
 
+def test_per_tensor_methods_refuse_a_budget_below_one_tensor_and_run_within_a_real_one():
+    from tests.conftest import make_base, make_experts
+
+    base = make_base()
+    experts = make_experts(base, 3)
+    with pytest.raises(samerge.SamergeError, match=r"^ties: --max-memory 1.00MB is below .* smallest budget that "
+                                                   r"works here is \d+\.\d\dMB$"):
+        samerge.merge(base, experts, "ties", max_memory="1MB")
+    want = samerge.merge(base, experts, "ties")
+    got = samerge.merge(base, experts, "ties", max_memory="64GB")
+    assert _bytes(got) == _bytes(want)
+
+
 # ------------------------------------------------------------------------------------------- peak RSS, in a child
 
 RSS_CHILD = r"""
