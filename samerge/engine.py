@@ -273,7 +273,7 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
             torch.add(group.base, delta, out=out)
         else:
             out.copy_(delta.add_(group.base))
-        if not bool(torch.isfinite(torch.linalg.vector_norm(out.to(cdt) if dtype != cdt else out))):
+        if not bool(torch.isfinite(torch.linalg.vector_norm(out, dtype=cdt))):  # accumulates in cdt, no copy
             if not bool(torch.isfinite(out).all()):
                 raise SamergeError(f"{m.name}: merged tensor {key!r} is not finite"
                                    + (f" after casting to {dtype} (overflow)" if dtype != cdt else ""))
