@@ -28,7 +28,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from samerge import __version__
+from samerge.api import merge_checkpoints
+from samerge.architecture import guess_architecture
 from samerge.errors import SamergeError, SamergeWarning
+from samerge.io import open_checkpoint
+from samerge.lora import merge_lora_checkpoints
+from samerge.memory import format_size
+from samerge.methods import REGISTRY, describe_params
+from samerge.saliency import saliency
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -84,7 +92,6 @@ def _load_config(path: str) -> MergeConfig:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from samerge.api import merge_checkpoints
 
     cfg = _load_config(args.config) if args.config else MergeConfig()
     base = args.base or cfg.base
@@ -123,8 +130,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from samerge.lora import merge_lora_checkpoints
-    from samerge.memory import format_size
 
     if not args.adapter:
         raise SamergeError("no adapters given (--adapter DIR, once per adapter)")
@@ -144,7 +149,6 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from samerge.methods import REGISTRY, describe_params
 
     if args.json:
         print(json.dumps({name: {"description": m.description,
@@ -160,8 +164,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from samerge.architecture import guess_architecture
-    from samerge.io import open_checkpoint
 
     with open_checkpoint(args.path) as ckpt:
         infos = {k: ckpt.info(k) for k in ckpt.keys()}
@@ -215,8 +217,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def cmd_saliency(args: argparse.Namespace) -> int:
-    from samerge.io import open_checkpoint
-    from samerge.saliency import saliency
 
     params = _parse_set(args.set or [])
     allowed = {"saliency_sign", "qk_rule", "graph"}
@@ -329,7 +329,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from samerge import __version__
 
     parser = argparse.ArgumentParser(prog="samerge", description="Data-free model merging (SA-Merging and baselines).")
     parser.add_argument("--version", action="version", version=f"samerge {__version__}")

@@ -235,7 +235,7 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     ``"memory"`` forbids it); ``scratch_dir`` is where their scratch files go.
     """
     m = get_method(method) if isinstance(method, str) else method
-    if max_memory is not None and not hasattr(m, "memory_plan"):
+    if max_memory is not None and m.memory_plan(params, _context(plan, base), len(experts)) is None:
         # a per-tensor method holds one tensor of the base and of each expert (compute dtype) plus scratch
         largest = max((math.prod(plan.shapes[k]) for k in plan.merged_keys), default=0)
         needed = process_rss() + 4 * largest * (len(experts) + 4) + SLACK
@@ -247,11 +247,8 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
     once = not m.merge_needs_task_vectors  # the plan pass is the only pass over the experts
     groups = _Groups(base, experts, plan, ws, stats=stats if once else None)
     if m.needs_plan(params):
-        context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
-                               aliases=plan.aliases, config=getattr(base, "config", None), history=history,
-                               progress=progress, max_memory=max_memory,
-                               reader=groups.reader, scratch_dir=scratch_dir,
-                               schedule=schedule)
+        context = _context(plan, base, history=history, progress=progress, max_memory=max_memory,
+                           reader=groups.reader, scratch_dir=scratch_dir, schedule=schedule)
         stats.method_state = m.plan(params, groups, ws, context)
     groups.stats = None if once else stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
@@ -303,11 +300,12 @@ def memory_plan(base: StateDict, experts: Sequence[StateDict], method: str = "sa
     p = parse_params(m, params)
     experts = list(experts)
     plan = plan_merge(base, experts, exclude)
-    if not hasattr(m, "memory_plan"):
-        return None
-    context = MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
-                           aliases=plan.aliases, config=getattr(base, "config", None))
-    return m.memory_plan(p, context, len(experts))
+    return m.memory_plan(p, _context(plan, base), len(experts))
+
+
+def _context(plan: MergePlan, base: StateDict, **kw: Any) -> MergeContext:
+    return MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
+                        aliases=plan.aliases, config=getattr(base, "config", None), **kw)
 
 
 def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,

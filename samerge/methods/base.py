@@ -95,6 +95,10 @@ class MergeMethod:
             return plan_tadrop(groups, params.density, ws)
         return None
 
+    def memory_plan(self, params: Any, context: MergeContext, n_experts: int) -> Any:
+        """Peak RSS in memory and out of core for whole-model methods; None: the method streams tensor by tensor."""
+        return None
+
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
         raise NotImplementedError
 

@@ -31,9 +31,8 @@ from samerge.errors import SamergeError
 from samerge.graphs import build_graph
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
-                                         aggregate,
-                                         choose_schedule, conflicts_dense, iteration_record,
-                                         memory_plan, scheduled_keep, unit_name)
+                                         aggregate, choose_schedule, conflicts_dense, iteration_record, memory_plan,
+                                         scheduled_keep, unit_name, unit_sizes)
 from samerge.saliency import expert_flows, graph_units, saliency_keys_into, sparse_saliency_keys_into, unit_view
 from samerge.selection import Workspace, select_top_keys
 
@@ -216,22 +215,16 @@ class SaMerging(MergeMethod):
 
     def _plan_streamed(self, params: Any, ws: Workspace, context: MergeContext, graph: Any, units: list,
                        schedule: Schedule) -> StreamedSA:
-        reader = context.reader
-        n_exp = reader.n_experts
-        units_of: dict[str, list[tuple[int, int] | None]] = {}
-        for key, rows in units:
-            units_of.setdefault(key, []).append(rows)
-        sizes = {(n, k, r): unit_view(torch.empty(context.shapes[k], device="meta"), r).numel()
-                 for n in range(n_exp) for k, r in units}
-        masks = MaskStore(sizes, schedule.masks_in_memory, context.scratch_dir)
-        state = StreamedState(units, units_of, {}, {}, 0.0, masks)
+        n_exp = context.reader.n_experts
+        masks = MaskStore(unit_sizes(context.shapes, units, n_exp), schedule.masks_in_memory, context.scratch_dir)
+        state = StreamedState(units, {}, {}, 0.0, masks)
         sched = StreamedSA(params, graph, context, ws, state, schedule.hold_up_to)
         sched.count()
         if params.density_rule == "uniform":
             state.ratios = {u: params.prune_ratio for u in state.n0}
         else:
             def unit_stream():
-                for key, blocks in units_of.items():
+                for key, blocks in state.units_of.items():
                     sched._open(key)
                     taus = [sched.tau(n).clone() for n in range(n_exp)]
                     for rows in blocks:

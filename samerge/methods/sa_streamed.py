@@ -198,11 +198,12 @@ class MemoryPlan:
     in_memory: int
     streamed: int  # out of core, one expert's task vector at a time, masks in a scratch file
     mask_bytes: int  # the bit-packed masks of every expert
-    hold_bytes: dict[int, int] = field(default_factory=dict)  # entries of a tensor -> bytes to hold all N of it
 
-    def describe(self) -> str:
-        return (f"in memory {format_size(self.in_memory)}, out of core {format_size(self.streamed)} "
-                f"(+{format_size(self.mask_bytes)} to keep the masks in memory)")
+
+def unit_sizes(shapes: dict[str, tuple[int, ...]], units: list[Unit], n_experts: int) -> dict[ExpertUnit, int]:
+    """Entries of every (expert, unit)."""
+    one = {(k, r): unit_view(torch.empty(shapes[k], device="meta"), r).numel() for k, r in units}
+    return {(n, k, r): one[(k, r)] for n in range(n_experts) for k, r in units}
 
 
 def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params: Any,
@@ -212,16 +213,14 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     numel = {k: math.prod(shapes[k]) for k in context.keys}
     p_all = sum(numel.values())
     big = max(numel.values(), default=0)  # L: the largest merged tensor
-    unit_max = max((math.prod(unit_view(torch.empty(shapes[k], device="meta"), r).shape) for k, r in units),
-                   default=0)  # U
+    sizes = unit_sizes(shapes, units, n_experts)
+    unit_max = max(sizes.values(), default=0)  # U
     chain_numel = sum(numel[k] for k in dict.fromkeys(k for k, _ in units))
     flows = 0
     for key in dict.fromkeys(k for k, _ in units):
         two_d = view2d(torch.empty(shapes[key], device="meta"))
         flows += 2 * 8 * (two_d.shape[0] + two_d.shape[1])
     flows *= 2 * n_experts  # the previous iteration's factors and the current walk's
-    sizes = {(n, k, r): math.prod(unit_view(torch.empty(shapes[k], device="meta"), r).shape)
-             for n in range(n_experts) for k, r in units}
     mask_bytes = MaskStore.nbytes(sizes)
     base_rss = process_rss() if rss is None else rss
     # in memory: base + N task vectors + |theta0 + tau| over the model, the engine's group buffers, scratch
@@ -270,7 +269,6 @@ class StreamedState:
     """Everything SA-Merging carries between passes when streaming: counts, masks, the last flows."""
 
     units: list[Unit]
-    units_of: dict[str, list[tuple[int, int] | None]]
     n0: dict[ExpertUnit, int]
     ratios: dict[ExpertUnit, float]
     total0_sq: float
@@ -283,6 +281,12 @@ class StreamedState:
     merged_sq: dict[int, dict[Unit, float]] = field(default_factory=dict)
     conflicts: dict[int, dict[Unit, int]] = field(default_factory=dict)
     history: list[IterationRecord] = field(default_factory=list)
+    units_of: dict[str, list[tuple[int, int] | None]] = field(init=False)  # key -> its units' row blocks
+
+    def __post_init__(self) -> None:
+        self.units_of = {}
+        for key, rows in self.units:
+            self.units_of.setdefault(key, []).append(rows)
 
 
 class StreamedSA(LockstepSource):
@@ -307,13 +311,15 @@ class StreamedSA(LockstepSource):
                 f"{where} ({format_size(MaskStore.nbytes(self.state.masks.sizes))})")
 
     # ------------------------------------------------------------------------------------------ holding a tensor
-    def _open(self, key: str) -> None:
+    def _open(self, key: str, base: torch.Tensor | None = None) -> None:
+        """Hold ``key``: its base tensor (read, or ``base`` when the caller has just read it) and, when it fits,
+        every expert's current task vector."""
         if self.key == key:
             return
         shape = self.context.shapes[key]
         dtype = self.reader.plan.compute_dtypes[key]
         self.key, self.tau_n, self.held = None, None, None
-        self.base = self.reader.base(key, self.ws.get("io.base", shape, dtype))
+        self.base = base if base is not None else self.reader.base(key, self.ws.get("io.base", shape, dtype))
         if math.prod(shape) <= self.hold_up_to or key not in self.state.units_of:
             self.held = self.ws.get("ooc.held", (self.n_exp, *shape), dtype)
             for n in range(self.n_exp):
@@ -482,7 +488,8 @@ class StreamedSA(LockstepSource):
         in_chain = key in st.units_of
         if not in_chain and self.params.outside_rule == "base":
             return self.ws.get("sa.merged", group.base.shape, group.base.dtype).zero_()
-        self.key = None  # the engine has just read this key's base into the shared buffer: read it again
+        self.key = None
+        self._open(key, group.base)  # the engine has just read the base tensor
         T = self.params.iterations
         self._advance(key, T)
         merged = self._merged()  # sum of the last pruned task vectors
