@@ -16,6 +16,7 @@ import torch
 
 from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
+from samerge.plan import plan_merge
 from samerge.selection import Workspace, signed_keys_into
 
 Unit = tuple[str, tuple[int, int] | None]
@@ -283,8 +284,6 @@ def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, to
     ``exclude`` globs name tensors that are not merged (task heads). When ``samples`` is a list, up to
     ``samples_per_unit`` random entries of every unit are appended to it as ``(unit, expert, tau, S)`` (for plots).
     """
-    from samerge.engine import plan_merge
-
     experts = list(experts)
     plan = plan_merge(base, experts, exclude)
     keys = [k for k in plan.keys if k in plan.merged_keys]
