@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from samerge import kernels
 from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
 from samerge.plan import plan_merge
-from samerge.selection import Workspace, signed_keys_into
+from samerge.selection import Workspace, select_top_keys, signed_keys_into
 
 Unit = tuple[str, tuple[int, int] | None]
 DEAD = 3.0e38  # dead entries score -DEAD: below every real saliency (|S| <= |M| since flows are max-normalised)
@@ -65,6 +66,13 @@ def mask_units(graph: TransformerGraph | ChainGraph, factors: FlowFactors) -> li
     return units
 
 
+def abs_sum_into(base: torch.Tensor, tau: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = |base + tau|``: the weights the flows run on (one fused pass for float32 on the CPU)."""
+    if kernels.supported(base, tau, out) and base.is_contiguous() and tau.is_contiguous() and out.is_contiguous():
+        return kernels.abs_add(base, tau, out)
+    return torch.add(base, tau, out=out).abs_()
+
+
 class ExpertWeights:
     """``|theta0 + tau|`` per Ref for one expert, each tensor computed once and reused by forward and backward.
 
@@ -89,7 +97,7 @@ class ExpertWeights:
             if self._fill is not None:
                 self._fill(key, buf)
             elif t is not None:
-                torch.add(self.base[key], t, out=buf).abs_()
+                abs_sum_into(self.base[key], t, buf)
             else:
                 torch.abs(self.base[key], out=buf)
             self._done.add(key)
@@ -241,6 +249,67 @@ def sparse_saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: lis
         s.mul_(tmp.add_(val).sign_())
     s.add_(0.0)  # -0.0 -> +0.0, as the dense path does
     signed_keys_into(s, keys, hi)
+
+
+def sum_into(out: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """M = sum of ``parts`` into ``out``, in order from +0.0 (one fused pass for contiguous float32 on the CPU)."""
+    if kernels.supported(out, *parts) and all(t.is_contiguous() for t in (out, *parts)):
+        return kernels.sum_into(out, parts)
+    out.zero_()
+    for p in parts:
+        out.add_(p)
+    return out
+
+
+def conflicts(tau_u: torch.Tensor, merged_u: torch.Tensor, ws: Workspace) -> int:
+    """Entries of ``tau_u`` whose sign is opposite to ``merged_u``'s (zeros conflict with nothing)."""
+    if kernels.supported(tau_u, merged_u):
+        return kernels.conflicts(tau_u, merged_u)
+    a = torch.sign(tau_u, out=ws.get("sal.conf.a", tau_u.shape, tau_u.dtype))
+    a.mul_(torch.sign(merged_u, out=ws.get("sal.conf.b", tau_u.shape, tau_u.dtype)))
+    return int(torch.count_nonzero(torch.lt(a, 0, out=ws.get("sal.conf.neg", tau_u.shape, torch.bool))))
+
+
+def topk_step_(tau_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor, factors: list[Factor],
+               rows: tuple[int, int] | None, keep: int, sign_rule: str, ws: Workspace,
+               mask: torch.Tensor | None = None) -> int:
+    """One TopKMask step on a dense unit, in place: keep the ``keep`` largest S = sg ⊙ F ⊙ M among the alive
+    entries of ``tau_u`` (2-D view) and zero the others; ``mask`` (bool, flat) receives the kept entries.
+
+    Returns the conflicts of ``tau_u`` with ``merged_u`` before the step. float32 on the CPU runs the fused
+    kernels of :mod:`samerge.kernels`; anything else the torch operations they are tested against."""
+    mine = [f for f in factors if f.rows == rows]
+    if kernels.supported(tau_u, base_u, merged_u):
+        return kernels.topk_(tau_u, base_u, merged_u, mine, keep, sign_rule, ws, mask)
+    n_conflicts = conflicts(tau_u, merged_u, ws)
+    kdt = torch.int64 if tau_u.dtype == torch.float64 else torch.int32
+    keys = ws.get("sa.keys", tau_u.numel(), kdt)
+    hi = ws.get("sa.hi", tau_u.numel(), kdt)
+    saliency_keys_into(keys, hi, mine, rows, base_u, tau_u, merged_u, sign_rule, ws)
+    kept = select_top_keys(keys, hi, keep, ws, slot="sa",
+                           out=mask if mask is not None else ws.get("sa.bmask", tau_u.numel(), torch.bool))
+    tau_u.masked_fill_(torch.logical_not(kept, out=ws.get("sa.pruned", kept.numel(), torch.bool))
+                       .view(tau_u.shape), 0.0)
+    return n_conflicts
+
+
+def sparse_topk(idx: torch.Tensor, val: torch.Tensor, n_cols: int, base_u: torch.Tensor, merged_u: torch.Tensor,
+                factors: list[Factor], rows: tuple[int, int] | None, keep: int, sign_rule: str, ws: Workspace
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`topk_step_` on a unit held as sorted flat positions ``idx`` with values ``val``: the kept
+    ``(idx, val)`` and the conflicts before the step, in work proportional to the alive entries."""
+    mine = [f for f in factors if f.rows == rows]
+    if kernels.supported(val, base_u, merged_u):
+        return kernels.sparse_topk(idx, val, n_cols, base_u, merged_u, mine, keep, sign_rule, ws)
+    prod = torch.index_select(merged_u.reshape(-1), 0, idx).sign_().mul_(torch.sign(val))
+    n_conflicts = int(torch.count_nonzero(prod < 0))
+    kdt = torch.int64 if val.dtype == torch.float64 else torch.int32
+    keys = ws.get("sa.keys", idx.numel(), kdt)
+    hi = ws.get("sa.hi", idx.numel(), kdt)
+    sparse_saliency_keys_into(keys, hi, mine, rows, n_cols, idx, val, base_u.reshape(-1), merged_u.reshape(-1),
+                              sign_rule, ws)
+    kept = select_top_keys(keys, hi, keep, ws, slot="sa")
+    return torch.masked_select(idx, kept), torch.masked_select(val, kept), n_conflicts
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -36,28 +36,39 @@ def run_sa(base, experts, **kw):
     return out, hist
 
 
-def masks_of(base, experts, **kw):
-    """Final per-expert masks: merge each expert's surviving task vector separately by exploiting linearity."""
+def masks_of(base, experts, last_only=False, **kw):
+    """Per-expert masks after each iteration t = 1..T: the final masks of a run with T = t (keep counts are
+    scheduled from the initial counts, so a run's first t iterations do not depend on its T), read from the
+    method's store when it records its last iteration."""
     from samerge.engine import MergeStats, merge_stream, plan_merge
     from samerge.methods import get_method, parse_params
 
     m = get_method("sa_merging")
-    p = parse_params(m, {"preset": "paper", "outside_rule": "base", **kw})
-    stats = MergeStats()
+    T = kw.pop("iterations", 10)
     captured = {}
-    # the survivors of every iteration, seen through the per-iteration record hook
-    orig_record = type(m).__dict__["_record"]
+    orig_prune, orig_record = type(m).__dict__["_prune_unit"], type(m).__dict__["_record"]
+    seen = {}
 
-    def record(t, store, n0, alive, total0, ws):
-        chain = list(dict.fromkeys(k for k, _ in store.units))
-        captured[t] = [{k: (store.dense_key(n, k) != 0).clone() for k in chain} for n in range(len(store.taus))]
-        return orig_record.__func__(t, store, n0, alive, total0, ws)
+    def prune(store, *a, **k):
+        seen["store"] = store
+        return orig_prune.__func__(store, *a, **k)
 
-    type(m)._record = staticmethod(record)
-    try:
-        list(merge_stream(base, experts, m, p, plan_merge(base, experts), stats=stats))
-    finally:
-        type(m)._record = orig_record
+    for t in ([T] if last_only else range(1, T + 1)):
+        p = parse_params(m, {"preset": "paper", "outside_rule": "base", **kw, "iterations": t})
+
+        def record(state, context, bar, rec, t=t):
+            if rec.iteration == t:
+                store = seen["store"]
+                chain = list(dict.fromkeys(k for k, _ in store.units))
+                captured[t] = [{k: (store.dense_key(n, k) != 0).clone() for k in chain}
+                               for n in range(len(store.taus))]
+            return orig_record.__func__(state, context, bar, rec)
+
+        type(m)._prune_unit, type(m)._record = staticmethod(prune), staticmethod(record)
+        try:
+            list(merge_stream(base, experts, m, p, plan_merge(base, experts), stats=MergeStats()))
+        finally:
+            type(m)._prune_unit, type(m)._record = orig_prune, orig_record
     return captured
 
 
@@ -93,12 +104,12 @@ def test_one_iteration_without_pruning_is_task_arithmetic_with_scale_one():
 def test_permuting_experts_permutes_masks_and_identical_experts_get_identical_masks():
     base = mlp_base(2)
     experts = perturb(base, 3)
-    a = masks_of(base, experts)[10]
-    b = masks_of(base, experts[::-1])[10]
+    a = masks_of(base, experts, last_only=True)[10]
+    b = masks_of(base, experts[::-1], last_only=True)[10]
     for n in range(3):
         for k in a[n]:
             assert torch.equal(a[n][k], b[2 - n][k])
-    same = masks_of(base, [experts[0], experts[0]])[10]
+    same = masks_of(base, [experts[0], experts[0]], last_only=True)[10]
     assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
 
 
@@ -109,9 +120,9 @@ def test_single_expert_zero_task_vector_and_adding_a_zero_expert():
     assert len(hist) == 10
     zero = {k: v.clone() for k, v in base.items()}
     with pytest.warns(samerge.SamergeWarning, match="identical to the base"):
-        caps = masks_of(base, [experts[0], experts[1], zero])
+        caps = masks_of(base, [experts[0], experts[1], zero], last_only=True)
     assert all(not m.any() for m in caps[10][2].values())  # a zero task vector stays zero
-    ref = masks_of(base, experts)
+    ref = masks_of(base, experts, last_only=True)
     for n in range(2):
         for k in ref[10][n]:
             assert torch.equal(ref[10][n][k], caps[10][n][k])  # the zero expert changes no other mask
@@ -227,8 +238,8 @@ def test_deep_fp32_chain_is_finite_and_matches_float64_masks():
     experts32 = [{k: v.float() for k, v in e.items()} for e in experts64]
     stats = samerge.saliency(base32, experts32)
     assert all(s.nonzero == 1.0 and math.isfinite(s.spearman_abs_merged) for s in stats)
-    m32 = masks_of(base32, experts32)[10]
-    m64 = masks_of(base64, experts64)[10]
+    m32 = masks_of(base32, experts32, last_only=True)[10]
+    m64 = masks_of(base64, experts64, last_only=True)[10]
     agree = sum(int((m32[n][k] == m64[n][k]).sum()) for n in range(2) for k in m32[n])
     total = sum(m.numel() for n in range(2) for m in m32[n].values())
     assert agree / total >= 0.9999

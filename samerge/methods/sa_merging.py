@@ -31,10 +31,11 @@ from samerge.errors import SamergeError
 from samerge.graphs import build_graph
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
-                                         aggregate, choose_schedule, conflicts_dense, iteration_record, memory_plan,
-                                         scheduled_keep, unit_name, unit_sizes)
-from samerge.saliency import expert_flows, graph_units, saliency_keys_into, sparse_saliency_keys_into, unit_view
-from samerge.selection import Workspace, select_top_keys
+                                         aggregate, choose_schedule, iteration_record, memory_plan, scheduled_keep,
+                                         unit_name, unit_sizes)
+from samerge.saliency import (abs_sum_into, conflicts, expert_flows, graph_units, sparse_topk, sum_into, topk_step_,
+                              unit_view)
+from samerge.selection import Workspace
 
 
 # The configuration printed in the paper (Algorithm 1, Eq. 4 and 6 as written): reachable as preset="paper".
@@ -85,7 +86,7 @@ class SaState:
 
 # A unit whose alive fraction falls to this is held as (sorted flat indices, values): from then on its saliency,
 # selection and update cost is proportional to its alive entries (spec §7).
-SPARSE_BELOW = 0.25
+SPARSE_BELOW = 0.1
 
 Unit = tuple[int, str, "tuple[int, int] | None"]  # (expert, key, row block)
 
@@ -130,7 +131,10 @@ class _Store:
     def sum_unit(self, ws: Workspace, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """M = sum_n tau_n over one unit, in a scratch buffer."""
         shape = unit_view(self.base[key], rows).shape
-        out = ws.get("sa.merged", shape, self.base[key].dtype).zero_()
+        out = ws.get("sa.merged", shape, self.base[key].dtype)
+        if not any((n, key, rows) in self.sparse for n in range(len(self.taus))):
+            return sum_into(out, [unit_view(t[key], rows) for t in self.taus])
+        out.zero_()
         for n in range(len(self.taus)):
             self.add_unit_(out, n, key, rows)
         return out
@@ -140,10 +144,9 @@ class _Store:
         """Surviving entries of expert n whose sign differs from the merged sign."""
         sp = self.sparse.get((n, key, rows))
         if sp is None:
-            return conflicts_dense(unit_view(self.taus[n][key], rows), merged, ws)
-        prod = ws.get("sa.prod", sp.idx.numel(), merged.dtype)
-        torch.index_select(merged.reshape(-1), 0, sp.idx, out=prod).mul_(sp.val)
-        return int(torch.count_nonzero(torch.lt(prod, 0, out=ws.get("sa.prod.neg", prod.shape, torch.bool))))
+            return conflicts(unit_view(self.taus[n][key], rows), merged, ws)
+        at = torch.index_select(merged.reshape(-1), 0, sp.idx, out=ws.get("sa.prod", sp.idx.numel(), merged.dtype))
+        return conflicts(sp.val, at, ws)
 
     def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
         """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
@@ -156,7 +159,7 @@ class _Store:
                 if dense is None:
                     torch.abs(b, out=buf)
                 else:
-                    torch.add(b, dense, out=buf).abs_()
+                    abs_sum_into(b, dense, buf)
                 return
             torch.abs(b, out=buf)
             for rows in blocks:
@@ -164,7 +167,7 @@ class _Store:
                 target = unit_view(buf, rows)
                 if sp is None:
                     assert dense is not None
-                    torch.add(unit_view(b, rows), unit_view(dense, rows), out=target).abs_()
+                    abs_sum_into(unit_view(b, rows), unit_view(dense, rows), target)
                 else:
                     flat = target.reshape(-1)
                     flat.index_copy_(0, sp.idx.long(), torch.index_select(unit_view(b, rows).reshape(-1), 0, sp.idx)
@@ -238,12 +241,21 @@ class SaMerging(MergeMethod):
                         units: list) -> SaState:
         base: dict[str, torch.Tensor] = {}
         taus: list[dict[str, torch.Tensor]] = []
-        for g in groups():
-            base[g.key] = g.base.clone()
-            if not taus:
-                taus = [{} for _ in range(g.n_experts)]
-            for n in range(g.n_experts):
-                taus[n][g.key] = g.task_vectors[n].clone()
+        reader = context.reader
+        if reader is not None:  # read straight into the tensors held for the run (no copy of 1.4x the inputs)
+            taus = [{} for _ in range(reader.n_experts)]
+            for key in context.keys:
+                shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
+                b = base[key] = reader.base(key, torch.empty(shape, dtype=dtype), check=True)
+                for n in range(reader.n_experts):
+                    taus[n][key] = reader.task_vector(n, key, b, torch.empty(shape, dtype=dtype), check=True)
+        else:
+            for g in groups():
+                base[g.key] = g.base.clone()
+                if not taus:
+                    taus = [{} for _ in range(g.n_experts)]
+                for n in range(g.n_experts):
+                    taus[n][g.key] = g.task_vectors[n].clone()
         state = SaState(graph=graph)
         chain = list(graph.chain_keys())
         n_exp = len(taus)
@@ -271,60 +283,64 @@ class SaMerging(MergeMethod):
                         yield key, rows, unit_view(base[key], rows), [unit_view(t[key], rows) for t in taus]
 
                 ratios = self._ratios(params, unit_stream, n0, ws)
-                total0_sq = 0.0
-                for k, r in store.units:
-                    total0_sq += float(torch.linalg.vector_norm(store.sum_unit(ws, k, r))) ** 2
+            # the record of iteration t - 1 is measured on the way, from the state this step reads (no extra pass)
+            before = dict(alive)
+            merged_sq: dict = {}
+            conflicts: dict = {}
             for key, rows in store.units:
                 merged_u = store.sum_unit(ws, key, rows)
-                for n in range(n_exp):
+                merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
+                conflicts[(key, rows)] = sum(
                     self._prune_unit(store, flows[n].get(key, []), n, key, rows, merged_u, t, n0, alive, ratios,
-                                     params.saliency_sign, ws)
-            record = self._record(t, store, n0, alive, total0_sq, ws)
-            state.history.append(record)
-            if context.history is not None:
-                context.history.append(record)
-            bar.set_postfix(density=f"{record.overall_density:.3f}", conflict=f"{record.conflict:.3f}")
+                                     params.saliency_sign, ws, count=t >= 2) for n in range(n_exp))
+            if t == 1:
+                total0_sq = 0.0
+                for u in store.units:
+                    total0_sq += merged_sq[u]
+            else:
+                self._record(state, context, bar, iteration_record(t - 1, store.units, n_exp, n0, before, merged_sq,
+                                                                   conflicts, total0_sq))
+        merged_sq, conflicts = {}, {}
+        for key, rows in store.units:  # the record of the last iteration
+            merged_u = store.sum_unit(ws, key, rows)
+            merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
+            conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged_u, ws) for n in range(n_exp))
+        self._record(state, context, bar, iteration_record(params.iterations, store.units, n_exp, n0, alive,
+                                                           merged_sq, conflicts, total0_sq))
         bar.close()
         del abs_buffers
         chain_set = set(chain)
         for key in list(base):
-            stack = torch.stack([store.dense_key(n, key) for n in range(n_exp)])
-            store.drop_key(key)
-            state.deltas[key] = aggregate(stack.__getitem__, n_exp, key in chain_set, params, ws,
+            final = [store.dense_key(n, key) for n in range(n_exp)]
+            state.deltas[key] = aggregate(final.__getitem__, n_exp, key in chain_set, params, ws,
                                           torch.empty_like(base[key]))
+            store.drop_key(key)
+            del final
             del base[key]
         return state
 
     @staticmethod
     def _prune_unit(store: _Store, factors: list, n: int, key: str, rows: tuple[int, int] | None,
                     merged_u: torch.Tensor, t: int, n0: dict, alive: dict, ratios: dict, sign_rule: str,
-                    ws: Workspace) -> None:
-        """One TopKMask step for expert n on one unit: keep the scheduled count of the largest S among alive."""
+                    ws: Workspace, count: bool) -> int:
+        """One TopKMask step for expert n on one unit: keep the scheduled count of the largest S among alive.
+        Returns the conflicts of the unit before the step (when ``count``; the step itself counts them)."""
         u = (n, key, rows)
         keep = min(scheduled_keep(n0[u], ratios[u], t), alive[u])
-        if keep == alive[u]:
-            return  # nothing to prune here at this iteration
-        kdt = torch.int64 if merged_u.dtype == torch.float64 else torch.int32
+        if keep == alive[u]:  # nothing to prune here at this iteration
+            return store.count_conflicts(n, key, rows, merged_u, ws) if count else 0
         base_u = unit_view(store.base[key], rows)
         sp = store.sparse.get(u)
         if sp is None:
             tau_u = unit_view(store.taus[n][key], rows)
-            keys = ws.get("sa.keys", tau_u.numel(), kdt)
-            hi = ws.get("sa.hi", tau_u.numel(), kdt)
-            # S = sg ⊙ F ⊙ M as ranking keys; dead entries get -inf: they rank last and stay dead
-            saliency_keys_into(keys, hi, factors, rows, base_u, tau_u, merged_u, sign_rule, ws)
-            mask = select_top_keys(keys, hi, keep, ws, slot="sa", out=ws.get("sa.fmask", tau_u.numel(), tau_u.dtype))
-            tau_u.mul_(mask.view(tau_u.shape))
+            n_conflicts = topk_step_(tau_u, base_u, merged_u, factors, rows, keep, sign_rule, ws)
             if keep <= SPARSE_BELOW * tau_u.numel():
                 store.to_sparse(n, key, rows)
         else:
-            keys = ws.get("sa.keys", sp.idx.numel(), kdt)
-            hi = ws.get("sa.hi", sp.idx.numel(), kdt)
-            sparse_saliency_keys_into(keys, hi, factors, rows, merged_u.shape[1], sp.idx, sp.val,
-                                      base_u.reshape(-1), merged_u.reshape(-1), sign_rule, ws)
-            mask = select_top_keys(keys, hi, keep, ws, slot="sa")
-            sp.idx, sp.val = torch.masked_select(sp.idx, mask), torch.masked_select(sp.val, mask)
+            sp.idx, sp.val, n_conflicts = sparse_topk(sp.idx, sp.val, merged_u.shape[1], base_u, merged_u, factors,
+                                                      rows, keep, sign_rule, ws)
         alive[u] = keep
+        return n_conflicts
 
     def _ratios(self, params: Any, unit_stream: Callable, n0: dict, ws: Workspace) -> dict:
         """Per (expert, unit) pruning ratio: p everywhere, or TADrop's per-tensor density rho -> 1 - rho^(1/T).
@@ -352,15 +368,11 @@ class SaMerging(MergeMethod):
         return out
 
     @staticmethod
-    def _record(t: int, store: _Store, n0: dict, alive: dict, total0_sq: float, ws: Workspace) -> IterationRecord:
-        n_exp = len(store.taus)
-        merged_sq: dict = {}
-        conflicts: dict = {}
-        for key, rows in store.units:
-            merged = store.sum_unit(ws, key, rows)
-            merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged)) ** 2
-            conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged, ws) for n in range(n_exp))
-        return iteration_record(t, store.units, n_exp, n0, alive, merged_sq, conflicts, total0_sq)
+    def _record(state: SaState, context: MergeContext, bar: Any, record: IterationRecord) -> None:
+        state.history.append(record)
+        if context.history is not None:
+            context.history.append(record)
+        bar.set_postfix(density=f"{record.overall_density:.3f}", conflict=f"{record.conflict:.3f}")
 
     def memory_plan(self, params: Any, context: MergeContext, n_experts: int) -> MemoryPlan:
         """Peak RSS in memory and out of core, from shapes alone."""

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from samerge.graphs import FlowFactors, LockstepSource, Ref, lockstep_flows
 from samerge.memory import SLACK, format_size, process_rss, resolve_budget, too_small
 from samerge.methods.base import MergeContext, TensorGroup
-from samerge.saliency import saliency_keys_into, unit_view, view2d
-from samerge.selection import Workspace, select_top_keys
+from samerge.saliency import abs_sum_into, conflicts, sum_into, topk_step_, unit_view, view2d
+from samerge.selection import Workspace
 
 Unit = tuple[str, "tuple[int, int] | None"]  # (key, row block)
 ExpertUnit = tuple[int, str, "tuple[int, int] | None"]  # (expert, key, row block)
@@ -73,21 +73,6 @@ def iteration_record(t: int, units: list[Unit], n_exp: int, n0: dict, alive: dic
     return IterationRecord(t, density, alive_all / n0_all if n0_all else 0.0,
                            math.sqrt(sq / total0_sq) if total0_sq > 0 else 0.0,
                            n_conflicts / alive_all if alive_all else 0.0)
-
-
-def sum_into(out: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """M = sum_n tau_n into ``out`` (zeroed first), in expert order."""
-    out.zero_()
-    for p in parts:
-        out.add_(p)
-    return out
-
-
-def conflicts_dense(tau_u: torch.Tensor, merged: torch.Tensor, ws: Workspace, slot: str = "sa.prod") -> int:
-    """Surviving entries of ``tau_u`` whose sign differs from ``merged`` (float reductions only)."""
-    prod = ws.get(slot, merged.shape, merged.dtype)
-    torch.mul(tau_u, merged, out=prod)
-    return int(torch.count_nonzero(torch.lt(prod, 0, out=ws.get(slot + ".neg", merged.shape, torch.bool))))
 
 
 def aggregate(tau_of: Callable[[int], torch.Tensor], n_exp: int, in_chain: bool, params: Any, ws: Workspace,
@@ -369,7 +354,7 @@ class StreamedSA(LockstepSource):
         b, t = view2d(self.base), view2d(self.tau(n))
         if ref.rows is not None:
             b, t = b[ref.rows[0]: ref.rows[1]], t[ref.rows[0]: ref.rows[1]]
-        w = torch.add(b, t, out=self.ws.get("ooc.scratch", b.shape, b.dtype)).abs_()
+        w = abs_sum_into(b, t, self.ws.get("ooc.scratch", b.shape, b.dtype))
         return w.t() if ref.transposed else w
 
     def gamma(self, n: int, key: str) -> torch.Tensor:
@@ -380,50 +365,51 @@ class StreamedSA(LockstepSource):
     def _merged(self) -> torch.Tensor:
         """M = sum_n tau_n of the tensor held now (one pass over the experts)."""
         assert self.base is not None
-        merged = self.ws.get("sa.merged", self.base.shape, self.base.dtype).zero_()
+        merged = self.ws.get("sa.merged", self.base.shape, self.base.dtype)
+        if self.held is not None:
+            return sum_into(merged, list(self.held))
+        merged.zero_()
         for n in range(self.n_exp):
             merged.add_(self.tau(n))
         return merged
 
-    def _measure(self, t: int, key: str, merged: torch.Tensor, n: int, first: bool) -> None:
-        """Statistics of the state after iteration t: ||M||^2 once (``first``), conflicts of expert n."""
+    def _measure_merged(self, t: int, key: str, merged: torch.Tensor) -> None:
+        """||M||^2 of the state after iteration t, per unit of the tensor held now."""
         sq = self.state.merged_sq.setdefault(t, {})
-        conflicts = self.state.conflicts.setdefault(t, {})
         for rows in self.state.units_of[key]:
-            merged_u = unit_view(merged, rows)
-            if first:
-                sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
-            conflicts[(key, rows)] = conflicts.get((key, rows), 0) + conflicts_dense(
-                unit_view(self.tau(n), rows), merged_u, self.ws, slot="ooc.scratch")
+            sq[(key, rows)] = float(torch.linalg.vector_norm(unit_view(merged, rows))) ** 2
+
+    def _add_conflicts(self, t: int, key: str, rows: tuple[int, int] | None, n_conflicts: int) -> None:
+        per_unit = self.state.conflicts.setdefault(t, {})
+        per_unit[(key, rows)] = per_unit.get((key, rows), 0) + n_conflicts
 
     def _prune_key(self, key: str, t: int) -> None:
+        """Iteration t's TopKMask step for every unit of ``key``; the state it reads (after iteration t - 1) is
+        measured on the way."""
         st, ws = self.state, self.ws
         assert self.base is not None
         merged = self._merged()
-        kdt = torch.int64 if merged.dtype == torch.float64 else torch.int32
+        if t >= 2:
+            self._measure_merged(t - 1, key, merged)
         # experts in reverse: the one read last for M is pruned first, and expert 0, which the walkers ask for
         # first, is the one left in the buffer (two reads fewer per step for a tensor that is not held)
         for n in reversed(range(self.n_exp)):
-            if t >= 2:
-                self._measure(t - 1, key, merged, n, first=n == self.n_exp - 1)
             tau = self.tau(n)
             for rows in st.units_of[key]:
                 u = (n, key, rows)
                 alive = st.alive[u][-1]
                 keep = min(scheduled_keep(st.n0[u], st.ratios[u], t), alive)
                 st.alive[u].append(keep)
+                tau_u, merged_u = unit_view(tau, rows), unit_view(merged, rows)
                 if keep == alive:
-                    continue
-                tau_u, base_u, merged_u = unit_view(tau, rows), unit_view(self.base, rows), unit_view(merged, rows)
-                keys = ws.get("ooc.scratch", tau_u.numel(), kdt)
-                hi = ws.get("sa.hi", tau_u.numel(), kdt)
-                saliency_keys_into(keys, hi, st.flows[n].get(key, []), rows, base_u, tau_u, merged_u,
-                                   self.params.saliency_sign, ws)
-                mask = select_top_keys(keys, hi, keep, ws, slot="sa",
-                                       out=ws.get("sa.bmask", tau_u.numel(), torch.bool))
-                st.masks.put(u, mask)
-                pruned = torch.logical_not(mask, out=ws.get("sa.cand", mask.numel(), torch.bool))
-                tau_u.masked_fill_(pruned.view(tau_u.shape), 0.0)  # the held / buffered copy follows its mask
+                    n_conflicts = conflicts(tau_u, merged_u, ws) if t >= 2 else 0
+                else:
+                    mask = ws.get("sa.bmask", tau_u.numel(), torch.bool)
+                    n_conflicts = topk_step_(tau_u, unit_view(self.base, rows), merged_u, st.flows[n].get(key, []),
+                                             rows, keep, self.params.saliency_sign, ws, mask=mask)
+                    st.masks.put(u, mask)  # the held / buffered copy already follows it
+                if t >= 2:
+                    self._add_conflicts(t - 1, key, rows, n_conflicts)
 
     def _record(self, t: int) -> None:
         st = self.state
@@ -494,8 +480,11 @@ class StreamedSA(LockstepSource):
         self._advance(key, T)
         merged = self._merged()  # sum of the last pruned task vectors
         if in_chain:
+            self._measure_merged(T, key, merged)
             for n in reversed(range(self.n_exp)):
-                self._measure(T, key, merged, n, first=n == self.n_exp - 1)
+                for rows in st.units_of[key]:
+                    self._add_conflicts(T, key, rows, conflicts(unit_view(self.tau(n), rows), unit_view(merged, rows),
+                                                                self.ws))
             st.step[key] = T + 1  # measured
         delta = aggregate(self.tau, self.n_exp, in_chain, self.params, self.ws, merged, summed=True)
         if in_chain and all(st.step.get(k, 0) > T for k in st.units_of):

@@ -1,0 +1,489 @@
+"""Fused CPU kernels for SA-Merging's TopKMask step (numba): a few memory passes per expert and unit, not thirty.
+
+One TopKMask step keeps the ``keep`` largest saliencies S = sg ⊙ (u vᵀ) ⊙ M among an expert's alive entries and
+zeroes the rest (spec §3). As torch operations that is ~30 elementwise passes over the unit (flow block, signs,
+dead-entry fill, integer keys, a 65,536-bin histogram, candidate gathering, the mask); memory-bound, they cost
+~4 ns per entry on a 2-core CPU. Here the same arithmetic runs in three passes, each vectorised and split over the
+threads:
+
+1. ``_keys``: S of every entry, in float32 and in the order the torch path computes it, turned into an integer key
+   with the same order (dead entries get the lowest key), plus the count of alive entries whose sign differs from
+   M's (the conflict statistic of the state the step starts from);
+2. ``_bracket``: a strided sample of the keys brackets the k-th largest; one pass counts the keys above the bracket
+   and gathers those inside it (their positions in index order), so the exact threshold comes from ~1% of the
+   entries. A bracket that misses (rare: it spans 3 standard deviations of the sample quantile) is widened to
+   every key, which is exact too;
+3. ``_apply``: zero the entries below the threshold, keep the first ``fill`` entries equal to it in index order
+   (ties break by the lowest flat index, as :func:`samerge.selection.select_top_keys` does).
+
+The result is the same mask as the torch path (:func:`samerge.saliency.saliency_keys_into` +
+:func:`samerge.selection.select_top_keys`), which stays the reference and the path for other devices and float64
+(tests compare both). Units held sparsely (sorted flat positions and values) use :func:`sparse_topk`, whose work is
+proportional to the alive entries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from numba.typed import List
+
+DEAD = np.float32(-3.0e38)  # the score of a dead entry (samerge.saliency.DEAD): below every real saliency
+FALLBACKS = [0]  # dense steps whose sampled bracket missed (diagnostics: benchmarks print it)
+RULES = {"literal": 0, "own_sign": 1, "own_value": 2}
+SAMPLE = 1 << 14  # keys sampled to bracket the threshold
+RUN = 16  # the sample of the dense path: SAMPLE / RUN runs of RUN consecutive entries
+I32 = np.iinfo(np.int32)
+Z = 3.0  # bracket half-width in standard deviations of the sample quantile
+
+
+@njit(cache=True, inline="always")
+def _score(t, b, m, us, vs, scales, rule, r, c):
+    """S of one entry (DEAD when t = 0): the arithmetic of ``_keys_rows``, one entry at a time."""
+    if t == 0:
+        return DEAD
+    s = us[0, r] * vs[0, c]
+    if scales[0] != 1.0:
+        s = s * scales[0]
+    for f in range(1, us.shape[0]):
+        s = s + scales[f] * us[f, r] * vs[f, c]
+    s = s * m
+    if rule == 2:
+        s = s * t
+    elif rule == 1:
+        s = s * (np.float32(t > 0) - np.float32(t < 0))
+    else:
+        w = b + t
+        s = s * (np.float32(w > 0) - np.float32(w < 0))
+    return s + np.float32(0.0)
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _to_keys(keys):
+    """Scores written as float32 into ``keys`` -> their order-preserving integer keys, in place."""
+    for i in range(keys.shape[0]):
+        b = keys[i]
+        keys[i] = b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _keys_rows(tau, base, merged, us, vs, scales, rule, r0, r1, keys, scratch, lo, hi, flags):
+    """Keys of rows r0..r1 (flat, row-major, ``vs.shape[1]`` columns), and for each a flag: within [lo, hi].
+    Returns (conflicts, keys above hi)."""
+    C = vs.shape[1]
+    nf = us.shape[0]
+    si = scratch.view(np.int32)
+    conflicts = 0
+    above = 0
+    for r in range(r0, r1):
+        tr = tau[r * C:(r + 1) * C]
+        br = base[r * C:(r + 1) * C]
+        mr = merged[r * C:(r + 1) * C]
+        kr = keys[r * C:(r + 1) * C]
+        fr = flags[r * C:(r + 1) * C]
+        u0 = us[0, r]
+        v0 = vs[0]
+        sc0 = scales[0]
+        for c in range(C):
+            scratch[c] = u0 * v0[c]
+        if sc0 != 1.0:
+            for c in range(C):
+                scratch[c] = scratch[c] * sc0
+        for j in range(1, nf):  # further factors (tied weights): s + (scale_j u_j) v_j, as torch's addr_
+            uj = scales[j] * us[j, r]
+            vj = vs[j]
+            for c in range(C):
+                scratch[c] = scratch[c] + uj * vj[c]
+        for c in range(C):
+            t = tr[c]
+            m = mr[c]
+            conflicts += ((t > 0) & (m < 0)) | ((t < 0) & (m > 0))
+            s = scratch[c] * m
+            if rule == 2:
+                s = s * t
+            elif rule == 1:
+                s = s * (np.float32(t > 0) - np.float32(t < 0))
+            else:
+                w = br[c] + t
+                s = s * (np.float32(w > 0) - np.float32(w < 0))
+            s = s + np.float32(0.0)  # -0.0 -> +0.0
+            scratch[c] = s if t != 0 else DEAD
+        for c in range(C):
+            b = si[c]
+            k = b ^ ((b >> 31) & 0x7FFFFFFF)
+            kr[c] = k
+            above += k > hi
+            fr[c] = (k >= lo) & (k <= hi)
+    return conflicts, above
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _keys(tau, base, merged, us, vs, scales, rule, keys, scratch, lo, hi, flags):
+    R = us.shape[1]
+    nt = scratch.shape[0]
+    step = (R + nt - 1) // nt
+    conflicts = np.zeros(nt, np.int64)
+    above = np.zeros(nt, np.int64)
+    for th in prange(nt):
+        c, a = _keys_rows(tau, base, merged, us, vs, scales, rule, th * step, min(R, (th + 1) * step), keys,
+                          scratch[th], lo, hi, flags)
+        conflicts[th] = c
+        above[th] = a
+    return conflicts.sum(), above.sum()
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _gather_part(keys, flags, w0, w1, cand, pos):
+    """Keys (and positions) whose flag is set, in the 8-flag words w0..w1 (visiting only words with a flag)."""
+    words = flags.view(np.uint64)
+    n = keys.shape[0]
+    j = 0
+    cap = cand.shape[0]
+    last_full = min(w1, n // 8)
+    for w in range(w0, last_full):
+        if words[w] != 0:
+            if j + 8 > cap:
+                return cap + 1  # overflow: the caller falls back
+            for i in range(w * 8, w * 8 + 8):  # branchless: write every key of the word, advance past the flagged
+                cand[j] = keys[i]
+                pos[j] = i
+                j += np.int64(flags[i])
+    for w in range(max(w0, last_full), w1):  # the last, partial word
+        for i in range(w * 8, min(n, w * 8 + 8)):
+            if flags[i]:
+                if j >= cap:
+                    return cap + 1
+                cand[j] = keys[i]
+                pos[j] = i
+                j += 1
+    return j
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _gather(keys, flags, cand, pos, nt):
+    n_words = flags.shape[0] // 8
+    step = (n_words + nt - 1) // nt
+    cap = cand.shape[0] // nt
+    counts = np.zeros(nt, np.int64)
+    for th in prange(nt):
+        counts[th] = _gather_part(keys, flags, th * step, min(n_words, (th + 1) * step),
+                                  cand[th * cap:(th + 1) * cap], pos[th * cap:(th + 1) * cap])
+    return counts
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _sample_keys(tau, base, merged, us, vs, scales, rule, C, stride, out):
+    """The keys of runs of RUN consecutive entries starting at 0, stride, 2 stride, ... (the arithmetic of
+    ``_keys_rows``; a run shares its cache lines: the sample costs few cache misses)."""
+    n = tau.shape[0]
+    of = out.view(np.float32)
+    for j in prange(out.shape[0] // RUN):  # latency-bound (cache misses): both threads
+        i = min(n - RUN, j * stride)
+        r = i // C  # one division per run
+        c = i - r * C
+        for q in range(RUN):
+            of[j * RUN + q] = _score(tau[i + q], base[i + q], merged[i + q], us, vs, scales, rule, r, c)
+            c += 1
+            if c == C:
+                r += 1
+                c = 0
+    _to_keys(out)
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _sum(parts, out, nt):
+    """out = ((0 + parts[0]) + parts[1]) + ...: the sum in expert order from +0.0, one pass."""
+    n = out.shape[0]
+    step = (n + nt - 1) // nt
+    for th in prange(nt):
+        i0, i1 = th * step, min(n, (th + 1) * step)
+        o = out[i0:i1]
+        for i in range(o.shape[0]):
+            o[i] = np.float32(0.0)
+        for p in range(len(parts)):
+            x = parts[p][i0:i1]
+            for i in range(o.shape[0]):
+                o[i] = o[i] + x[i]
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _bracket_part(keys, i0, i1, lo, hi, cand, pos, flags):
+    """Count keys > hi in keys[i0:i1]; gather those in [lo, hi] (at most ``cand.shape[0]``; the true count is
+    returned). A vectorised pass writes one in-bracket byte per key; the gather then visits only the 8-key words
+    with a byte set (~1 in 8 for a 1-2 % bracket)."""
+    ks = keys[i0:i1]
+    n = ks.shape[0]
+    f = flags[: (n + 7) // 8 * 8]
+    above = 0
+    for i in range(n):
+        k = ks[i]
+        above += k > hi
+        f[i] = (k >= lo) & (k <= hi)
+    for i in range(n, f.shape[0]):
+        f[i] = 0
+    words = f.view(np.uint64)
+    j = 0
+    cap = cand.shape[0]
+    for w in range(words.shape[0]):
+        if words[w] != 0:
+            for i in range(w * 8, min(n, w * 8 + 8)):
+                if f[i]:
+                    if j < cap:
+                        cand[j] = ks[i]
+                        pos[j] = i0 + i
+                    j += 1
+    return above, j
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _bracket(keys, lo, hi, cand, pos, flags, nt):
+    """Count keys > hi; gather keys in [lo, hi] with their positions (index order; per-thread regions of
+    ``cand``). Returns (above, per-thread counts); a count beyond a region's capacity means it overflowed."""
+    n = keys.shape[0]
+    step = (n + nt - 1) // nt
+    cap = cand.shape[0] // nt
+    fcap = flags.shape[0] // nt
+    above = np.zeros(nt, np.int64)
+    counts = np.zeros(nt, np.int64)
+    for th in prange(nt):
+        a, c = _bracket_part(keys, th * step, min(n, (th + 1) * step), lo, hi, cand[th * cap:(th + 1) * cap],
+                             pos[th * cap:(th + 1) * cap], flags[th * fcap:(th + 1) * fcap])
+        above[th] = a
+        counts[th] = c
+    return above.sum(), counts
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _apply_part(vals, keys, i0, i1, thr, last, mask):
+    vs = vals[i0:i1]
+    ks = keys[i0:i1]
+    lim = last - i0  # ties kept up to this position of the slice
+    if mask.shape[0] > 0:
+        ms = mask[i0:i1]
+        for i in range(ks.shape[0]):
+            k = ks[i]
+            keep = (k > thr) | ((k == thr) & (i <= lim))
+            ms[i] = keep
+            vs[i] = vs[i] if keep else np.float32(0.0)
+    else:
+        for i in range(ks.shape[0]):
+            k = ks[i]
+            keep = (k > thr) | ((k == thr) & (i <= lim))
+            vs[i] = vs[i] if keep else np.float32(0.0)
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _apply(vals, keys, thr, last, mask, nt):
+    n = keys.shape[0]
+    step = (n + nt - 1) // nt
+    for th in prange(nt):
+        _apply_part(vals, keys, th * step, min(n, (th + 1) * step), thr, last, mask)
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _sparse_keys(idx, val, C, base, merged, us, vs, scales, rule, keys):
+    """Keys at the alive entries (sorted flat positions ``idx``), the same arithmetic as ``_keys_rows``."""
+    conflicts = 0
+    kf = keys.view(np.float32)
+    r = 0
+    row_end = C
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        while i >= row_end:  # positions ascend: the row advances, no division
+            r += 1
+            row_end += C
+        t = val[j]
+        m = merged[i]
+        conflicts += ((t > 0) & (m < 0)) | ((t < 0) & (m > 0))
+        kf[j] = _score(t, base[i], m, us, vs, scales, rule, r, i - (row_end - C))
+    _to_keys(keys)
+    return conflicts
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _compact(idx, val, keys, thr, last, out_idx, out_val):
+    j = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if (k > thr) | ((k == thr) & (i <= last)):
+            out_idx[j] = idx[i]
+            out_val[j] = val[i]
+            j += 1
+    return j
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _abs_add(base, tau, out, nt):
+    n = base.shape[0]
+    step = (n + nt - 1) // nt
+    for th in prange(nt):
+        i0, i1 = th * step, min(n, (th + 1) * step)
+        b, t, o = base[i0:i1], tau[i0:i1], out[i0:i1]
+        for i in range(b.shape[0]):
+            o[i] = abs(b[i] + t[i])
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _conflicts(tau, merged):
+    n = 0
+    for i in range(tau.shape[0]):
+        t = tau[i]
+        m = merged[i]
+        n += ((t > 0) & (m < 0)) | ((t < 0) & (m > 0))
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def supported(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: float32 on the CPU (others use the torch path)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    assert t.is_contiguous(), "kernel inputs are contiguous"
+    return t.detach().reshape(-1).numpy()
+
+
+def _factor_arrays(factors: Sequence, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(us, vs, scales) as float32 arrays: the rank-1 factors of one unit, max-normalised as in
+    :func:`samerge.saliency.saliency_keys_into` (a unit without factors scores 0 everywhere)."""
+    mine = [f for f in factors if f.log != -math.inf]
+    if not mine:
+        return np.zeros((1, n_rows), np.float32), np.zeros((1, n_cols), np.float32), np.ones(1, np.float32)
+    top = max(f.log for f in mine)
+    us = np.stack([f.u.to(torch.float32).numpy() for f in mine])
+    vs = np.stack([f.v.to(torch.float32).numpy() for f in mine])
+    scales = np.array([math.exp(f.log - top) for f in mine], np.float32)
+    return us, vs, scales
+
+
+def _bounds(sample: np.ndarray, keep: int, n: int, nt: int) -> tuple[int, int, int]:
+    """(lo, hi, capacity): a bracket of keys that holds the k-th largest of ``n`` with high probability, read off a
+    sample of the keys, and room for the keys inside it."""
+    m = sample.shape[0]
+    q = 1.0 - keep / n  # the k-th largest sits at this quantile
+    half = Z * math.sqrt(m * q * (1.0 - q)) + 2.0
+    a, b = int(math.floor(q * m - half)), int(math.ceil(q * m + half))
+    sample.partition([i for i in (a, b) if 0 <= i < m] or [0])
+    lo = int(sample[a]) if a >= 0 else I32.min
+    hi = int(sample[b]) if b < m else I32.max
+    return lo, hi, max(1024, int(2.0 * n * (b - a) / m) // nt * nt + nt)
+
+
+def _stride(n: int, n_cols: int, run: int = 1) -> int:
+    stride = n // (SAMPLE // run)
+    while math.gcd(stride, n_cols) != 1:  # a stride sharing a factor with the row length would sample a few
+        stride -= 1                       # columns only (S depends on the column through v)
+    return stride
+
+
+def _finish(cand: np.ndarray, pos: np.ndarray, counts: np.ndarray, above: int, keep: int) -> tuple[int, int] | None:
+    """(thr, last) from the keys gathered inside the bracket (per-thread regions of ``cand``), or None when the
+    bracket missed the k-th key or a region overflowed."""
+    region = cand.shape[0] // counts.shape[0]
+    if not (above < keep <= above + int(counts.sum()) and int(counts.max()) <= region):
+        return None
+    ck = np.concatenate([cand[i * region: i * region + c] for i, c in enumerate(counts)])
+    cp = np.concatenate([pos[i * region: i * region + c] for i, c in enumerate(counts)])
+    need = keep - above
+    thr = np.partition(ck, ck.shape[0] - need)[ck.shape[0] - need]
+    fill = need - int(np.count_nonzero(ck > thr))
+    last = int(cp[ck == thr][fill - 1]) if fill > 0 else -1
+    return int(thr), last
+
+
+def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = True) -> tuple[int, int]:
+    """(thr, last): keep ``keys > thr``, and ``keys == thr`` at positions <= ``last`` (exactly ``keep`` in all)."""
+    n = keys.shape[0]
+    nt = numba.get_num_threads()
+    lo, hi, cap = I32.min, I32.max, n + 2 * nt
+    if bracket and n > 4 * SAMPLE:
+        stride = _stride(n, n_cols)
+        lo, hi, cap = _bounds(keys[: stride * SAMPLE: stride].copy(), keep, n, nt)
+    for attempt in range(2):
+        cand = ws.get("kern.cand", cap, torch.int32).numpy()
+        pos = ws.get("kern.pos", cap, torch.int64).numpy()
+        fcap = ((n + nt - 1) // nt + 8) // 8 * 8
+        flags = ws.get("kern.flags", fcap * nt, torch.uint8).numpy().view(np.bool_)
+        above, counts = _bracket(keys, lo, hi, cand, pos, flags, nt)
+        done = _finish(cand, pos, counts, above, keep)
+        if done is not None:
+            return done
+        lo, hi, cap = I32.min, I32.max, n + 2 * nt  # the bracket missed: take every key
+    raise AssertionError("unreachable: the full bracket holds the k-th key")
+
+
+def topk_(tau: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, factors: Sequence, keep: int,
+          sign_rule: str, ws, mask: torch.Tensor | None = None) -> int:
+    """One TopKMask step on a dense unit (2-D float32 CPU views, contiguous): keep the ``keep`` largest S among
+    the alive entries of ``tau`` and zero the rest, in place; ``mask`` (bool, flat) receives the kept entries.
+    Returns the conflicts of ``tau`` with ``merged`` before the step."""
+    n_rows, n_cols = tau.shape
+    us, vs, scales = _factor_arrays(factors, n_rows, n_cols)
+    nt = numba.get_num_threads()
+    keys = ws.get("kern.keys", tau.numel(), torch.int32).numpy()
+    scratch = ws.get("kern.scratch", (nt, n_cols), torch.float32).numpy()
+    t, b, m = _np(tau), _np(base), _np(merged)
+    n = t.shape[0]
+    rule = RULES[sign_rule]
+    lo, hi, cap = I32.min, I32.max, n + 2 * nt
+    if n > 4 * SAMPLE:  # bracket the threshold from a sample, so the keys pass can count and flag on the way
+        stride = _stride(n, n_cols, run=RUN)
+        sample = ws.get("kern.sample", SAMPLE, torch.int32).numpy()
+        _sample_keys(t, b, m, us, vs, scales, rule, n_cols, stride, sample)
+        lo, hi, cap = _bounds(sample, keep, n, nt)
+    flags = ws.get("kern.flags", (n + 7) // 8 * 8, torch.uint8).numpy().view(np.bool_)
+    flags[n:] = False
+    conflicts, above = _keys(t, b, m, us, vs, scales, rule, keys, scratch, lo, hi, flags)
+    cand = ws.get("kern.cand", cap, torch.int32).numpy()
+    pos = ws.get("kern.pos", cap, torch.int64).numpy()
+    done = _finish(cand, pos, _gather(keys, flags, cand, pos, nt), int(above), keep)
+    if done is None:
+        FALLBACKS[0] += 1
+    thr, last = done if done is not None else _threshold(keys, keep, n_cols, ws)
+    mask_np = _np(mask) if mask is not None else np.empty(0, np.bool_)
+    _apply(t, keys, thr, last, mask_np, nt)
+    return int(conflicts)
+
+
+def sparse_topk(idx: torch.Tensor, val: torch.Tensor, n_cols: int, base: torch.Tensor, merged: torch.Tensor,
+                factors: Sequence, keep: int, sign_rule: str, ws) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One TopKMask step on a unit held as sorted flat positions ``idx`` and values ``val``: the kept entries
+    (new tensors) and the conflicts before the step. Work proportional to the alive entries."""
+    n_rows = base.numel() // n_cols
+    us, vs, scales = _factor_arrays(factors, n_rows, n_cols)
+    keys = ws.get("kern.keys", idx.numel(), torch.int32).numpy()
+    i, v = idx.numpy(), val.numpy()
+    conflicts = int(_sparse_keys(i, v, n_cols, _np(base), _np(merged), us, vs, scales, RULES[sign_rule], keys))
+    thr, last = _threshold(keys, keep, 1, ws)
+    out_idx, out_val = torch.empty(keep, dtype=idx.dtype), torch.empty(keep, dtype=val.dtype)
+    n = _compact(i, v, keys, thr, last, out_idx.numpy(), out_val.numpy())
+    assert n == keep
+    return out_idx, out_val, conflicts
+
+
+def abs_add(base: torch.Tensor, tau: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = |base + tau|`` in one pass (float32, contiguous)."""
+    _abs_add(_np(base), _np(tau), _np(out), numba.get_num_threads())
+    return out
+
+
+def sum_into(out: torch.Tensor, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out = sum(parts)`` in order from +0.0, in one pass (float32, contiguous, same shapes)."""
+    arrays = List()
+    for p in parts:
+        arrays.append(_np(p))
+    _sum(arrays, _np(out), numba.get_num_threads())
+    return out
+
+
+def conflicts(tau: torch.Tensor, merged: torch.Tensor) -> int:
+    """Entries where ``tau`` and ``merged`` have opposite signs (zeros conflict with nothing)."""
+    return int(_conflicts(_np(tau), _np(merged)))

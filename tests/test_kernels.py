@@ -1,0 +1,161 @@
+"""The fused CPU kernels (samerge/kernels.py) against the torch operations they replace.
+
+The oracle for one TopKMask step is the torch path: :func:`samerge.saliency.saliency_keys_into` (S = sg ⊙ F ⊙ M as
+ranking keys) and :func:`samerge.selection.select_top_keys` (exact top-k, ties by lowest index), themselves checked
+against sorting in tests/test_selection.py and tests/test_sa_merging.py. The kernels must keep exactly the same
+entries, on units small and large (the sampled bracket only runs above 4 x SAMPLE entries), with ties, dead
+entries, several flow factors and every sign rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samerge import kernels
+from samerge.graphs.spec import Factor
+from samerge.saliency import (conflicts, saliency_keys_into, sparse_saliency_keys_into, sparse_topk, sum_into,
+                              topk_step_)
+from samerge.selection import Workspace, select_top_keys
+
+BIG = 4 * kernels.SAMPLE + 1000  # above this the keys pass counts against a sampled bracket
+
+
+def unit(rows, cols, alive, seed, ties=False, negative=False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g)
+    tau = 0.01 * torch.randn(rows, cols, generator=g)
+    tau[torch.rand(rows, cols, generator=g) > alive] = 0
+    if ties:
+        tau[: rows // 3] = 0.01 * torch.sign(tau[: rows // 3])  # equal |tau| and equal u, v over whole rows
+        base[: rows // 3] = 1.0
+    merged = 3 * tau + 0.01 * torch.randn(rows, cols, generator=g)
+    if negative:
+        merged = -tau.sign() * (0.5 + torch.rand(rows, cols, generator=g))  # every alive S < 0 (all conflict)
+    return base, tau, merged
+
+
+def factors(rows, cols, n, seed, ties=False):
+    g = torch.Generator().manual_seed(seed + 100)
+    out = []
+    for j in range(n):
+        u = torch.rand(rows, generator=g, dtype=torch.float64)
+        v = torch.rand(cols, generator=g, dtype=torch.float64)
+        if ties:
+            u[: rows // 3] = 0.5
+            v[:] = 0.25
+        out.append(Factor(None, u, v, -0.7 * j))
+    return out
+
+
+def torch_step(tau, base, merged, fs, keep, rule):
+    ws = Workspace()
+    kdt = torch.int64 if tau.dtype == torch.float64 else torch.int32
+    keys = ws.get("k", tau.numel(), kdt)
+    hi = ws.get("h", tau.numel(), kdt)
+    saliency_keys_into(keys, hi, fs, None, base, tau, merged, rule, ws)
+    kept = select_top_keys(keys, hi, keep, ws, out=torch.empty(tau.numel(), dtype=torch.bool))
+    out = tau.clone()
+    out.view(-1)[~kept] = 0.0
+    return out, kept
+
+
+CASES = [  # rows, cols, alive fraction, factors, ties, all-negative S
+    (37, 53, 0.9, 1, False, False),
+    (300, 77, 0.6, 2, True, False),
+    (512, 520, 0.85, 1, False, False),   # > 4 * SAMPLE entries: the sampled bracket
+    (700, 512, 0.5, 3, True, False),     # ties across whole rows, a column count sharing factors with the stride
+    (520, 512, 0.8, 1, False, True),
+    (64, 64, 0.7, 0, False, False),      # no flow factor: S = 0 everywhere alive
+]
+
+
+@pytest.mark.parametrize("rows,cols,alive,nf,ties,negative", CASES)
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+def test_topk_step_keeps_exactly_what_the_torch_path_keeps(rows, cols, alive, nf, ties, negative, rule):
+    base, tau, merged = unit(rows, cols, alive, seed=rows + cols, ties=ties, negative=negative)
+    fs = factors(rows, cols, nf, seed=rows, ties=ties)
+    n_alive = int(torch.count_nonzero(tau))
+    for keep in sorted({1, n_alive // 7, n_alive // 2, int(0.85 * n_alive), n_alive - 1}):
+        want, want_mask = torch_step(tau, base, merged, fs, keep, rule)
+        got = tau.clone()
+        mask = torch.zeros(tau.numel(), dtype=torch.bool)
+        n_conf = topk_step_(got, base, merged, fs, None, keep, rule, Workspace(), mask=mask)
+        assert torch.equal(got, want), (keep, int((got != want).sum()))
+        assert torch.equal(mask, want_mask)
+        assert int(torch.count_nonzero(got)) == keep
+        assert n_conf == int(((tau * merged) < 0).sum())  # no underflow here: the sign test is the product's
+
+
+def test_a_missed_bracket_falls_back_to_every_key_and_stays_exact(monkeypatch):
+    base, tau, merged = unit(600, 500, 0.8, seed=3)
+    assert tau.numel() > BIG
+    fs = factors(600, 500, 1, seed=3)
+    keep = int(0.6 * int(torch.count_nonzero(tau)))
+    want, _ = torch_step(tau, base, merged, fs, keep, "literal")
+    calls = []
+    real = kernels._threshold
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "Z", -50.0)  # an empty, misplaced bracket: it cannot hold the k-th key
+    monkeypatch.setattr(kernels, "_threshold", spy)
+    got = tau.clone()
+    kernels.topk_(got, base, merged, fs, keep, "literal", Workspace())
+    assert calls, "the fallback did not run"
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+def test_sparse_step_equals_the_dense_step_and_the_torch_sparse_path(rule):
+    for rows, cols, nf in [(40, 30, 2), (600, 520, 1)]:
+        base, tau, merged = unit(rows, cols, 0.15, seed=rows)
+        fs = factors(rows, cols, nf, seed=cols)
+        flat = tau.view(-1)
+        idx = torch.nonzero(flat).view(-1).to(torch.int32)
+        val = flat[idx.long()].clone()
+        keep = idx.numel() // 3
+        dense = tau.clone()
+        topk_step_(dense, base, merged, fs, None, keep, rule, Workspace())
+        got_idx, got_val, n_conf = sparse_topk(idx, val, cols, base, merged, fs, None, keep, rule, Workspace())
+        want_idx = torch.nonzero(dense.view(-1)).view(-1)
+        assert torch.equal(got_idx.long(), want_idx)
+        assert torch.equal(got_val, dense.view(-1)[want_idx])
+        assert n_conf == int(((tau * merged) < 0).sum())
+        # the torch sparse path (what other devices run)
+        ws = Workspace()
+        keys, hi = ws.get("k", idx.numel(), torch.int32), ws.get("h", idx.numel(), torch.int32)
+        sparse_saliency_keys_into(keys, hi, fs, None, cols, idx.long(), val, base.view(-1), merged.view(-1), rule,
+                                  ws)
+        kept = select_top_keys(keys, hi, keep, ws)
+        assert torch.equal(idx[kept], got_idx)
+
+
+def test_float64_takes_the_torch_path():
+    base, tau, merged = unit(50, 40, 0.8, seed=9)
+    fs = factors(50, 40, 1, seed=9)
+    keep = 500
+    want, _ = torch_step(tau.double(), base.double(), merged.double(), fs, keep, "literal")
+    got = tau.double()
+    topk_step_(got, base.double(), merged.double(), fs, None, keep, "literal", Workspace())
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert not kernels.supported(got)
+
+
+def test_sum_conflicts_and_abs_sum_match_torch_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(1000, 3, generator=g) for _ in range(5)]
+    parts[2][0, 0] = -0.0
+    want = torch.zeros(1000, 3)
+    for p in parts:
+        want.add_(p)
+    got = sum_into(torch.full((1000, 3), 7.0), parts)
+    assert torch.equal(got, want) and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    a, b = parts[0], parts[1]
+    a[:10] = 0
+    assert conflicts(a, b, Workspace()) == int(((a > 0) & (b < 0)).sum() + ((a < 0) & (b > 0)).sum())
+    assert conflicts(a.double(), b.double(), Workspace()) == conflicts(a, b, Workspace())  # the torch path
+    out = torch.empty(1000, 3)
+    assert torch.equal(kernels.abs_add(a, b, out), (a + b).abs())
