@@ -30,8 +30,7 @@ class Workspace:
     def get(self, slot: str, shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of ``shape``/``dtype``, valid until ``slot`` is requested again."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = math.prod(shape) * itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         buf = self._buffers.get(slot)
         if buf is None or buf.numel() < nbytes:
             buf = self._buffers.pop(slot, None)  # the old contents are not kept: free them before growing
