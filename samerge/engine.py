@@ -225,7 +225,7 @@ def memory_plan(base: StateDict, experts: Sequence[StateDict], method: str = "sa
 
 def _context(plan: MergePlan, base: StateDict, **kw: Any) -> MergeContext:
     return MergeContext(keys=[k for k in plan.keys if k in plan.merged_keys], shapes=plan.shapes,
-                        aliases=plan.aliases, config=getattr(base, "config", None), **kw)
+                        aliases=plan.aliases, config=getattr(base, "config", None), dtypes=plan.compute_dtypes, **kw)
 
 
 def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,

@@ -259,6 +259,42 @@ def _bracket(keys, lo, hi, cand, pos, flags, nt):
 
 
 @njit(cache=True, boundscheck=False, nogil=True)
+def _band_select(cand, pos, counts, above, keep):
+    """(ok, thr, last) from the bracket's keys (per-thread regions of ``cand``, positions in ``pos``): the k-th
+    largest key overall is the (keep - above)-th largest inside the bracket; ties at it are kept up to ``last``."""
+    nt = counts.shape[0]
+    region = cand.shape[0] // nt
+    total = 0
+    for i in range(nt):
+        if counts[i] > region:
+            return False, 0, -1
+        total += counts[i]
+    if not (above < keep <= above + total):
+        return False, 0, -1
+    ck = np.empty(total, np.int32)
+    j = 0
+    for i in range(nt):
+        for q in range(counts[i]):
+            ck[j] = cand[i * region + q]
+            j += 1
+    need = keep - above
+    thr = np.partition(ck, total - need)[total - need]
+    n_gt = 0
+    for q in range(total):
+        n_gt += ck[q] > thr
+    fill = need - n_gt
+    last = -1
+    if fill > 0:  # the first `fill` entries equal to thr in index order (regions are in index order)
+        for i in range(nt):
+            for q in range(counts[i]):
+                if cand[i * region + q] == thr:
+                    fill -= 1
+                    if fill == 0:
+                        return True, thr, pos[i * region + q]
+    return True, thr, last
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
 def _apply_part(vals, keys, i0, i1, thr, last, mask):
     vs = vals[i0:i1]
     ks = keys[i0:i1]
@@ -358,8 +394,11 @@ def _factor_arrays(factors: Sequence, n_rows: int, n_cols: int) -> tuple[np.ndar
     if not mine:
         return np.zeros((1, n_rows), np.float32), np.zeros((1, n_cols), np.float32), np.ones(1, np.float32)
     top = max(f.log for f in mine)
-    us = np.stack([f.u.to(torch.float32).numpy() for f in mine])
-    vs = np.stack([f.v.to(torch.float32).numpy() for f in mine])
+    if len(mine) == 1:
+        us, vs = mine[0].u.to(torch.float32).numpy()[None], mine[0].v.to(torch.float32).numpy()[None]
+    else:
+        us = np.stack([f.u.to(torch.float32).numpy() for f in mine])
+        vs = np.stack([f.v.to(torch.float32).numpy() for f in mine])
     scales = np.array([math.exp(f.log - top) for f in mine], np.float32)
     return us, vs, scales
 
@@ -387,16 +426,8 @@ def _stride(n: int, n_cols: int, run: int = 1) -> int:
 def _finish(cand: np.ndarray, pos: np.ndarray, counts: np.ndarray, above: int, keep: int) -> tuple[int, int] | None:
     """(thr, last) from the keys gathered inside the bracket (per-thread regions of ``cand``), or None when the
     bracket missed the k-th key or a region overflowed."""
-    region = cand.shape[0] // counts.shape[0]
-    if not (above < keep <= above + int(counts.sum()) and int(counts.max()) <= region):
-        return None
-    ck = np.concatenate([cand[i * region: i * region + c] for i, c in enumerate(counts)])
-    cp = np.concatenate([pos[i * region: i * region + c] for i, c in enumerate(counts)])
-    need = keep - above
-    thr = np.partition(ck, ck.shape[0] - need)[ck.shape[0] - need]
-    fill = need - int(np.count_nonzero(ck > thr))
-    last = int(cp[ck == thr][fill - 1]) if fill > 0 else -1
-    return int(thr), last
+    ok, thr, last = _band_select(cand, pos, counts, above, keep)
+    return (int(thr), int(last)) if ok else None
 
 
 def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = True) -> tuple[int, int]:
@@ -421,14 +452,15 @@ def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = Tru
 
 
 def topk_(tau: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, factors: Sequence, keep: int,
-          sign_rule: str, ws, mask: torch.Tensor | None = None) -> int:
+          sign_rule: str, ws, mask: torch.Tensor | None = None, keys_slot: str = "kern.keys") -> int:
     """One TopKMask step on a dense unit (2-D float32 CPU views, contiguous): keep the ``keep`` largest S among
     the alive entries of ``tau`` and zero the rest, in place; ``mask`` (bool, flat) receives the kept entries.
-    Returns the conflicts of ``tau`` with ``merged`` before the step."""
+    Returns the conflicts of ``tau`` with ``merged`` before the step. The integer keys go to workspace slot
+    ``keys_slot`` (4 bytes per entry)."""
     n_rows, n_cols = tau.shape
     us, vs, scales = _factor_arrays(factors, n_rows, n_cols)
     nt = numba.get_num_threads()
-    keys = ws.get("kern.keys", tau.numel(), torch.int32).numpy()
+    keys = ws.get(keys_slot, tau.numel(), torch.int32).numpy()
     scratch = ws.get("kern.scratch", (nt, n_cols), torch.float32).numpy()
     t, b, m = _np(tau), _np(base), _np(merged)
     n = t.shape[0]

@@ -272,18 +272,19 @@ def conflicts(tau_u: torch.Tensor, merged_u: torch.Tensor, ws: Workspace) -> int
 
 def topk_step_(tau_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor, factors: list[Factor],
                rows: tuple[int, int] | None, keep: int, sign_rule: str, ws: Workspace,
-               mask: torch.Tensor | None = None) -> int:
+               mask: torch.Tensor | None = None, keys_slot: str = "sa.keys") -> int:
     """One TopKMask step on a dense unit, in place: keep the ``keep`` largest S = sg ⊙ F ⊙ M among the alive
     entries of ``tau_u`` (2-D view) and zero the others; ``mask`` (bool, flat) receives the kept entries.
 
     Returns the conflicts of ``tau_u`` with ``merged_u`` before the step. float32 on the CPU runs the fused
-    kernels of :mod:`samerge.kernels`; anything else the torch operations they are tested against."""
+    kernels of :mod:`samerge.kernels`; anything else the torch operations they are tested against. The ranking
+    keys (4 or 8 bytes per entry) go to workspace slot ``keys_slot``."""
     mine = [f for f in factors if f.rows == rows]
     if kernels.supported(tau_u, base_u, merged_u):
-        return kernels.topk_(tau_u, base_u, merged_u, mine, keep, sign_rule, ws, mask)
+        return kernels.topk_(tau_u, base_u, merged_u, mine, keep, sign_rule, ws, mask, keys_slot)
     n_conflicts = conflicts(tau_u, merged_u, ws)
     kdt = torch.int64 if tau_u.dtype == torch.float64 else torch.int32
-    keys = ws.get("sa.keys", tau_u.numel(), kdt)
+    keys = ws.get(keys_slot, tau_u.numel(), kdt)
     hi = ws.get("sa.hi", tau_u.numel(), kdt)
     saliency_keys_into(keys, hi, mine, rows, base_u, tau_u, merged_u, sign_rule, ws)
     kept = select_top_keys(keys, hi, keep, ws, slot="sa",

@@ -159,3 +159,4 @@ def test_sum_conflicts_and_abs_sum_match_torch_bit_for_bit():
     assert conflicts(a.double(), b.double(), Workspace()) == conflicts(a, b, Workspace())  # the torch path
     out = torch.empty(1000, 3)
     assert torch.equal(kernels.abs_add(a, b, out), (a + b).abs())
+

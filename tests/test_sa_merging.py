@@ -39,36 +39,31 @@ def run_sa(base, experts, **kw):
 def masks_of(base, experts, last_only=False, **kw):
     """Per-expert masks after each iteration t = 1..T: the final masks of a run with T = t (keep counts are
     scheduled from the initial counts, so a run's first t iterations do not depend on its T), read from the
-    method's store when it records its last iteration."""
+    method's store as it drops each aggregated tensor."""
     from samerge.engine import MergeStats, merge_stream, plan_merge
     from samerge.methods import get_method, parse_params
+    from samerge.methods import sa_merging as sa_module
 
     m = get_method("sa_merging")
     T = kw.pop("iterations", 10)
     captured = {}
-    orig_prune, orig_record = type(m).__dict__["_prune_unit"], type(m).__dict__["_record"]
-    seen = {}
-
-    def prune(store, *a, **k):
-        seen["store"] = store
-        return orig_prune.__func__(store, *a, **k)
-
+    real = sa_module._Store.drop_key
     for t in ([T] if last_only else range(1, T + 1)):
         p = parse_params(m, {"preset": "paper", "outside_rule": "base", **kw, "iterations": t})
+        masks = [{} for _ in experts]
 
-        def record(state, context, bar, rec, t=t):
-            if rec.iteration == t:
-                store = seen["store"]
-                chain = list(dict.fromkeys(k for k, _ in store.units))
-                captured[t] = [{k: (store.dense_key(n, k) != 0).clone() for k in chain}
-                               for n in range(len(store.taus))]
-            return orig_record.__func__(state, context, bar, rec)
+        def spy(store, key, masks=masks):
+            if key in store._units_of:  # a chain tensor, aggregated: its final masks, before they are dropped
+                for n in range(len(store.taus)):
+                    masks[n][key] = (store.dense_key(n, key) != 0).clone()
+            return real(store, key)
 
-        type(m)._prune_unit, type(m)._record = staticmethod(prune), staticmethod(record)
+        sa_module._Store.drop_key = spy
         try:
             list(merge_stream(base, experts, m, p, plan_merge(base, experts), stats=MergeStats()))
         finally:
-            type(m)._prune_unit, type(m)._record = orig_prune, orig_record
+            sa_module._Store.drop_key = real
+        captured[t] = masks
     return captured
 
 

@@ -56,6 +56,7 @@ class MergeContext:
     reader: Any = None  # engine.InputReader: one tensor of the base or of one expert at a time, from the inputs
     scratch_dir: Any = None  # where scratch files may go (next to the output's temporary); None: the system's
     schedule: str = "auto"  # whole-model methods: "auto" (by max_memory), "memory" or "streamed" (out of core)
+    dtypes: dict[str, Any] | None = None  # the compute dtype of each merged key (None: unknown)
 
 
 class MethodParams(BaseModel):

@@ -300,23 +300,28 @@ class SaMerging(MergeMethod):
             else:
                 self._record(state, context, bar, iteration_record(t - 1, store.units, n_exp, n0, before, merged_sq,
                                                                    conflicts, total0_sq))
-        merged_sq, conflicts = {}, {}
-        for key, rows in store.units:  # the record of the last iteration
-            merged_u = store.sum_unit(ws, key, rows)
-            merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
-            conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged_u, ws) for n in range(n_exp))
-        self._record(state, context, bar, iteration_record(params.iterations, store.units, n_exp, n0, alive,
-                                                           merged_sq, conflicts, total0_sq))
-        bar.close()
         del abs_buffers
+        # the merged update of every tensor; on the way, the record of the last iteration from the same sums
         chain_set = set(chain)
+        merged_sq, conflicts = {}, {}
         for key in list(base):
             final = [store.dense_key(n, key) for n in range(n_exp)]
-            state.deltas[key] = aggregate(final.__getitem__, n_exp, key in chain_set, params, ws,
-                                          torch.empty_like(base[key]))
+            out = torch.empty_like(base[key])
+            if key in chain_set:
+                sum_into(out, final)
+                for rows in store._units_of[key]:
+                    merged_u = unit_view(out, rows)
+                    merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
+                    conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged_u, ws)
+                                                 for n in range(n_exp))
+            state.deltas[key] = aggregate(final.__getitem__, n_exp, key in chain_set, params, ws, out,
+                                          summed=key in chain_set)
             store.drop_key(key)
             del final
             del base[key]
+        self._record(state, context, bar, iteration_record(params.iterations, store.units, n_exp, n0, alive,
+                                                           merged_sq, conflicts, total0_sq))
+        bar.close()
         return state
 
     @staticmethod

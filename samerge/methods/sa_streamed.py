@@ -211,9 +211,12 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     # in memory: base + N task vectors + |theta0 + tau| over the model, the engine's group buffers, scratch
     in_memory = 4 * p_all * (n_experts + 1) + 4 * chain_numel + 4 * big * (n_experts + 3) + 22 * unit_max
     # out of core: base, one task vector, |W| / ranking keys, input staging, the engine's output and its finite
-    # check; per unit M and the 16-bit buckets, four boolean masks (kept, pruned, unpacked, conflicts); TIES'
-    # election when asked for
-    streamed = 4 * big * 5 + 2 * big + 4 * unit_max * 2 + 4 * unit_max
+    # check; per unit M, then the fused CPU kernels' (float32) bracket flags, kept mask, unpacked mask and
+    # bracket candidates (~8 bytes per entry), or the torch path's 16-bit buckets and four boolean masks (12);
+    # TIES' election when asked for
+    chain_keys = dict.fromkeys(k for k, _ in units)
+    fused = context.dtypes is not None and all(context.dtypes.get(k) == torch.float32 for k in chain_keys)
+    streamed = 4 * big * 5 + 2 * big + (8 if fused else 12) * unit_max
     if params.aggregate == "disjoint_mean":
         streamed += 3 * 4 * big + 2 * big
     return MemoryPlan(base_rss, base_rss + in_memory + flows + SLACK, base_rss + streamed + flows + SLACK,
@@ -406,7 +409,8 @@ class StreamedSA(LockstepSource):
                 else:
                     mask = ws.get("sa.bmask", tau_u.numel(), torch.bool)
                     n_conflicts = topk_step_(tau_u, unit_view(self.base, rows), merged_u, st.flows[n].get(key, []),
-                                             rows, keep, self.params.saliency_sign, ws, mask=mask)
+                                             rows, keep, self.params.saliency_sign, ws, mask=mask,
+                                             keys_slot="ooc.scratch")  # free while pruning: no |W| is served
                     st.masks.put(u, mask)  # the held / buffered copy already follows it
                 if t >= 2:
                     self._add_conflicts(t - 1, key, rows, n_conflicts)
