@@ -85,7 +85,8 @@ class SaState:
 
 
 # A unit whose alive fraction falls to this is held as (sorted flat indices, values): from then on its saliency,
-# selection and update cost is proportional to its alive entries (spec §7).
+# selection and update cost is proportional to its alive entries (spec §7). Above it the fused dense kernels are
+# cheaper than the conversion and the gathers (8 ViT-B/32 experts, p = 0.15: converting at 0.25 cost ~3 s more).
 SPARSE_BELOW = 0.1
 
 Unit = tuple[int, str, "tuple[int, int] | None"]  # (expert, key, row block)

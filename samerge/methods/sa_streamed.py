@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from samerge import kernels
 from samerge.graphs import FlowFactors, LockstepSource, Ref, lockstep_flows
 from samerge.memory import SLACK, format_size, process_rss, resolve_budget, too_small
 from samerge.methods.base import MergeContext, TensorGroup
@@ -207,6 +208,10 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
         flows += 2 * 8 * (two_d.shape[0] + two_d.shape[1])
     flows *= 2 * n_experts  # the previous iteration's factors and the current walk's
     mask_bytes = MaskStore.nbytes(sizes)
+    chain_keys = dict.fromkeys(k for k, _ in units)
+    fused = context.dtypes is not None and all(context.dtypes.get(k) == torch.float32 for k in chain_keys)
+    if fused:
+        kernels.warm()  # their code's memory counts in what the process holds now
     base_rss = process_rss() if rss is None else rss
     # in memory: base + N task vectors + |theta0 + tau| over the model, the engine's group buffers, scratch
     in_memory = 4 * p_all * (n_experts + 1) + 4 * chain_numel + 4 * big * (n_experts + 3) + 22 * unit_max
@@ -214,8 +219,6 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     # check; per unit M, then the fused CPU kernels' (float32) bracket flags, kept mask, unpacked mask and
     # bracket candidates (~8 bytes per entry), or the torch path's 16-bit buckets and four boolean masks (12);
     # TIES' election when asked for
-    chain_keys = dict.fromkeys(k for k, _ in units)
-    fused = context.dtypes is not None and all(context.dtypes.get(k) == torch.float32 for k in chain_keys)
     streamed = 4 * big * 5 + 2 * big + (8 if fused else 12) * unit_max
     if params.aggregate == "disjoint_mean":
         streamed += 3 * 4 * big + 2 * big
