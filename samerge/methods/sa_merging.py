@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from samerge.errors import SamergeError
 from samerge.graphs import build_graph
+from samerge.memory import return_freed_memory
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
                                          aggregate, choose_schedule, iteration_record, memory_plan, scheduled_keep,
@@ -220,6 +221,7 @@ class SaMerging(MergeMethod):
     def _plan_streamed(self, params: Any, ws: Workspace, context: MergeContext, graph: Any, units: list,
                        schedule: Schedule) -> StreamedSA:
         n_exp = context.reader.n_experts
+        return_freed_memory()  # a long run's temporaries must not accumulate in the heap (samerge.memory)
         masks = MaskStore(unit_sizes(context.shapes, units, n_exp), schedule.masks_in_memory, context.scratch_dir)
         state = StreamedState(units, {}, {}, 0.0, masks)
         sched = StreamedSA(params, graph, context, ws, state, schedule.hold_up_to)
