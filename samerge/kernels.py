@@ -258,6 +258,31 @@ def _bracket(keys, lo, hi, cand, pos, flags, nt):
     return above.sum(), counts
 
 
+@njit(cache=True, parallel=True, boundscheck=False)
+def _count_ge(keys, v, nt):
+    n = keys.shape[0]
+    step = (n + nt - 1) // nt
+    out = np.zeros(nt, np.int64)
+    for th in prange(nt):
+        ks = keys[th * step:min(n, (th + 1) * step)]
+        c = 0
+        for i in range(ks.shape[0]):
+            c += ks[i] >= v
+        out[th] = c
+    return out.sum()
+
+
+@njit(cache=True, boundscheck=False, nogil=True)
+def _nth_equal(keys, v, nth):
+    """Position of the nth (1-based) key equal to v, in index order."""
+    for i in range(keys.shape[0]):
+        if keys[i] == v:
+            nth -= 1
+            if nth == 0:
+                return i
+    return -1
+
+
 @njit(cache=True, boundscheck=False, nogil=True)
 def _band_select(cand, pos, counts, above, keep):
     """(ok, thr, last) from the bracket's keys (per-thread regions of ``cand``, positions in ``pos``): the k-th
@@ -438,7 +463,7 @@ def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = Tru
     if bracket and n > 4 * SAMPLE:
         stride = _stride(n, n_cols)
         lo, hi, cap = _bounds(keys[: stride * SAMPLE: stride].copy(), keep, n, nt)
-    for attempt in range(2):
+    if cap <= 4 * SAMPLE + 2 * nt or bracket:
         cand = ws.get("kern.cand", cap, torch.int32).numpy()
         pos = ws.get("kern.pos", cap, torch.int64).numpy()
         fcap = ((n + nt - 1) // nt + 8) // 8 * 8
@@ -447,8 +472,24 @@ def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = Tru
         done = _finish(cand, pos, counts, above, keep)
         if done is not None:
             return done
-        lo, hi, cap = I32.min, I32.max, n + 2 * nt  # the bracket missed: take every key
-    raise AssertionError("unreachable: the full bracket holds the k-th key")
+    return _by_counting(keys, keep)
+
+
+def _by_counting(keys: np.ndarray, keep: int) -> tuple[int, int]:
+    """(thr, last) by bisection on the key value: ~32 counting passes and no memory beyond the keys (the
+    fallback when a bracket misses: rare, and it must not need room for every key)."""
+    nt = numba.get_num_threads()
+    lo, hi = int(I32.min), int(I32.max)  # invariant: count(keys >= lo) >= keep
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        if _count_ge(keys, mid, nt) >= keep:
+            lo = mid
+        else:
+            hi = mid - 1
+    thr = lo
+    n_gt = int(_count_ge(keys, thr + 1, nt)) if thr < I32.max else 0
+    fill = keep - n_gt
+    return thr, int(_nth_equal(keys, thr, fill)) if fill > 0 else -1
 
 
 def topk_(tau: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, factors: Sequence, keep: int,
