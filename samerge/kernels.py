@@ -33,8 +33,10 @@ import torch
 from numba import njit, prange
 from numba.typed import List
 
+from samerge.graphs.spec import Factor
+from samerge.selection import Workspace
+
 DEAD = np.float32(-3.0e38)  # the score of a dead entry (samerge.saliency.DEAD): below every real saliency
-FALLBACKS = [0]  # dense steps whose sampled bracket missed (diagnostics: benchmarks print it)
 RULES = {"literal": 0, "own_sign": 1, "own_value": 2}
 SAMPLE = 1 << 14  # keys sampled to bracket the threshold
 RUN = 16  # the sample of the dense path: SAMPLE / RUN runs of RUN consecutive entries
@@ -455,24 +457,21 @@ def _finish(cand: np.ndarray, pos: np.ndarray, counts: np.ndarray, above: int, k
     return (int(thr), int(last)) if ok else None
 
 
-def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws, bracket: bool = True) -> tuple[int, int]:
+def _threshold(keys: np.ndarray, keep: int, n_cols: int, ws) -> tuple[int, int]:
     """(thr, last): keep ``keys > thr``, and ``keys == thr`` at positions <= ``last`` (exactly ``keep`` in all)."""
     n = keys.shape[0]
     nt = numba.get_num_threads()
     lo, hi, cap = I32.min, I32.max, n + 2 * nt
-    if bracket and n > 4 * SAMPLE:
+    if n > 4 * SAMPLE:
         stride = _stride(n, n_cols)
         lo, hi, cap = _bounds(keys[: stride * SAMPLE: stride].copy(), keep, n, nt)
-    if cap <= 4 * SAMPLE + 2 * nt or bracket:
-        cand = ws.get("kern.cand", cap, torch.int32).numpy()
-        pos = ws.get("kern.pos", cap, torch.int64).numpy()
-        fcap = ((n + nt - 1) // nt + 8) // 8 * 8
-        flags = ws.get("kern.flags", fcap * nt, torch.uint8).numpy().view(np.bool_)
-        above, counts = _bracket(keys, lo, hi, cand, pos, flags, nt)
-        done = _finish(cand, pos, counts, above, keep)
-        if done is not None:
-            return done
-    return _by_counting(keys, keep)
+    cand = ws.get("kern.cand", cap, torch.int32).numpy()
+    pos = ws.get("kern.pos", cap, torch.int64).numpy()
+    fcap = ((n + nt - 1) // nt + 8) // 8 * 8
+    flags = ws.get("kern.flags", fcap * nt, torch.uint8).numpy().view(np.bool_)
+    above, counts = _bracket(keys, lo, hi, cand, pos, flags, nt)
+    done = _finish(cand, pos, counts, above, keep)
+    return done if done is not None else _by_counting(keys, keep)
 
 
 def _by_counting(keys: np.ndarray, keep: int) -> tuple[int, int]:
@@ -518,8 +517,6 @@ def topk_(tau: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, factors: 
     cand = ws.get("kern.cand", cap, torch.int32).numpy()
     pos = ws.get("kern.pos", cap, torch.int64).numpy()
     done = _finish(cand, pos, _gather(keys, flags, cand, pos, nt), int(above), keep)
-    if done is None:
-        FALLBACKS[0] += 1
     thr, last = done if done is not None else _threshold(keys, keep, n_cols, ws)
     mask_np = _np(mask) if mask is not None else np.empty(0, np.bool_)
     _apply(t, keys, thr, last, mask_np, nt)
@@ -570,21 +567,16 @@ def warm() -> None:
     (~80 MB of JIT runtime) then counts in the process's resident memory before a memory plan measures it."""
     if _WARM[0]:
         return
-    from samerge.selection import Workspace
-
-    class _F:  # the fields of a flow factor the kernels read
-        def __init__(self, n: int) -> None:
-            self.u, self.v, self.log = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), 0.0
-
     ws = Workspace()
     side = 4 * int(math.isqrt(SAMPLE)) + 8  # above 4 * SAMPLE entries: the sampled bracket runs
     g = torch.Generator().manual_seed(0)
     base, tau, merged = (torch.randn(side, side, generator=g) for _ in range(3))
     mask = torch.empty(side * side, dtype=torch.bool)
-    topk_(tau.clone(), base, merged, [_F(side)], side * side // 2, "literal", ws, mask)
+    flow = [Factor(None, torch.ones(side, dtype=torch.float64), torch.ones(side, dtype=torch.float64), 0.0)]
+    topk_(tau.clone(), base, merged, flow, side * side // 2, "literal", ws, mask)
     _threshold(_np(tau).view(np.int32).copy(), side, side, ws)
     idx = torch.arange(0, side * side, 3, dtype=torch.int32)
-    sparse_topk(idx, tau.reshape(-1)[idx.long()].clone(), side, base, merged, [_F(side)], idx.numel() // 2,
+    sparse_topk(idx, tau.reshape(-1)[idx.long()].clone(), side, base, merged, flow, idx.numel() // 2,
                 "literal", ws)
     conflicts(tau, merged)
     sum_into(torch.empty_like(tau), [tau, merged])

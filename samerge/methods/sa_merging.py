@@ -113,6 +113,10 @@ class _Store:
         for key, rows in units:
             self._units_of.setdefault(key, []).append(rows)
 
+    def units_of(self, key: str) -> list[tuple[int, int] | None]:
+        """The row blocks of ``key`` that are mask units (none for a tensor outside the chain)."""
+        return self._units_of.get(key, [])
+
     def to_sparse(self, n: int, key: str, rows: tuple[int, int] | None) -> None:
         flat = unit_view(self.taus[n][key], rows).reshape(-1)
         idx = torch.nonzero(flat).view(-1)
@@ -212,11 +216,10 @@ class SaMerging(MergeMethod):
         if missing:
             raise SamergeError(f"sa_merging: chain tensor {missing[0]!r} is excluded from the merge")
         units = graph_units(graph)
-        if context.reader is not None:
-            schedule = choose_schedule(context, context.reader.n_experts, units, params)
-            if schedule.kind == "streamed":
-                return self._plan_streamed(params, ws, context, graph, units, schedule)
-        return self._plan_in_memory(params, groups, ws, context, graph, units)
+        schedule = choose_schedule(context, context.reader.n_experts, units, params)
+        if schedule.kind == "streamed":
+            return self._plan_streamed(params, ws, context, graph, units, schedule)
+        return self._plan_in_memory(params, ws, context, graph, units)
 
     def _plan_streamed(self, params: Any, ws: Workspace, context: MergeContext, graph: Any, units: list,
                        schedule: Schedule) -> StreamedSA:
@@ -240,25 +243,16 @@ class SaMerging(MergeMethod):
         sched.run()
         return sched
 
-    def _plan_in_memory(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext, graph: Any,
-                        units: list) -> SaState:
+    def _plan_in_memory(self, params: Any, ws: Workspace, context: MergeContext, graph: Any, units: list
+                        ) -> SaState:
         base: dict[str, torch.Tensor] = {}
-        taus: list[dict[str, torch.Tensor]] = []
-        reader = context.reader
-        if reader is not None:  # read straight into the tensors held for the run (no copy of 1.4x the inputs)
-            taus = [{} for _ in range(reader.n_experts)]
-            for key in context.keys:
-                shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
-                b = base[key] = reader.base(key, torch.empty(shape, dtype=dtype), check=True)
-                for n in range(reader.n_experts):
-                    taus[n][key] = reader.task_vector(n, key, b, torch.empty(shape, dtype=dtype), check=True)
-        else:
-            for g in groups():
-                base[g.key] = g.base.clone()
-                if not taus:
-                    taus = [{} for _ in range(g.n_experts)]
-                for n in range(g.n_experts):
-                    taus[n][g.key] = g.task_vectors[n].clone()
+        reader = context.reader  # read straight into the tensors held for the run (no copy of the inputs)
+        taus = [{} for _ in range(reader.n_experts)]
+        for key in context.keys:
+            shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
+            b = base[key] = reader.base(key, torch.empty(shape, dtype=dtype), check=True)
+            for n in range(reader.n_experts):
+                taus[n][key] = reader.task_vector(n, key, b, torch.empty(shape, dtype=dtype), check=True)
         state = SaState(graph=graph)
         chain = list(graph.chain_keys())
         n_exp = len(taus)
@@ -312,7 +306,7 @@ class SaMerging(MergeMethod):
             out = torch.empty_like(base[key])
             if key in chain_set:
                 sum_into(out, final)
-                for rows in store._units_of[key]:
+                for rows in store.units_of(key):
                     merged_u = unit_view(out, rows)
                     merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
                     conflicts[(key, rows)] = sum(store.count_conflicts(n, key, rows, merged_u, ws)
