@@ -1,10 +1,12 @@
 """SA-Merging at every scale (issue 13): time and peak memory from CLIP ViT-B/32 to a 1.1B LLaMA, side by side.
 
     python benchmarks/bench_scale.py [--part 1|2|all] [--experts N] [--iterations 10] [--cache DIR] [--keep]
+                                     [--device cuda]
 
 Part 1, 8 experts shaped like CLIP ViT-B/32 (bench_merge.py's inputs, 87.8M float32 parameters each, 3.16 GB for
 9 files): ``samerge merge --method ties``, SA-Merging (T = 10) in memory, and SA-Merging forced out-of-core with
-``--max-memory`` below what the in-memory schedule needs (``--part1-max-memory``, default 1.2GB).
+``--max-memory`` below what the in-memory schedule needs (``--part1-max-memory``, default 1.2GB). With
+``--device cuda``, TIES and SA-Merging also run on the GPU, and their outputs are compared with the CPU ones.
 
 Part 2, 4 experts + base shaped like TinyLlama-1.1B in bfloat16 (LLaMA, hidden 2048, 22 layers, GQA 32/4 heads,
 vocab 32000, untied lm_head; sharded Hugging Face directories, ~11 GB for 5 models) and 4 PEFT LoRA adapters
@@ -268,9 +270,9 @@ def check(label: str, ok: bool, detail: str) -> str:
 
 
 def samerge_merge(base: Path, experts: list[Path], out: Path, method: str, sets: list[str],
-                  max_memory: str | None = None) -> list[str]:
+                  max_memory: str | None = None, device: str = "cpu") -> list[str]:
     cmd = [str(Path(sys.executable).parent / "samerge"), "merge", "--base", str(base), "--method", method,
-           "--out", str(out), "--overwrite", "--quiet"]
+           "--out", str(out), "--overwrite", "--quiet", "--device", device]
     for s in sets:
         cmd += ["--set", s]
     for e in experts:
@@ -278,6 +280,26 @@ def samerge_merge(base: Path, experts: list[Path], out: Path, method: str, sets:
     if max_memory:
         cmd += ["--max-memory", max_memory]
     return cmd
+
+
+def _agreement(cpu: Path, gpu: Path, what: str) -> str:
+    """How far the GPU output is from the CPU one: entries differing (beyond float32 rounding) and the largest
+    difference."""
+    from samerge.io import open_checkpoint
+
+    if not (cpu.is_file() and gpu.is_file()):
+        return f"{what}: CPU/GPU agreement not measured (a command failed)"
+    differ = total = 0
+    worst = 0.0
+    with open_checkpoint(cpu) as a, open_checkpoint(gpu) as b:
+        for k in a.keys():
+            x, y = a[k].float(), b[k].float()
+            close = torch.isclose(x, y, rtol=1e-5, atol=1e-6)
+            differ += int((~close).sum())
+            total += x.numel()
+            worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
+    return f"{what}: CPU and GPU outputs differ at {differ} of {total} entries ({differ / total:.2e}); largest " \
+           f"difference {worst:.3g}"
 
 
 def drop(path: Path, keep: bool) -> None:
@@ -305,17 +327,25 @@ def part1(args: argparse.Namespace, out_dir: Path) -> list[str]:
     base, experts = make_clip_inputs(args.cache / "clip-vit-b32", n)
     input_bytes = sum(p.stat().st_size for p in [base, *experts])
     T = args.iterations
-    runs = [("samerge ties", "ties", ["density=0.2", "scale=0.3"], None),
-            (f"sa_merging T={T} in memory", "sa_merging", [f"iterations={T}"], None),
+    runs = [("samerge ties", "ties", ["density=0.2", "scale=0.3"], None, "cpu"),
+            (f"sa_merging T={T} in memory", "sa_merging", [f"iterations={T}"], None, "cpu"),
             (f"sa_merging T={T} --max-memory {args.part1_max_memory}", "sa_merging", [f"iterations={T}"],
-             args.part1_max_memory)]
+             args.part1_max_memory, "cpu")]
+    if args.device != "cpu":  # the same merges on the GPU, side by side
+        runs += [(f"samerge ties --device {args.device}", "ties", ["density=0.2", "scale=0.3"], None, args.device),
+                 (f"sa_merging T={T} --device {args.device}", "sa_merging", [f"iterations={T}"], None, args.device)]
     rows: list[Row] = []
-    for i, (name, method, sets, mm) in enumerate(runs):
+    outs = []
+    for i, (name, method, sets, mm, device) in enumerate(runs):
         out = out_dir / f"p1-{i}.safetensors"
-        rows.append(measure(name, samerge_merge(base, experts, out, method, sets, mm), args.timeout,
+        rows.append(measure(name, samerge_merge(base, experts, out, method, sets, mm, device), args.timeout,
                             parse_size(mm) if mm else None, [base, *experts]))
+        outs.append(out)
+    agreement = [_agreement(outs[0], outs[3], "TIES"), _agreement(outs[1], outs[4], f"SA-Merging T={T}")] \
+        if args.device != "cpu" else []
+    for out in outs:
         drop(out, args.keep)
-    ties, sa, ooc = rows
+    ties, sa, ooc = rows[:3]
     body = []
     for r in rows:
         ratio = f"{r.wall / ties.wall:.2f}x" if r.ok and ties.ok else ""
@@ -334,6 +364,13 @@ def part1(args: argparse.Namespace, out_dir: Path) -> list[str]:
                       if sa.ok else "command failed"))
     text.append(f"(out-of-core row, informational: peak {ooc.peak / 1e9:.2f} GB under a {args.part1_max_memory} "
                 f"budget{'' if ooc.ok else ', command failed'})")
+    if args.device != "cpu":
+        gties, gsa = rows[3:]
+        text.append(check(f"TIES on {args.device} under 2 s", gties.ok and gties.wall < 2,
+                          f"{gties.wall:.1f} s" if gties.ok else "command failed"))
+        text.append(check(f"SA-Merging T={T} on {args.device} under 5 s", gsa.ok and gsa.wall < 5,
+                          f"{gsa.wall:.1f} s" if gsa.ok else "command failed"))
+        text += agreement
     text.append(f"\nPart 1 took {time.perf_counter() - t0:.0f} s in all.")
     return text
 
@@ -425,6 +462,9 @@ def main() -> None:
     ap.add_argument("--part1-max-memory", default="1.2GB",
                     help="budget that forces part 1's SA-Merging out of core (default 1.2GB)")
     ap.add_argument("--part2-max-memory", default="3GB", help="part 2's SA-Merging budget (default 3GB)")
+    ap.add_argument("--device", default="cpu",
+                    help="part 1 also merges on this device (e.g. cuda), side by side with the CPU rows, and "
+                         "compares the outputs (default cpu: CPU rows only)")
     ap.add_argument("--lora-max-memory", default="2GB", help="part 2's merge-lora budget (default 2GB)")
     ap.add_argument("--lora-rank", type=int, default=16, help="rank of the part 2 adapters (default 16)")
     ap.add_argument("--scale-down", type=int, default=1, help=argparse.SUPPRESS)  # part 2 sizes / k (plumbing)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import samerge
+from samerge.device import resolve_device
 from samerge.engine import MergeStats, merge_stream, plan_merge
 from samerge.errors import SamergeWarning
 from samerge.io import BackgroundHasher, Checkpoint, SafetensorsSink, open_checkpoint, parse_size
@@ -41,6 +42,7 @@ class MergeReport:
     checksums: dict[str, str]
     history: list[Any]  # per-iteration records of iterative methods (sa_merging)
     schedule: str = "streamed tensor by tensor"  # how the merge held its inputs (sa_merging: in memory / out of core)
+    device: str = "cpu"  # where it computed
 
 
 def _checksum_placeholders(files: list[Path]) -> str:
@@ -82,19 +84,21 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
                       method: str = "ties", *, params: dict[str, Any] | None = None, exclude: Sequence[str] = (),
                       force: bool = False, overwrite: bool = False,
                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = False,
-                      max_memory: int | str | None = None) -> MergeReport:
+                      max_memory: int | str | None = None, device: str = "auto") -> MergeReport:
     """Merge the checkpoints at ``experts`` into ``base`` and write the result to ``out`` atomically.
 
     ``out`` ending in ``.safetensors`` is one file; anything else is a model directory (sharded above
     ``max_shard_size``, with the base directory's config and tokenizer files copied so ``from_pretrained`` works).
     ``max_memory`` bounds the peak RSS of the process (default: derived from the free RAM); SA-Merging runs out of
     core when its in-memory schedule would exceed it, with any scratch file next to the output's temporary.
+    ``device``: where the merge computes (``auto``: CUDA when available; ``cpu``, ``cuda``, ``cuda:N``).
     """
     t0 = time.perf_counter()
     m = get_method(method)
     p = parse_params(m, dict(params or {}))
     shard_size = parse_size(max_shard_size)
     budget = None if max_memory is None else parse_size(max_memory)
+    dev = resolve_device(device)
     base_ckpt = open_checkpoint(base)
     expert_ckpts = [open_checkpoint(e) for e in experts]
     try:
@@ -125,7 +129,7 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
             try:
                 for key, tensor in merge_stream(base_ckpt, expert_ckpts, m, p, plan, force=force, fresh=False,
                                                 progress=progress, stats=stats, history=history,
-                                                max_memory=budget, scratch_dir=sink.tmp.parent):
+                                                max_memory=budget, scratch_dir=sink.tmp.parent, device=dev):
                     sink.write(key, tensor)
             except BaseException:
                 hasher.cancel()
@@ -136,7 +140,7 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
         describe = getattr(stats.method_state, "describe", None)
         return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),
                            stats.merged_tensors, stats.copied_tensors, checksums, history,
-                           describe() if describe is not None else MergeReport.schedule)
+                           describe() if describe is not None else MergeReport.schedule, str(dev))
     finally:
         base_ckpt.close()
         for e in expert_ckpts:

@@ -2,12 +2,12 @@
 
     samerge merge --base PATH --expert PATH [--expert PATH ...] --method NAME --out PATH [--set key=value ...]
                   [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
-                  [--max-memory 3GB]
+                  [--max-memory 3GB] [--device auto|cpu|cuda|cuda:N]
     samerge merge-lora --base PATH --adapter DIR [--adapter DIR ...] [--method sa_merging] --out DIR
-                       [--output adapter|dense] [--rank R] [--set key=value ...]
+                       [--output adapter|dense] [--rank R] [--set key=value ...] [--max-memory 2GB] [--device D]
     samerge methods [--json]
     samerge inspect PATH [--all] [--json]
-    samerge saliency --base PATH --expert PATH [--expert PATH ...] [--set saliency_sign=own_sign] [--json]
+    samerge saliency --base PATH --expert PATH [--expert PATH ...] [--set saliency_sign=own_sign] [--device D] [--json]
     samerge demo --out DIR
 
 A user mistake ends with one line ``samerge: error: ...`` on stderr and exit code 2; an interruption with exit code
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from samerge import __version__
 from samerge.api import merge_checkpoints
+from samerge.device import DEVICE_HELP
 from samerge.architecture import guess_architecture
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io import open_checkpoint
@@ -56,6 +57,7 @@ class MergeConfig(BaseModel):
     overwrite: bool = False
     max_shard_size: str | int = "5GB"
     max_memory: str | int | None = None
+    device: str = "auto"
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         base, experts, out, method, params=params, exclude=[*cfg.exclude, *(args.exclude or [])],
         force=args.force or cfg.force, overwrite=args.overwrite or cfg.overwrite,
         max_shard_size=args.max_shard_size or cfg.max_shard_size, progress=not args.quiet,
-        max_memory=args.max_memory or cfg.max_memory,
+        max_memory=args.max_memory or cfg.max_memory, device=args.device or cfg.device,
     )
     if not args.quiet:
         print(f"merged {len(experts)} expert(s) with {report.method} "
@@ -125,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   f"{last.conflict:.3f}")
         if report.schedule != "streamed tensor by tensor":
             print(f"  schedule: {report.schedule}")
-        print(f"  wrote {report.out} in {report.seconds:.1f} s")
+        print(f"  wrote {report.out} in {report.seconds:.1f} s (computed on {report.device})")
     return 0
 
 
@@ -135,7 +137,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
         raise SamergeError("no adapters given (--adapter DIR, once per adapter)")
     path, result = merge_lora_checkpoints(args.base, args.adapter, args.out, args.method, output=args.output,
                                           rank=args.rank, params=_parse_set(args.set or []), force=args.force,
-                                          overwrite=args.overwrite, max_memory=args.max_memory)
+                                          overwrite=args.overwrite, max_memory=args.max_memory,
+                                          device=args.device)
     ranks = [A.shape[0] for _, A in result.modules.values()]
     print(f"merged {len(args.adapter)} adapter(s) with {args.method} into {len(result.modules)} modules "
           f"(rank {min(ranks)}-{max(ranks)}); wrote {path} ({args.output})")
@@ -226,7 +229,7 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     with open_checkpoint(args.base) as base:
         experts = [open_checkpoint(e) for e in args.expert]
         try:
-            rows = saliency(base, experts, **params)
+            rows = saliency(base, experts, device=args.device, **params)
         finally:
             for e in experts:
                 e.close()
@@ -349,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="SIZE",
                    help="peak resident memory of the whole process, e.g. 3GB (default: derived from the free RAM); "
                         "sa_merging runs out of core when it would not fit in memory")
+    p.add_argument("--device", help=f"where the merge computes: {DEVICE_HELP} (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 
@@ -367,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="SIZE",
                    help="peak resident memory of the whole process, e.g. 2GB (default: what samerge holds plus 80%% "
                         "of the free RAM); the base's |W| is streamed tensor by tensor when its caches would not fit")
+    p.add_argument("--device", default="auto", help=f"where the merge computes: {DEVICE_HELP}")
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -383,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--expert", action="append", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="saliency_sign, qk_rule or graph")
+    p.add_argument("--device", default="auto", help=f"where saliency is computed: {DEVICE_HELP}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_saliency)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from samerge.device import resolve_device
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io.checkpoint import Checkpoint
 from samerge.io.writer import parse_size
@@ -50,10 +51,12 @@ class MergeStats:
 
 def _load_into(state: StateDict, key: str, out: torch.Tensor, staging: Callable[[torch.dtype], torch.Tensor]
                ) -> None:
-    """Read ``state[key]`` into ``out`` (converting dtype), reusing buffers when ``state`` is a Checkpoint."""
+    """Read ``state[key]`` into ``out`` (converting dtype, copying to ``out``'s device), reusing buffers when
+    ``state`` is a Checkpoint: files are read into CPU memory (``staging``) unless ``out`` is itself a CPU tensor
+    of the stored dtype."""
     if isinstance(state, Checkpoint):
         _, dtype = state.info(key)
-        if dtype == out.dtype:
+        if dtype == out.dtype and out.device.type == "cpu":
             state.read(key, out=out)
         else:
             out.copy_(state.read(key, out=staging(dtype)).view(out.shape))
@@ -80,6 +83,12 @@ class InputReader:
     def __init__(self, base: StateDict, experts: Sequence[StateDict], plan: MergePlan, ws: Workspace,
                  stats: MergeStats | None = None) -> None:
         self.base_state, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
+        self.host_ws = ws.host()  # files are read on the CPU: staging buffers for a compute device elsewhere
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors read are put (the compute device)."""
+        return self.ws.device
 
     @property
     def n_experts(self) -> int:
@@ -87,7 +96,7 @@ class InputReader:
 
     def _read(self, state: StateDict, key: str, out: torch.Tensor) -> torch.Tensor:
         numel = math.prod(self.plan.shapes[key])
-        _load_into(state, key, out, lambda dtype: self.ws.get("io.staging", numel, dtype))
+        _load_into(state, key, out, lambda dtype: self.host_ws.get("io.staging", numel, dtype))
         return out
 
     def base(self, key: str, out: torch.Tensor, check: bool = False) -> torch.Tensor:
@@ -144,16 +153,18 @@ class _Groups:
 def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | MergeMethod, params: MethodParams,
                  plan: MergePlan, *, force: bool = False, fresh: bool = True, progress: bool = False,
                  stats: MergeStats | None = None, history: list[Any] | None = None,
-                 max_memory: int | None = None, scratch_dir: Any = None, schedule: str = "auto"
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+                 max_memory: int | None = None, scratch_dir: Any = None, schedule: str = "auto",
+                 device: str | torch.device | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every canonical key of the base, in base order.
 
     With ``fresh=False`` a yielded tensor may be a scratch buffer, valid only until the next one is requested.
     The derived-from-base check runs when the stream ends; a consumer that publishes output only after
     exhausting the stream therefore never publishes a refused merge. ``max_memory`` (bytes of peak RSS of the
     process) lets whole-model methods choose an out-of-core schedule (``schedule="streamed"`` forces it,
-    ``"memory"`` forbids it); ``scratch_dir`` is where their scratch files go.
+    ``"memory"`` forbids it); ``scratch_dir`` is where their scratch files go. ``device`` is where the method
+    computes (:func:`~samerge.device.resolve_device`); yielded tensors are always on the CPU.
     """
+    dev = resolve_device(device)
     m = get_method(method) if isinstance(method, str) else method
     if max_memory is not None and m.memory_plan(params, _context(plan, base), len(experts)) is None:
         # a per-tensor method holds one tensor of the base and of each expert (compute dtype) plus scratch
@@ -163,12 +174,12 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
             raise too_small(m.name, max_memory, needed)
     stats = stats if stats is not None else MergeStats()
     stats.expert_sq = [0.0] * len(experts)
-    ws = Workspace()
+    ws = Workspace(dev)
     once = not m.merge_needs_task_vectors  # the plan pass is the only pass over the experts
     groups = _Groups(base, experts, plan, ws, stats=stats if once else None)
     if m.needs_plan(params):
         context = _context(plan, base, history=history, progress=progress, max_memory=max_memory,
-                           reader=groups.reader, scratch_dir=scratch_dir, schedule=schedule)
+                           reader=groups.reader, scratch_dir=scratch_dir, schedule=schedule, device=dev)
         stats.method_state = m.plan(params, groups, ws, context)
     groups.stats = None if once else stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
@@ -182,8 +193,9 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
         group = groups.group(key, with_experts=not once)
         delta = m.merge_tensor(group, params, stats.method_state, ws).view(shape)
         cdt = group.base.dtype
-        if fresh or dtype != cdt:
-            out = torch.empty(shape, dtype=dtype)
+        on_cpu = dev.type == "cpu"
+        if on_cpu and (fresh or dtype != cdt):
+            out = torch.empty(shape, dtype=dtype, device="cpu")
         else:
             out = ws.get("io.out", shape, dtype)
         if dtype == cdt:
@@ -194,6 +206,10 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
             if not bool(torch.isfinite(out).all()):
                 raise SamergeError(f"{m.name}: merged tensor {key!r} is not finite"
                                    + (f" after casting to {dtype} (overflow)" if dtype != cdt else ""))
+        if not on_cpu:  # back to the CPU, where the caller writes it
+            host = torch.empty(shape, dtype=dtype, device="cpu") if fresh else \
+                groups.reader.host_ws.get("io.out", shape, dtype)
+            out = host.copy_(out)
         stats.merged_tensors += 1
         yield key, out
     bar.close()
@@ -230,7 +246,8 @@ def _context(plan: MergePlan, base: StateDict, **kw: Any) -> MergeContext:
 
 def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,
           exclude: Sequence[str] = (), progress: bool = False, history: list[Any] | None = None,
-          max_memory: int | str | None = None, schedule: str = "auto", **params: Any) -> dict[str, torch.Tensor]:
+          max_memory: int | str | None = None, schedule: str = "auto", device: str = "auto", **params: Any
+          ) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (full fine-tuned weights, not task vectors) into ``base`` with ``method``.
 
     Returns a new state dict with exactly the base's keys, shapes and dtypes. Floating-point tensors are merged in
@@ -242,11 +259,14 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
     ``max_memory`` ("3GB", or bytes) bounds the peak resident memory of the process: ``sa_merging`` then runs
     out of core when its in-memory schedule would not fit (the result is the same, bit for bit);
     ``schedule="streamed"`` runs it out of core whatever the budget, ``"memory"`` never.
+    ``device``: where the merge computes, ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+    the result is on the CPU either way.
     Raises :class:`~samerge.errors.SamergeError` (a ``ValueError``) for any problem with the inputs.
     """
     m = get_method(method)
     p = parse_params(m, params)
     budget = None if max_memory is None else parse_size(max_memory)
+    dev = resolve_device(device)
     if schedule not in ("auto", "memory", "streamed"):
         raise SamergeError(f"schedule must be 'auto', 'memory' or 'streamed', got {schedule!r}")
     experts = list(experts)
@@ -255,7 +275,7 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
         warnings.warn(note, SamergeWarning, stacklevel=2)
     out: dict[str, torch.Tensor] = {}
     for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress,
-                               history=history, max_memory=budget, schedule=schedule):
+                               history=history, max_memory=budget, schedule=schedule, device=dev):
         out[key] = t
     result: dict[str, torch.Tensor] = {}
     for k in base.keys():

@@ -9,10 +9,10 @@ threads:
 1. ``_keys``: S of every entry, in float32 and in the order the torch path computes it, turned into an integer key
    with the same order (dead entries get the lowest key), plus the count of alive entries whose sign differs from
    M's (the conflict statistic of the state the step starts from);
-2. ``_bracket``: a strided sample of the keys brackets the k-th largest; one pass counts the keys above the bracket
-   and gathers those inside it (their positions in index order), so the exact threshold comes from ~1% of the
-   entries. A bracket that misses (rare: it spans 3 standard deviations of the sample quantile) is widened to
-   every key, which is exact too;
+2. a strided sample of S brackets the k-th largest key before that pass, which then also counts the keys above
+   the bracket and gathers those inside it (with their positions, in index order) while each row is in cache, so
+   the exact threshold comes from the ~2 % inside. A bracket that misses (rare: it spans 3 standard deviations of
+   the sample quantile) is widened from the keys themselves, then bisected on the key value: exact too;
 3. ``_apply``: zero the entries below the threshold, keep the first ``fill`` entries equal to it in index order
    (ties break by the lowest flat index, as :func:`samerge.selection.select_top_keys` does).
 
@@ -74,20 +74,26 @@ def _to_keys(keys):
 
 
 @njit(cache=True, boundscheck=False, nogil=True)
-def _keys_rows(tau, base, merged, us, vs, scales, rule, r0, r1, keys, scratch, lo, hi, flags):
-    """Keys of rows r0..r1 (flat, row-major, ``vs.shape[1]`` columns), and for each a flag: within [lo, hi].
-    Returns (conflicts, keys above hi)."""
+def _keys_rows(tau, base, merged, us, vs, scales, rule, r0, r1, keys, scratch, lo, hi, flags, cand, pos):
+    """Keys of rows r0..r1 (flat, row-major, ``vs.shape[1]`` columns); those within [lo, hi] are gathered into
+    ``cand`` with their positions in ``pos`` (index order) while the row is in cache: each row writes one
+    in-bracket byte per key into ``flags`` (a row's worth, padded to 8-byte words and zero beyond the row), then
+    visits only the words with a byte set (~1 in 8 for a 1-2 % bracket).
+    Returns (conflicts, keys above hi, keys in the bracket: beyond ``cand``'s size means it overflowed)."""
     C = vs.shape[1]
     nf = us.shape[0]
     si = scratch.view(np.int32)
     conflicts = 0
     above = 0
+    fr = flags[:C]
+    words = flags.view(np.uint64)
+    cap = cand.shape[0]
+    got = 0  # keys gathered (the factor loop below uses j)
     for r in range(r0, r1):
         tr = tau[r * C:(r + 1) * C]
         br = base[r * C:(r + 1) * C]
         mr = merged[r * C:(r + 1) * C]
         kr = keys[r * C:(r + 1) * C]
-        fr = flags[r * C:(r + 1) * C]
         u0 = us[0, r]
         v0 = vs[0]
         sc0 = scales[0]
@@ -121,61 +127,36 @@ def _keys_rows(tau, base, merged, us, vs, scales, rule, r0, r1, keys, scratch, l
             kr[c] = k
             above += k > hi
             fr[c] = (k >= lo) & (k <= hi)
-    return conflicts, above
+        for w in range(words.shape[0]):
+            if words[w] != 0:
+                for c in range(w * 8, min(C, w * 8 + 8)):
+                    if fr[c]:
+                        if got < cap:
+                            cand[got] = kr[c]
+                            pos[got] = r * C + c
+                        got += 1
+    return conflicts, above, got
 
 
 @njit(cache=True, parallel=True, boundscheck=False)
-def _keys(tau, base, merged, us, vs, scales, rule, keys, scratch, lo, hi, flags):
+def _keys(tau, base, merged, us, vs, scales, rule, keys, scratch, lo, hi, flags, cand, pos):
+    """Keys of every entry, the conflicts, the count above the bracket [lo, hi] and the keys inside it (gathered
+    into per-thread regions of ``cand``/``pos``, index order). Returns (conflicts, above, per-thread counts)."""
     R = us.shape[1]
     nt = scratch.shape[0]
     step = (R + nt - 1) // nt
+    region = cand.shape[0] // nt
     conflicts = np.zeros(nt, np.int64)
     above = np.zeros(nt, np.int64)
-    for th in prange(nt):
-        c, a = _keys_rows(tau, base, merged, us, vs, scales, rule, th * step, min(R, (th + 1) * step), keys,
-                          scratch[th], lo, hi, flags)
-        conflicts[th] = c
-        above[th] = a
-    return conflicts.sum(), above.sum()
-
-
-@njit(cache=True, boundscheck=False, nogil=True)
-def _gather_part(keys, flags, w0, w1, cand, pos):
-    """Keys (and positions) whose flag is set, in the 8-flag words w0..w1 (visiting only words with a flag)."""
-    words = flags.view(np.uint64)
-    n = keys.shape[0]
-    j = 0
-    cap = cand.shape[0]
-    last_full = min(w1, n // 8)
-    for w in range(w0, last_full):
-        if words[w] != 0:
-            if j + 8 > cap:
-                return cap + 1  # overflow: the caller falls back
-            for i in range(w * 8, w * 8 + 8):  # branchless: write every key of the word, advance past the flagged
-                cand[j] = keys[i]
-                pos[j] = i
-                j += np.int64(flags[i])
-    for w in range(max(w0, last_full), w1):  # the last, partial word
-        for i in range(w * 8, min(n, w * 8 + 8)):
-            if flags[i]:
-                if j >= cap:
-                    return cap + 1
-                cand[j] = keys[i]
-                pos[j] = i
-                j += 1
-    return j
-
-
-@njit(cache=True, parallel=True, boundscheck=False)
-def _gather(keys, flags, cand, pos, nt):
-    n_words = flags.shape[0] // 8
-    step = (n_words + nt - 1) // nt
-    cap = cand.shape[0] // nt
     counts = np.zeros(nt, np.int64)
     for th in prange(nt):
-        counts[th] = _gather_part(keys, flags, th * step, min(n_words, (th + 1) * step),
-                                  cand[th * cap:(th + 1) * cap], pos[th * cap:(th + 1) * cap])
-    return counts
+        c, a, g = _keys_rows(tau, base, merged, us, vs, scales, rule, th * step, min(R, (th + 1) * step), keys,
+                             scratch[th], lo, hi, flags[th], cand[th * region:(th + 1) * region],
+                             pos[th * region:(th + 1) * region])
+        conflicts[th] = c
+        above[th] = a
+        counts[th] = g
+    return conflicts.sum(), above.sum(), counts
 
 
 @njit(cache=True, parallel=True, boundscheck=False)
@@ -505,18 +486,20 @@ def topk_(tau: torch.Tensor, base: torch.Tensor, merged: torch.Tensor, factors: 
     t, b, m = _np(tau), _np(base), _np(merged)
     n = t.shape[0]
     rule = RULES[sign_rule]
-    lo, hi, cap = I32.min, I32.max, n + 2 * nt
-    if n > 4 * SAMPLE:  # bracket the threshold from a sample, so the keys pass can count and flag on the way
+    # without a sample every key is in the bracket: room for each thread's rows
+    lo, hi, cap = I32.min, I32.max, nt * ((n_rows + nt - 1) // nt * n_cols + 1)
+    if n > 4 * SAMPLE:  # bracket the threshold from a sample, so the keys pass can count and gather on the way
         stride = _stride(n, n_cols, run=RUN)
         sample = ws.get("kern.sample", SAMPLE, torch.int32).numpy()
         _sample_keys(t, b, m, us, vs, scales, rule, n_cols, stride, sample)
         lo, hi, cap = _bounds(sample, keep, n, nt)
-    flags = ws.get("kern.flags", (n + 7) // 8 * 8, torch.uint8).numpy().view(np.bool_)
-    flags[n:] = False
-    conflicts, above = _keys(t, b, m, us, vs, scales, rule, keys, scratch, lo, hi, flags)
+    width = (n_cols + 7) // 8 * 8
+    flags = ws.get("kern.rowflags", (nt, width), torch.uint8).numpy().view(np.bool_)
+    flags[:, n_cols:] = False
     cand = ws.get("kern.cand", cap, torch.int32).numpy()
     pos = ws.get("kern.pos", cap, torch.int64).numpy()
-    done = _finish(cand, pos, _gather(keys, flags, cand, pos, nt), int(above), keep)
+    conflicts, above, counts = _keys(t, b, m, us, vs, scales, rule, keys, scratch, lo, hi, flags, cand, pos)
+    done = _finish(cand, pos, counts, int(above), keep)
     thr, last = done if done is not None else _threshold(keys, keep, n_cols, ws)
     mask_np = _np(mask) if mask is not None else np.empty(0, np.bool_)
     _apply(t, keys, thr, last, mask_np, nt)

@@ -24,12 +24,13 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from samerge.device import resolve_device
 from samerge.errors import CheckpointError, SamergeError
 from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_factors, lockstep_flows
 from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
@@ -75,6 +76,12 @@ class LoraAdapter:
     path: Path
     config: dict[str, Any]
     modules: dict[str, LoraModule] = field(default_factory=dict)
+
+
+def _on_device(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
+    """A copy of ``adapter`` with its factors on ``device`` (the caller's adapter is left as it is)."""
+    mods = {name: replace(m, A=m.A.to(device), B=m.B.to(device)) for name, m in adapter.modules.items()}
+    return LoraAdapter(adapter.path, adapter.config, mods)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -191,24 +198,32 @@ _ROWS, _CHUNK, _DENSE = "lora.rows", "lora.chunk", "lora.dense"
 _CHUNK_SLOTS = (_ROWS, _CHUNK, _DENSE)
 
 
-def _workspace(base_bytes: int = 0, abs_bytes: int = 0) -> Workspace:
-    """A Workspace for streamed work, its buffers allocated at their largest up front (untouched pages cost no
-    RSS) so that none is regrown: one base tensor, one float32 |W|, and the row chunks (their size varies from
-    module to module)."""
-    ws = Workspace()
-    for slot, nbytes in ((_BASE, base_bytes), (_ABS, abs_bytes), *((s, ROW_CHUNK * 8) for s in _CHUNK_SLOTS)):
+def _workspace(base_bytes: int = 0, abs_bytes: int = 0, device: torch.device | str = "cpu") -> Workspace:
+    """A Workspace for streamed work on ``device``, its buffers allocated at their largest up front (untouched
+    pages cost no RSS) so that none is regrown: one base tensor (read on the CPU), one float32 |W|, and the row
+    chunks (their size varies from module to module)."""
+    ws = Workspace(device)
+    ws.host().get(_BASE, base_bytes, torch.uint8)
+    for slot, nbytes in ((_ABS, abs_bytes), *((s, ROW_CHUNK * 8) for s in _CHUNK_SLOTS)):
         ws.get(slot, nbytes, torch.uint8)
     return ws
 
 
-def _read_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None
-               ) -> tuple[torch.Tensor, bool]:
-    """``base[key]`` as stored, and whether it is ``ws``'s copy (a Checkpoint's tensor read into its base buffer;
-    a plain dict's tensor, or any without ``ws``, is not)."""
-    if ws is None or not isinstance(base, Checkpoint):
-        return base[key], False
-    shape, dtype = base.info(key)
-    return base.read(key, out=ws.get(_BASE, shape, dtype)), True
+def _read_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, bool]:
+    """``base[key]`` as stored, on ``ws``'s device (or ``device`` without ``ws``), and whether it is ``ws``'s copy
+    (a Checkpoint's tensor read into its base buffer, or any tensor copied to another device through ``ws``; a
+    plain dict's CPU tensor, or any without ``ws``, is not)."""
+    if ws is None:
+        return base[key].to(device), False
+    if not isinstance(base, Checkpoint):
+        t = base[key]
+    else:
+        shape, dtype = base.info(key)
+        t = base.read(key, out=ws.host().get(_BASE, shape, dtype))
+    if ws.device.type == "cpu":
+        return t, isinstance(base, Checkpoint)
+    return ws.get(_BASE, t.shape, t.dtype).copy_(t), True
 
 
 def expert_weight_rows(w0: torch.Tensor, mod: LoraModule, r0: int, r1: int, mask: torch.Tensor | None = None,
@@ -235,7 +250,7 @@ def gamma(w0: torch.Tensor, mod: LoraModule, u: torch.Tensor, v: torch.Tensor, m
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
     av = (mod.A * v.to(mod.A.dtype)).t()  # d_in × r
     B = mod.B if mask is None else mod.B * mask
-    out = torch.zeros(mod.rank, dtype=mod.A.dtype)
+    out = torch.zeros(mod.rank, dtype=mod.A.dtype, device=mod.A.device)
     step = max(1, ROW_CHUNK // max(1, d_in))
     for r0 in range(0, d_out, step):
         r1 = min(d_out, r0 + step)
@@ -250,7 +265,7 @@ def eta(mods: Sequence[LoraModule], n: int, masks: Sequence[torch.Tensor | None]
     masks = masks or [None] * len(mods)
     Bn = mods[n].B if masks[n] is None else mods[n].B * masks[n]
     An = mods[n].A if masks[n] is None else mods[n].A * masks[n][:, None]
-    out = torch.zeros(mods[n].rank, dtype=mods[n].A.dtype)
+    out = torch.zeros(mods[n].rank, dtype=mods[n].A.dtype, device=mods[n].A.device)
     for i, m in enumerate(mods):
         Bi = m.B if masks[i] is None else m.B * masks[i]
         Ai = m.A if masks[i] is None else m.A * masks[i][:, None]
@@ -302,14 +317,16 @@ class LoraMergeResult:
         return out
 
 
-def _abs_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None) -> torch.Tensor:
-    """|W0| of one base tensor in float32: fresh, or in ``ws``'s |W| buffer (the same bits: |x| is exact and
-    rounding to float32 is symmetric in sign); a float32 Checkpoint tensor is read straight into that buffer."""
+def _abs_base(base: Mapping[str, torch.Tensor], key: str, ws: Workspace | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """|W0| of one base tensor in float32: fresh (on ``device``), or in ``ws``'s |W| buffer (the same bits: |x| is
+    exact and rounding to float32 is symmetric in sign); a float32 Checkpoint tensor is read straight into that
+    buffer on the CPU."""
     if ws is None:
-        return base[key].to(torch.float32).abs()
+        return base[key].to(device=device, dtype=torch.float32).abs()
     shape, dtype = tensor_info(base, key)
     out = ws.get(_ABS, shape, torch.float32)
-    if isinstance(base, Checkpoint) and dtype == torch.float32:
+    if isinstance(base, Checkpoint) and dtype == torch.float32 and ws.device.type == "cpu":
         return base.read(key, out=out).abs_()
     return out.copy_(_read_base(base, key, ws)[0]).abs_()
 
@@ -322,7 +339,8 @@ def _abs_expert(w0: torch.Tensor, mod: LoraModule, mask: torch.Tensor | None, ws
         # rows are converted per chunk below; via float32 only where that is not exact (float64 bases)
         w0 = w0.to(torch.float32)
     shape = (mod.B.shape[0], mod.A.shape[1])
-    full = ws.get(_ABS, shape, torch.float32) if ws is not None else torch.empty(shape, dtype=torch.float32)
+    full = ws.get(_ABS, shape, torch.float32) if ws is not None else \
+        torch.empty(shape, dtype=torch.float32, device=mod.A.device)
     step = max(1, ROW_CHUNK // max(1, full.shape[1]))
     for r0 in range(0, full.shape[0], step):
         r1 = min(full.shape[0], r0 + step)
@@ -344,8 +362,8 @@ class _CachedWeights:
     expert's cache."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], adapter: LoraAdapter, masks: dict[str, Any],
-                 static: dict[str, torch.Tensor]) -> None:
-        self.base, self.masks, self.static = base, masks, static
+                 static: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.base, self.masks, self.static, self.device = base, masks, static, device
         self.by_key = {m.base_key: m for m in adapter.modules.values()}
         self.cache: dict[str, torch.Tensor] = {}
 
@@ -353,10 +371,10 @@ class _CachedWeights:
         mod = self.by_key.get(key)
         if mod is None:
             if key not in self.static:
-                self.static[key] = _abs_base(self.base, key)
+                self.static[key] = _abs_base(self.base, key, device=self.device)
             return self.static[key]
         if key not in self.cache:
-            self.cache[key] = _abs_expert(self.base[key], mod, self.masks.get(mod.name))
+            self.cache[key] = _abs_expert(self.base[key].to(self.device), mod, self.masks.get(mod.name))
         return self.cache[key]
 
     def weights(self, ref: Ref) -> torch.Tensor:
@@ -413,8 +431,8 @@ class _StreamedWeights(LockstepSource):
 
 
 def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter], masks: list[dict[str, Any]],
-                qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]], ws: Workspace | None = None
-                ) -> list[dict[str, Any]]:
+                qk_rule: str, graph: Any, shapes: dict[str, tuple[int, ...]], ws: Workspace | None = None,
+                device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
     """Connectivity flow factors of every expert's full weights W0 + ΔW_n (target modules formed per row chunk).
 
     In memory (``ws=None``), one expert after the other with its |W| cached (:class:`_CachedWeights`); with
@@ -422,12 +440,13 @@ def _lora_flows(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter
     no |W| kept past one request (:class:`_StreamedWeights`).
     """
     if ws is not None:
-        return lockstep_flows(graph, len(adapters), _StreamedWeights(base, adapters, masks, ws), qk_rule, shapes)
+        return lockstep_flows(graph, len(adapters), _StreamedWeights(base, adapters, masks, ws), qk_rule, shapes,
+                              ws.device)
     static: dict[str, torch.Tensor] = {}
     out = []
     for n, ad in enumerate(adapters):
-        cw = _CachedWeights(base, ad, masks[n], static)
-        out.append(flow_factors(graph, cw.weights, cw.gammas, qk_rule, shapes))
+        cw = _CachedWeights(base, ad, masks[n], static, device)
+        out.append(flow_factors(graph, cw.weights, cw.gammas, qk_rule, shapes, device))
         del cw  # this expert's cache goes before the next expert's is built
     return out
 
@@ -563,7 +582,8 @@ def _module_flow(factors: list[Any], mod: LoraModule) -> tuple[torch.Tensor, tor
     """u (d_out) and v (d_in) of a module from its rank-1 flow factors (max-normalised; whole-tensor units)."""
     live = [f for f in factors if f.log != -math.inf and f.rows is None]
     if not live:
-        return torch.zeros(mod.B.shape[0], dtype=torch.float64), torch.zeros(mod.A.shape[1], dtype=torch.float64)
+        return (torch.zeros(mod.B.shape[0], dtype=torch.float64, device=mod.B.device),
+                torch.zeros(mod.A.shape[1], dtype=torch.float64, device=mod.A.device))
     if len(live) > 1:
         raise SamergeError(f"LoRA module {mod.name!r}: its flow gradient is not rank-1 (tied weight?)")
     f = live[0]
@@ -576,13 +596,14 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
                iterations: int = 10, prune_ratio: float = 0.2, scale: float = 1.0, density: float = 0.2,
                qk_rule: str = "bilinear", graph: str = "auto", config: Mapping[str, Any] | None = None,
                rank: int | None = None, force: bool = False, history: list[Any] | None = None,
-               max_memory: str | int | None = None) -> LoraMergeResult:
+               max_memory: str | int | None = None, device: str | torch.device = "auto") -> LoraMergeResult:
     """Merge LoRA adapters into factor form (see the module docstring). ``density`` is TIES' kept fraction.
 
     ``max_memory`` (``"2GB"``, bytes; default: what the process holds plus 80% of the free RAM) bounds the peak RSS
     of the whole process: when the flows' in-memory caches would not fit (:func:`lora_memory_plan`), every |W| is
     streamed from ``base`` one tensor at a time instead, with identical results. A given budget below what
-    streaming needs raises the one too-small error before any work.
+    streaming needs raises the one too-small error before any work. ``device``: where the merge computes (``auto``:
+    CUDA when available); the merged factors are on the CPU.
     """
     valid = ("sa_merging", "task_arithmetic", "ties", "cat")
     if method not in valid:
@@ -595,6 +616,7 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
         raise SamergeError(f"iterations must be >= 1, got {iterations}")
     if rank is not None and rank < 1:
         raise SamergeError(f"rank must be >= 1, got {rank}")
+    dev = resolve_device(device)
     check_adapters(base, adapters, force)
     for ad in adapters:
         for mod in ad.modules.values():
@@ -606,30 +628,32 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
     plan = _memory_plan(base, adapters, method, g, "adapter")
     budget = _check_budget(plan, max_memory)
     stream = method == "sa_merging" and plan.streams(budget)
-    ws = _workspace(plan.raw_bytes, plan.f32_bytes) if stream else None
-    masks: list[dict[str, torch.Tensor]] = [{name: torch.ones(m.rank, dtype=m.A.dtype) for name, m in ad.modules.items()}
-                                            for ad in adapters]
+    ws = _workspace(plan.raw_bytes, plan.f32_bytes, dev) if stream else None
+    if dev.type != "cpu":
+        adapters = [_on_device(ad, dev) for ad in adapters]
+    masks: list[dict[str, torch.Tensor]] = [{name: torch.ones(m.rank, dtype=m.A.dtype, device=dev)
+                                             for name, m in ad.modules.items()} for ad in adapters]
     records: list[LoraIteration] = []
     if method == "sa_merging":
         r0 = {(n, name): m.rank for n, ad in enumerate(adapters) for name, m in ad.modules.items()}
         initial = sum(r0.values())
         for t in range(1, iterations + 1):
-            flows = _lora_flows(base, adapters, masks, qk_rule, g, shapes, ws)
+            flows = _lora_flows(base, adapters, masks, qk_rule, g, shapes, ws, dev)
             new_masks = [dict(mk) for mk in masks]
             for name in names:
                 holders = [n for n, ad in enumerate(adapters) if name in ad.modules]
                 mods = [adapters[n].modules[name] for n in holders]
                 mmasks = [masks[n][name] for n in holders]
                 # one tensor, read once for every adapter of the module
-                w0 = _read_base(base, mods[0].base_key, ws)[0]
+                w0 = _read_base(base, mods[0].base_key, ws, dev)[0]
                 for j, n in enumerate(holders):
                     mod = mods[j]
                     u, v = _module_flow(flows[n].get(mod.base_key, []), mod)
-                    score = (gamma(w0, mod, u, v, mmasks[j], ws) * eta(mods, j, mmasks)).abs()
-                    alive = mmasks[j] > 0
+                    score = (gamma(w0, mod, u, v, mmasks[j], ws) * eta(mods, j, mmasks)).abs().cpu()
+                    alive = mmasks[j].cpu() > 0
                     keep = max(1, round(r0[(n, name)] * (1.0 - prune_ratio) ** t))
                     keep = min(keep, int(alive.sum()))
-                    score = torch.where(alive, score, torch.tensor(-math.inf, dtype=score.dtype))
+                    score = score.masked_fill(~alive, -math.inf)
                     order = sorted(range(score.numel()), key=lambda k: (-float(score[k]), k))
                     m = torch.zeros_like(mmasks[j])
                     m[order[:keep]] = 1.0
@@ -655,7 +679,7 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
             B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
             if rank is not None and rank < A.shape[0]:
                 B, A = compress(B, A, rank)
-        out[name] = (B, A)
+        out[name] = (B.cpu(), A.cpu())
     del ws
     kept_counts = {name: [int(masks[n][name].sum()) for n, ad in enumerate(adapters) if name in ad.modules]
                    for name in names}
@@ -670,7 +694,7 @@ def _ties_module(mods: Sequence[LoraModule], density: float, scale: float, rank:
     Trim keeps each adapter's top ``density`` of |ΔW| over the whole module: the exact threshold comes from
     two streamed passes over row chunks (:class:`~samerge.selection.GlobalThreshold`).
     """
-    ws = Workspace()
+    ws = Workspace(mods[0].A.device)
     d_out, d_in = mods[0].B.shape[0], mods[0].A.shape[1]
     step = max(1, ROW_CHUNK // max(1, d_in))
 
@@ -690,7 +714,7 @@ def _ties_module(mods: Sequence[LoraModule], density: float, scale: float, rank:
         for sel, d in zip(selectors, c):
             sel.add_candidates(d.abs().reshape(-1), ws)
     thresholds = [sel.threshold() for sel in selectors]
-    merged = torch.empty((d_out, d_in), dtype=torch.float64)
+    merged = torch.empty((d_out, d_in), dtype=torch.float64, device=mods[0].A.device)
     for r0, r1, c in chunks():
         for i, thr in enumerate(thresholds):
             c[i].mul_(c[i].abs() >= thr)
@@ -772,13 +796,14 @@ def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
                    adapters: Sequence[LoraAdapter | str | os.PathLike[str]], method: str = "sa_merging", *,
                    output: Literal["adapter", "dense"] = "adapter", rank: int | None = None, iterations: int = 10,
                    prune_ratio: float = 0.2, scale: float = 1.0, max_memory: str | int | None = None,
-                   **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
+                   device: str = "auto", **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
     """``samerge.merge_lora``: merge LoRA adapters of one base.
 
     ``base``: a state dict or a model path; ``adapters``: PEFT adapter directories or :class:`LoraAdapter` objects.
     ``output="adapter"`` returns a :class:`LoraMergeResult` (factors per module; ``peft_state_dict()``);
     ``output="dense"`` returns the merged model's state dict (which is then resident as a whole: to write a dense
-    model larger than memory use :func:`merge_lora_checkpoints`). ``max_memory``: see :func:`merge_lora`.
+    model larger than memory use :func:`merge_lora_checkpoints`). ``max_memory``, ``device``: see
+    :func:`merge_lora`.
     """
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
@@ -789,7 +814,7 @@ def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
             _check_budget(lora_memory_plan(state, loaded, method, output="state", graph=kw.get("graph", "auto"),
                                            config=kw.get("config")), max_memory)
         result = merge_lora(state, loaded, method, rank=rank, iterations=iterations,  # type: ignore[arg-type]
-                            prune_ratio=prune_ratio, scale=scale, max_memory=max_memory, **kw)
+                            prune_ratio=prune_ratio, scale=scale, max_memory=max_memory, device=device, **kw)
         return dense_state(state, result) if output == "dense" else result
     finally:
         if isinstance(state, Checkpoint) and state is not base:
@@ -800,7 +825,7 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
                            out: str | os.PathLike[str], method: str = "sa_merging", *,
                            output: Literal["adapter", "dense"] = "adapter", rank: int | None = None,
                            params: Mapping[str, Any] | None = None, force: bool = False, overwrite: bool = False,
-                           max_memory: str | int | None = None) -> tuple[Path, LoraMergeResult]:
+                           max_memory: str | int | None = None, device: str = "auto") -> tuple[Path, LoraMergeResult]:
     """Files in, files out: merge PEFT adapter directories for the model at ``base``.
 
     The dense output (``output="dense"``) is written tensor by tensor: W0 + λ Σ s B A is formed per tensor and
@@ -824,7 +849,7 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
             _check_budget(lora_memory_plan(ck, loaded, method, output="dense", graph=params.get("graph", "auto")),
                           max_memory)
         result = merge_lora(ck, loaded, method, rank=rank, force=force, max_memory=max_memory,  # type: ignore[arg-type]
-                            **params)
+                            device=device, **params)
         meta = {"samerge.version": samerge.__version__, "samerge.method": f"lora:{method}",
                 "samerge.params": json.dumps({**params, "rank": rank}, sort_keys=True),
                 "samerge.adapters": json.dumps([str(a) for a in adapters])}

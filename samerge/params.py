@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from samerge.device import check_device_name
 from samerge.errors import SamergeError
 from samerge.io.writer import parse_size
 from samerge.methods.sa_merging import SaMergingParams
@@ -20,6 +21,18 @@ from samerge.methods.sa_merging import SaMergingParams
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _device_field() -> Any:
+    return Field("auto", description="where the stage computes: auto (CUDA when the worker has one, else the CPU), "
+                                     "cpu, cuda or cuda:N")
+
+
+def _check_device(v: str) -> str:
+    try:
+        return check_device_name(v)
+    except SamergeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class AcquireParams(_Section):
@@ -45,6 +58,9 @@ class ScoreParams(_Section):
     qk_rule: Literal["bilinear", "value_proxy", "uniform"] = SaMergingParams.model_fields["qk_rule"].default
     graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = SaMergingParams.model_fields["graph"].default
     sample: int = Field(200_000, ge=100, description="entries per tensor sampled for the rank correlations")
+    device: str = _device_field()
+
+    _device = field_validator("device")(_check_device)
 
 
 _SA = SaMergingParams.model_fields  # the pipeline's SA-Merging defaults are the library's
@@ -64,6 +80,9 @@ class PruneParams(_Section):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="other methods' parameters, by method")
     max_memory: str | None = Field(None, description="peak RSS of a merge, e.g. 3GB (null: derived from the free "
                                                      "RAM); SA-Merging runs out of core when it would not fit")
+    device: str = _device_field()
+
+    _device = field_validator("device")(_check_device)
 
     @field_validator("max_memory")
     @classmethod
@@ -100,6 +119,10 @@ class PruneParams(_Section):
 
 class EvaluateParams(_Section):
     split: Literal["test", "val"] = Field("test", description="which split the merged models are scored on")
+    device: str = Field("auto", description="where llm-lora and hub suites score (auto: CUDA when the worker has "
+                                            "one); the text and vision suites score on the CPU")
+
+    _device = field_validator("device")(_check_device)
 
 
 class ReportParams(_Section):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from samerge import kernels
+from samerge.device import resolve_device
 from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
 from samerge.plan import plan_merge
@@ -118,7 +119,8 @@ def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.
                  buffers: dict[str, torch.Tensor] | None = None,
                  fill: Callable[[str, torch.Tensor], None] | None = None) -> FlowFactors:
     ew = ExpertWeights(base, tau, buffers, fill)
-    return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes))
+    device = next(iter(base.values())).device if len(base) else torch.device("cpu")
+    return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes), device)
 
 
 def unit_view(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -332,7 +334,7 @@ class TensorSaliency:
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     r = torch.empty_like(x, dtype=torch.float64)
-    r[x.argsort()] = torch.arange(x.numel(), dtype=torch.float64)
+    r[x.argsort()] = torch.arange(x.numel(), dtype=torch.float64, device=x.device)
     return r
 
 
@@ -348,20 +350,23 @@ def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, to
              saliency_sign: str = "literal", qk_rule: str = "bilinear", graph: str = "auto",
              config: Mapping[str, Any] | None = None, sample: int = 200_000, seed: int = 0,
              exclude: Sequence[str] = (), samples: list[tuple[str, int, torch.Tensor, torch.Tensor]] | None = None,
-             samples_per_unit: int = 2_000) -> list[TensorSaliency]:
+             samples_per_unit: int = 2_000, device: str | torch.device = "auto") -> list[TensorSaliency]:
     """Per-unit saliency statistics at t = 1 for every expert (Spearman on up to ``sample`` entries per unit).
 
     ``exclude`` globs name tensors that are not merged (task heads). When ``samples`` is a list, up to
     ``samples_per_unit`` random entries of every unit are appended to it as ``(unit, expert, tau, S)`` (for plots).
+    ``device``: where saliency is computed (:func:`~samerge.device.resolve_device`); the samples and statistics
+    do not depend on it (entries are sampled with CPU generators).
     """
+    dev = resolve_device(device)
     experts = list(experts)
     plan = plan_merge(base, experts, exclude)
     keys = [k for k in plan.keys if k in plan.merged_keys]
-    base_t = {k: base[k].to(plan.compute_dtypes[k]) for k in keys}
-    taus = [{k: e[k].to(plan.compute_dtypes[k]) - base_t[k] for k in keys} for e in experts]
+    base_t = {k: base[k].to(device=dev, dtype=plan.compute_dtypes[k]) for k in keys}
+    taus = [{k: e[k].to(device=dev, dtype=plan.compute_dtypes[k]) - base_t[k] for k in keys} for e in experts]
     g = build_graph(keys, plan.shapes, config if config is not None else getattr(base, "config", None), graph,
                     plan.aliases)
-    ws = Workspace()
+    ws = Workspace(dev)
     gen = torch.Generator().manual_seed(seed)
     plot_gen = torch.Generator().manual_seed(seed + 1)  # separate: asking for samples leaves the statistics unchanged
     rows_out: list[TensorSaliency] = []
@@ -374,12 +379,12 @@ def saliency(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, to
             flat_s, flat_t, flat_m = s.reshape(-1), t_u.reshape(-1), m_u.reshape(-1)
             idx = None
             if flat_s.numel() > sample:
-                idx = torch.randperm(flat_s.numel(), generator=gen)[:sample]
+                idx = torch.randperm(flat_s.numel(), generator=gen, device="cpu")[:sample].to(dev)
                 flat_s, flat_t, flat_m = flat_s[idx], flat_t[idx], flat_m[idx]
             if samples is not None:
-                pick = torch.randperm(s.numel(), generator=plot_gen)[:samples_per_unit]
+                pick = torch.randperm(s.numel(), generator=plot_gen, device="cpu")[:samples_per_unit].to(dev)
                 samples.append((key if rows is None else f"{key}[{rows[0]}:{rows[1]}]", n,
-                                t_u.reshape(-1)[pick].clone(), s.reshape(-1)[pick].clone()))
+                                t_u.reshape(-1)[pick].cpu(), s.reshape(-1)[pick].cpu()))
             rows_out.append(TensorSaliency(
                 key, rows, n, s.numel(), float((s != 0).float().mean()), float((s < 0).float().mean()),
                 spearman(flat_s, flat_t.abs()), spearman(flat_s.abs(), flat_m.abs())))

@@ -22,10 +22,20 @@ _BINS = 1 << 16
 
 
 class Workspace:
-    """Named scratch buffers, grown on demand and reused across tensors. Not thread-safe."""
+    """Named scratch buffers on one device, grown on demand and reused across tensors. Not thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._host: Workspace | None = None
+
+    def host(self) -> Workspace:
+        """A CPU workspace for staging what is read from or written to files (this one when it is on the CPU)."""
+        if self.device.type == "cpu":
+            return self
+        if self._host is None:
+            self._host = Workspace()
+        return self._host
 
     def get(self, slot: str, shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of ``shape``/``dtype``, valid until ``slot`` is requested again."""
@@ -35,7 +45,7 @@ class Workspace:
         if buf is None or buf.numel() < nbytes:
             buf = self._buffers.pop(slot, None)  # the old contents are not kept: free them before growing
             del buf
-            buf = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+            buf = torch.empty(max(nbytes, 64), dtype=torch.uint8, device=self.device)
             self._buffers[slot] = buf
         return buf[:nbytes].view(dtype).view(shape)
 
@@ -45,6 +55,8 @@ class Workspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+        if self._host is not None:
+            self._host.clear()
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -119,7 +131,7 @@ def select_top_keys(keys: torch.Tensor, hi: torch.Tensor, k: int, ws: Workspace,
         return out.fill_(0)
     hist = torch.bincount(hi, minlength=_BINS)
     from_top = hist.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    j = int(torch.searchsorted(from_top, k))
     b = _BINS - 1 - j
     above = int(from_top[j]) - int(hist[b])  # entries in higher buckets: all kept
     cand_sel = ws.get(slot + ".cand", n, torch.bool)
@@ -160,21 +172,21 @@ class GlobalThreshold:
     def __init__(self, k: int, dtype: torch.dtype = torch.float32) -> None:
         self.k = k
         self.dtype = dtype
-        self.hist = torch.zeros(_BINS, dtype=torch.int64)
+        self.hist = torch.zeros(_BINS, dtype=torch.int64, device="cpu")
         self._bucket: int | None = None
         self._need = 0
         self._cands: list[torch.Tensor] = []
 
     def add_histogram(self, nonneg_scores: torch.Tensor, ws: Workspace) -> None:
         keys = ordered_keys(nonneg_scores.contiguous(), ws, "global", nonnegative=True)
-        self.hist += torch.bincount(_high_bins(keys, ws, "global"), minlength=_BINS)
+        self.hist += torch.bincount(_high_bins(keys, ws, "global"), minlength=_BINS).cpu()
 
     def bucket(self) -> int:
         total = int(self.hist.sum())
         if self.k <= 0 or self.k > total:
             return -1
         from_top = self.hist.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, torch.tensor(self.k, dtype=from_top.dtype)))
+        j = int(torch.searchsorted(from_top, self.k))
         self._bucket = _BINS - 1 - j
         self._need = self.k - (int(from_top[j]) - int(self.hist[self._bucket]))
         return self._bucket

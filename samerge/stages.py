@@ -115,14 +115,16 @@ def _task_spec(task: Any, suite: str, size: str, seed: int, path: str | None) ->
             "seed": seed, "labels": list(task.labels), "source": task.source}
 
 
-def open_suite(manifest: Mapping[str, Any], progress: bool = False) -> tuple[Any, list[Any]]:
-    """The suite object and the task data of the experts a manifest lists (deterministic from the specs)."""
+def open_suite(manifest: Mapping[str, Any], progress: bool = False, device: str = "auto") -> tuple[Any, list[Any]]:
+    """The suite object and the task data of the experts a manifest lists (deterministic from the specs);
+    ``device``: where the suite scores (see :class:`~samerge.params.EvaluateParams`)."""
     from samerge.evaluation.report import _suite
 
     specs = [e["task"] for e in manifest["experts"]]
     builtin = [s["name"] for s in specs if s["kind"] == "builtin"]
     files = {s["name"]: s["path"] for s in specs if s["kind"] == "file"}
-    st, data = _suite(manifest["suite"], manifest["size"], manifest["seed"], progress, builtin or None, files)
+    st, data = _suite(manifest["suite"], manifest["size"], manifest["seed"], progress, builtin or None, files,
+                      device)
     by = {t.name: t for t in data}  # with no built-in task named, _suite loads them all: keep the listed ones
     return st, [by[s["name"]] for s in specs]
 
@@ -343,7 +345,7 @@ def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dic
     try:
         rows = saliency(base, [_BasePlusTau(base, t) for t in taus], saliency_sign=sp.saliency_sign,
                         qk_rule=sp.qk_rule, graph=sp.graph, sample=sp.sample, samples=samples,
-                        exclude=manifest.get("exclude", ()))
+                        exclude=manifest.get("exclude", ()), device=sp.device)
     finally:
         base.close()
         for t in taus:
@@ -424,7 +426,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
     with publish_dir(layout.merged(method)) as out:
         rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,
                                 exclude=manifest.get("exclude", ()), force=params.extract.force,
-                                progress=not quiet, max_memory=params.prune.max_memory)
+                                progress=not quiet, max_memory=params.prune.max_memory, device=params.prune.device)
         with open(out / "iterations.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["iteration", "density", "norm_ratio", "conflict"])
@@ -433,7 +435,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
                 w.writerow([h.iteration, f"{h.overall_density:.6f}", f"{h.norm_ratio:.6f}", f"{h.conflict:.6f}"])
         summary = {"method": method, "params": rep.params, "seconds": round(rep.seconds, 3),
                    "relative_norms": rep.relative_norms, "merged_tensors": rep.merged_tensors,
-                   "copied_tensors": rep.copied_tensors}
+                   "copied_tensors": rep.copied_tensors, "device": rep.device}
         if rep.history:
             last = rep.history[-1]
             summary.update(final_density=last.overall_density, final_norm_ratio=last.norm_ratio,
@@ -461,7 +463,7 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
     t0 = time.perf_counter()
     acq = layout.stage("acquire")
     manifest = read_manifest(acq)
-    st, data = open_suite(manifest, progress=not quiet)
+    st, data = open_suite(manifest, progress=not quiet, device=params.evaluate.device)
     split = params.evaluate.split
     tasks = [SimpleNamespace(**{**vars(t), "test": getattr(t, split)}) if split != "test" else t for t in data]
     experts = []

@@ -43,35 +43,36 @@ def plan_tadrop(groups: GroupStream, density: float, ws: Workspace, iterations: 
             torch.abs(flat[i], out=mag)
             hi = _high_bins(ordered_keys(mag, ws, "tadrop", nonnegative=True), ws, "tadrop")
             sq.copy_(mag).square_()
-            counts = torch.bincount(hi, minlength=_BINS).flip(0)  # largest bucket first
-            energy = torch.bincount(hi, weights=sq, minlength=_BINS).flip(0)
+            # the histograms of every tensor are kept for the plan: on the CPU whatever the device
+            counts = torch.bincount(hi, minlength=_BINS).flip(0).cpu()  # largest bucket first
+            energy = torch.bincount(hi, weights=sq, minlength=_BINS).flip(0).cpu()
             nz = counts.nonzero().view(-1)
             total = float(energy.sum())
-            e = energy[nz].cumsum(0) / total if total > 0 else torch.zeros(0, dtype=torch.float64)
+            e = energy[nz].cumsum(0) / total if total > 0 else torch.zeros(0, dtype=torch.float64, device="cpu")
             rows_e.append(e)
-            rows_n.append(counts[nz].cumsum(0) if total > 0 else torch.zeros(0, dtype=torch.int64))
+            rows_n.append(counts[nz].cumsum(0) if total > 0 else torch.zeros(0, dtype=torch.int64, device="cpu"))
             sizes.append(flat.shape[1])
             index.append((group.key, i))
     if not index:
         return TADropPlan({}, 0.0, 0.0, density)
     width = max(1, max(r.numel() for r in rows_e))
-    cum_e = torch.full((len(rows_e), width), 2.0, dtype=torch.float64)  # padding beyond any eps
-    cum_n = torch.zeros((len(rows_e), width), dtype=torch.float64)
+    cum_e = torch.full((len(rows_e), width), 2.0, dtype=torch.float64, device="cpu")  # padding beyond any eps
+    cum_n = torch.zeros((len(rows_e), width), dtype=torch.float64, device="cpu")
     for r, (e, c) in enumerate(zip(rows_e, rows_n)):
         cum_e[r, : e.numel()] = e
         cum_n[r, : c.numel()] = c.to(torch.float64)
         if c.numel():
             cum_n[r, c.numel():] = float(c[-1])
-    empty = torch.tensor([r.numel() == 0 for r in rows_e])
-    numel = torch.tensor(sizes, dtype=torch.float64)
+    empty = torch.tensor([r.numel() == 0 for r in rows_e], device="cpu")
+    numel = torch.tensor(sizes, dtype=torch.float64, device="cpu")
     total = float(numel.sum())
 
     def counts_at(eps: float) -> torch.Tensor:
         if eps <= 0:
-            return torch.zeros(len(rows_e), dtype=torch.float64)
-        target = torch.full((len(rows_e), 1), min(eps, 1.0), dtype=torch.float64)
+            return torch.zeros(len(rows_e), dtype=torch.float64, device="cpu")
+        target = torch.full((len(rows_e), 1), min(eps, 1.0), dtype=torch.float64, device="cpu")
         j = torch.searchsorted(cum_e, target).view(-1).clamp_(max=width - 1)
-        rows = torch.arange(len(rows_e))
+        rows = torch.arange(len(rows_e), device="cpu")
         prev_e = torch.where(j > 0, cum_e[rows, (j - 1).clamp(min=0)], torch.zeros_like(target.view(-1)))
         prev_n = torch.where(j > 0, cum_n[rows, (j - 1).clamp(min=0)], torch.zeros_like(target.view(-1)))
         bucket_e = (cum_e[rows, j] - prev_e).clamp(min=1e-300)

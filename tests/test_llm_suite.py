@@ -159,7 +159,7 @@ def test_cached_experts_are_peft_adapters_that_merge_lora_reads(suite, tmp_path)
 
 def test_device_choice_and_clear_errors(capsys, tmp_path):
     from samerge.errors import SamergeError
-    from samerge.evaluation.text import resolve_device
+    from samerge.device import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

@@ -70,3 +70,28 @@ def test_keep_count_floors_like_peft_and_absorbs_rounding():
     assert keep_count(3, 0.2) == 0
     assert keep_count(10, 1.0) == 10
     assert keep_count(10, 0.0) == 0
+
+
+def test_empty_resident_tensors_are_backed_by_huge_pages_where_the_kernel_allows():
+    """SA-Merging's held tensors (samerge.memory.empty_resident): aligned to 2 MB and, where transparent huge pages
+    can be requested, filled as huge pages (one page fault per 2 MB instead of per 4 KB); small ones are plain."""
+    from pathlib import Path
+
+    from samerge.memory import empty_resident
+
+    small = empty_resident((10, 10), torch.float32)
+    assert small.shape == (10, 10) and small.dtype == torch.float32
+    t = empty_resident((64, 1024, 1024), torch.float32)  # 256 MB
+    assert t.shape == (64, 1024, 1024) and t.is_contiguous() and t.data_ptr() % (2 * 1024 * 1024) == 0
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+
+    def anon_huge_kb() -> int:
+        return sum(int(line.split()[1]) for line in Path("/proc/self/smaps").read_text().splitlines()
+                   if line.startswith("AnonHugePages:"))
+
+    before = anon_huge_kb()
+    t.fill_(1.0)
+    assert anon_huge_kb() - before >= 128 * 1024  # at least half of the 256 MB as huge pages
+    assert float(t.sum()) == t.numel()

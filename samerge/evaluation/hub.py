@@ -661,7 +661,7 @@ def _to_class_ids(values: list[Any], names: list[str] | None, label2id: Mapping[
 # ================================================================================================ suites
 def _device(device: str = "auto") -> torch.device:
     """``--device``; when it is ``auto``, the environment's ``SAMERGE_DEVICE`` may name one."""
-    from samerge.evaluation.text import resolve_device
+    from samerge.device import resolve_device
 
     if device == "auto":
         device = os.environ.get("SAMERGE_DEVICE") or "auto"

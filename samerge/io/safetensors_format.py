@@ -135,7 +135,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 def read_into(f: BinaryIO, entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read ``entry`` from the open file ``f``; into ``out`` (a contiguous buffer of the right dtype) if given."""
     if out is None:
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        out = torch.empty(entry.shape, dtype=entry.dtype, device="cpu")  # files are read on the CPU
     elif out.dtype != entry.dtype or out.numel() != entry.numel or not out.is_contiguous():
         raise ValueError(f"buffer for {entry.name!r} has the wrong dtype/size")
     out = out.view(entry.shape)

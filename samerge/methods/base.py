@@ -57,6 +57,7 @@ class MergeContext:
     scratch_dir: Any = None  # where scratch files may go (next to the output's temporary); None: the system's
     schedule: str = "auto"  # whole-model methods: "auto" (by max_memory), "memory" or "streamed" (out of core)
     dtypes: dict[str, Any] | None = None  # the compute dtype of each merged key (None: unknown)
+    device: torch.device = torch.device("cpu")  # where the method computes (the engine's workspace is there)
 
 
 class MethodParams(BaseModel):

@@ -50,7 +50,11 @@ def random_drop_(flat: torch.Tensor, key: str, densities: list[float], seed: int
         if rho <= 0.0:
             flat[i].zero_()
             continue
-        torch.rand(flat.shape[1], generator=generator_for(seed, key, i), dtype=flat.dtype, out=u)
+        # drawn on the CPU whatever the device, so a seed drops the same entries everywhere
+        host = u if u.device.type == "cpu" else torch.empty(flat.shape[1], dtype=flat.dtype, device="cpu")
+        torch.rand(flat.shape[1], generator=generator_for(seed, key, i), dtype=flat.dtype, device="cpu", out=host)
+        if host is not u:
+            u.copy_(host)
         torch.lt(u, rho, out=keep)
         flat[i].mul_(keep).div_(rho)
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from samerge.errors import SamergeError
 from samerge.graphs import build_graph
-from samerge.memory import return_freed_memory
+from samerge.memory import empty_resident, return_freed_memory
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
                                          aggregate, choose_schedule, iteration_record, memory_plan, scheduled_keep,
@@ -250,9 +250,9 @@ class SaMerging(MergeMethod):
         taus = [{} for _ in range(reader.n_experts)]
         for key in context.keys:
             shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
-            b = base[key] = reader.base(key, torch.empty(shape, dtype=dtype), check=True)
+            b = base[key] = reader.base(key, empty_resident(shape, dtype, context.device), check=True)
             for n in range(reader.n_experts):
-                taus[n][key] = reader.task_vector(n, key, b, torch.empty(shape, dtype=dtype), check=True)
+                taus[n][key] = reader.task_vector(n, key, b, empty_resident(shape, dtype, context.device), check=True)
         state = SaState(graph=graph)
         chain = list(graph.chain_keys())
         n_exp = len(taus)

@@ -140,7 +140,7 @@ class MaskStore:
         return sum((n + 7) // 8 for n in sizes.values())
 
     def put(self, u: ExpertUnit, mask: torch.Tensor) -> None:
-        packed = np.packbits(mask.reshape(-1).numpy(), bitorder="little")
+        packed = np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little")
         if self._file is None:
             self._mem[u] = packed
         else:
@@ -209,7 +209,8 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     flows *= 2 * n_experts  # the previous iteration's factors and the current walk's
     mask_bytes = MaskStore.nbytes(sizes)
     chain_keys = dict.fromkeys(k for k, _ in units)
-    fused = context.dtypes is not None and all(context.dtypes.get(k) == torch.float32 for k in chain_keys)
+    fused = context.device.type == "cpu" and context.dtypes is not None and \
+        all(context.dtypes.get(k) == torch.float32 for k in chain_keys)
     if fused:
         kernels.warm()  # their code's memory counts in what the process holds now
     base_rss = process_rss() if rss is None else rss
@@ -242,6 +243,18 @@ def choose_schedule(context: MergeContext, n_experts: int, units: list[Unit], pa
     """The schedule for the budget, or the one error naming the smallest budget that works."""
     budget = context.max_memory if context.max_memory is not None else resolve_budget(None)
     mp = memory_plan(context, n_experts, units, params)
+    if context.device.type == "cuda":
+        # the tensors live in the GPU's memory: the in-memory schedule when they fit in 90% of what is free there;
+        # out of core, the process holds the masks and one tensor's staging, the GPU one layer's tensors
+        free = int(0.9 * torch.cuda.mem_get_info(context.device)[0])
+        on_device = mp.in_memory - mp.rss - SLACK
+        if context.schedule == "memory" or (context.schedule == "auto" and on_device <= free):
+            return Schedule("memory")
+        if mp.streamed > budget and context.max_memory is not None:
+            raise too_small("sa_merging", budget, mp.streamed)
+        masks_in_memory = mp.mask_bytes <= budget - mp.streamed
+        return Schedule("streamed", masks_in_memory,
+                        max(0, (free - (mp.streamed - mp.rss)) // (4 * max(1, n_experts))))
     if context.schedule == "memory" or (context.schedule == "auto" and mp.in_memory <= budget):
         return Schedule("memory")
     if mp.streamed > budget and context.max_memory is not None:
@@ -324,7 +337,7 @@ class StreamedSA(LockstepSource):
             pruned = self.state.masks.pruned((n, key, rows))
             if pruned is not None:
                 tau_u = unit_view(out, rows)
-                tau_u.masked_fill_(pruned.view(tau_u.shape), 0.0)
+                tau_u.masked_fill_(pruned.view(tau_u.shape).to(tau_u.device), 0.0)
         return out
 
     def tau(self, n: int) -> torch.Tensor:
@@ -467,7 +480,8 @@ class StreamedSA(LockstepSource):
         self.on_record = lambda r: bar.set_postfix(density=f"{r.overall_density:.3f}", conflict=f"{r.conflict:.3f}")
         for t in bar:
             self.target = t - 1  # tensors served in iteration t carry iteration t-1's masks
-            flows = lockstep_flows(self.graph, self.n_exp, self, self.params.qk_rule, dict(self.context.shapes))
+            flows = lockstep_flows(self.graph, self.n_exp, self, self.params.qk_rule, dict(self.context.shapes),
+                                   self.ws.device)
             for key in st.units_of:  # tensors no walker asked for (e.g. q/k under qk_rule=uniform)
                 self._advance(key, t - 1)
             st.flows, st.step_flows = flows, t

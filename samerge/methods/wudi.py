@@ -7,7 +7,8 @@ would see, with the task vector's rows standing in for those inputs:
 
 initialised at ``sum_i tau_i``, optimised with Adam (lr 1e-5, 300 steps, float32), no extra scaling. Other
 parameters keep the base (``others="base"``, the official code) or take the mean task vector (``"mean"``,
-FusionBench). Heavy on a CPU for large models: choose ``device="cuda"`` where one is available.
+FusionBench). Heavy on a CPU for large models: merge with ``device="cuda"`` (``--device cuda``) where one is
+available (the engine's device, as for every method).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from samerge.errors import SamergeError
 from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
 from samerge.selection import Workspace
 
@@ -25,7 +25,6 @@ from samerge.selection import Workspace
 class WudiParams(MethodParams):
     iterations: int = Field(default=300, ge=0, le=100_000)
     lr: float = Field(default=1e-5, gt=0.0, le=1.0, allow_inf_nan=False)
-    device: str = "auto"  # "auto" uses CUDA when available
     others: Literal["base", "mean"] = "base"
 
 
@@ -39,22 +38,22 @@ def wudi_objective(tau_m: torch.Tensor, task_vectors: torch.Tensor) -> torch.Ten
     return total
 
 
-def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float, device: str = "cpu"
-               ) -> tuple[torch.Tensor, list[float]]:
-    """Optimise one 2-D weight; returns (tau_m on CPU, the objective before each step and after the last).
+def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[torch.Tensor, list[float]]:
+    """Optimise one 2-D weight on ``task_vectors``' device; returns (tau_m there, the objective before each step
+    and after the last).
 
     The objective and its gradient ``2 sum_i (tau_m - tau_i) tau_i^T tau_i / ||tau_i||^2`` are evaluated in
     closed form, one expert at a time, through whichever Gram matrix is smaller: ``tau_i^T tau_i`` (in x in) for
     tall weights such as token embeddings, ``(tau_m - tau_i) tau_i^T`` (out x out) otherwise. Memory stays
     O(out x in) (a batched out x out product for a 30k-row embedding would need tens of GB).
     """
-    tvs = task_vectors.to(device=device, dtype=torch.float32)
+    tvs = task_vectors.to(dtype=torch.float32)
     norms = tvs.square().sum(dim=(1, 2))
     live = norms > 0
     tvs, norms = tvs[live], norms[live]
-    tau_m = task_vectors.to(device=device, dtype=torch.float32).sum(0).clone().requires_grad_(True)
+    tau_m = task_vectors.to(dtype=torch.float32).sum(0).clone().requires_grad_(True)
     if tvs.shape[0] == 0 or iterations == 0:
-        return tau_m.detach().cpu(), []
+        return tau_m.detach(), []
     n_out, n_in = tau_m.shape
     tall = n_out >= n_in
     grams = [t.t() @ t / nrm for t, nrm in zip(tvs, norms)] if tall else None
@@ -80,7 +79,7 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float, device: s
             break
         tau_m.grad = grad.clone()
         opt.step()
-    return tau_m.detach().cpu(), history
+    return tau_m.detach(), history
 
 
 class Wudi(MergeMethod):
@@ -90,15 +89,7 @@ class Wudi(MergeMethod):
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
         if group.base.dim() == 2 and group.numel > 0:
-            device = params.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            try:
-                merged, _ = wudi_solve(group.task_vectors, params.iterations, params.lr, device)
-            except (RuntimeError, AssertionError) as exc:
-                if "cuda" in str(exc).lower() or "device" in str(exc).lower():
-                    raise SamergeError(f"wudi: device {params.device!r} is not usable here ({exc})") from None
-                raise
+            merged, _ = wudi_solve(group.task_vectors, params.iterations, params.lr)
             return merged.to(group.base.dtype)
         out = ws.get("out", group.base.shape, group.base.dtype)
         if params.others == "mean":
