@@ -79,6 +79,8 @@ def _load_config(path: str) -> MergeConfig:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise SamergeError(f"{p}: cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SamergeError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise SamergeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -289,7 +291,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from samerge.stages import run_stage
 
     run_stage(args.stage, args.params, args.workdir, method=args.method, overrides=parse_overrides(args.set),
-              quiet=args.quiet)
+              quiet=args.quiet, resend=args.resend)
     return 0
 
 
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".", help="root of the work/ folder (default .)")
     p.add_argument("--method", help="prune: the method to merge with (one of prune.methods)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--resend", action="store_true",
+                   help="report: send the report already written to MLflow (after the server was unreachable)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stage)
 
@@ -490,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `samerge inspect ... | head`
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
             return 0
+        except OSError as exc:  # the system refused: disk full, read-only folder, permissions, a file gone
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"samerge: error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

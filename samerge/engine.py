@@ -187,6 +187,8 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
         dtype, shape = plan.dtypes[key], plan.shapes[key]
         if key not in plan.merged_keys:
             t = base[key]
+            if t.is_floating_point():  # copied as it is: refused like a merged tensor when it is not finite
+                _norm_sq_checked(t, key, _name(base, None))
             yield key, (t.clone() if fresh and not isinstance(base, Checkpoint) else t)
             stats.copied_tensors += 1
             continue

@@ -26,9 +26,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samerge.device import resolve_device
 from samerge.errors import CheckpointError, SamergeError
@@ -36,7 +37,10 @@ from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_fa
 from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
 from samerge.io.checkpoint import Checkpoint, tensor_info
 from samerge.io.safetensors_format import PlannedTensor
+from samerge.io.writer import TEMP_MARK, OutputLock, fsync_dir, refuse_overlap, remove_path, \
+    remove_stale_temporaries, write_text_atomic
 from samerge.memory import SLACK, process_rss, resolve_budget, too_small
+from samerge.methods.base import Density, MethodParams, Scale
 from samerge.methods.ties import elect_and_merge
 from samerge.saliency import view2d
 from samerge.selection import GlobalThreshold, Workspace, keep_count
@@ -84,6 +88,59 @@ def _on_device(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
     return LoraAdapter(adapter.path, adapter.config, mods)
 
 
+class LoraMergeParams(MethodParams):
+    """merge-lora's parameters (``--set``, ``merge_lora_checkpoints(params=)``), validated like a method's."""
+
+    iterations: int = Field(default=10, ge=1, le=1000, description="T: pruning iterations (sa_merging)")
+    prune_ratio: float = Field(default=0.2, ge=0.0, lt=1.0, allow_inf_nan=False,
+                               description="p: fraction of alive components pruned per iteration (sa_merging)")
+    scale: Scale = 1.0
+    density: Density = Field(default=0.2, description="kept fraction of each adapter's update (ties)")
+    qk_rule: Literal["bilinear", "value_proxy", "uniform"] = "bilinear"
+    graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = "auto"
+
+
+def lora_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` checked against :class:`LoraMergeParams`: the given ones, converted (one line per mistake)."""
+    fields = list(LoraMergeParams.model_fields)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise SamergeError(f"unknown parameter {unknown[0]!r} for merge-lora; valid parameters: {', '.join(fields)}")
+    try:
+        p = LoraMergeParams(**params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "parameters"
+        raise SamergeError(f"merge-lora: parameter {loc!r} {err['msg'][0].lower()}{err['msg'][1:]} "
+                           f"(got {err.get('input')!r})") from None
+    return {k: getattr(p, k) for k in params}
+
+
+class _AdapterFields(BaseModel):
+    """The fields of ``adapter_config.json`` samerge reads, with PEFT's types and defaults (others are kept as they
+    are): a wrong type is one clear error, not a traceback or a silently different adapter."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    peft_type: str = "LORA"
+    r: Annotated[int, Field(ge=1)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    rank_pattern: dict[str, Annotated[int, Field(ge=1)]] | None = None
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_compile(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in v or {}:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"pattern {key!r} is not a regular expression ({exc})") from None
+        return v
+
+
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule: a pattern key matches a module whose name is the key or ends with '.' + key (regex)."""
     for key, value in patterns.items():
@@ -109,8 +166,16 @@ def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float3
         raise CheckpointError(f"{d}: not a PEFT adapter directory (no adapter_config.json)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{cfg_path}: cannot parse ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        fields = _AdapterFields.model_validate(cfg)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise CheckpointError(f"{cfg_path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise SamergeError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LoRA; samerge merges LoRA adapters only")
     for key in _UNSUPPORTED_TRUE:
@@ -125,12 +190,12 @@ def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float3
     weights = next((d / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (d / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
-    fifo = bool(cfg.get("fan_in_fan_out", False))
+    r_default = fields.r
+    alpha_default = fields.lora_alpha if fields.lora_alpha is not None else float(r_default)
+    rank_pattern = fields.rank_pattern or {}
+    alpha_pattern = fields.alpha_pattern or {}
+    rslora = fields.use_rslora
+    fifo = fields.fan_in_fan_out
     adapter = LoraAdapter(d, cfg)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     with open_checkpoint(weights) as ck:
@@ -608,12 +673,9 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
     valid = ("sa_merging", "task_arithmetic", "ties", "cat")
     if method not in valid:
         raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(valid)}")
-    if not (0.0 < scale <= 10.0) or not math.isfinite(scale):
-        raise SamergeError(f"scale must be in (0, 10], got {scale}")
-    if not 0.0 <= prune_ratio < 1.0:
-        raise SamergeError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
-    if iterations < 1:
-        raise SamergeError(f"iterations must be >= 1, got {iterations}")
+    checked = lora_params({"iterations": iterations, "prune_ratio": prune_ratio, "scale": scale, "density": density,
+                           "qk_rule": qk_rule, "graph": graph})
+    iterations, prune_ratio, scale, density = (checked[k] for k in ("iterations", "prune_ratio", "scale", "density"))
     if rank is not None and rank < 1:
         raise SamergeError(f"rank must be >= 1, got {rank}")
     dev = resolve_device(device)
@@ -731,14 +793,27 @@ def _ties_module(mods: Sequence[LoraModule], density: float, scale: float, rank:
 
 
 def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_model_name: str | None,
-                 template: Mapping[str, Any], overwrite: bool = False, metadata: Mapping[str, str] | None = None
-                 ) -> Path:
-    """Write the merged factors as one PEFT adapter (scale 1: ``lora_alpha = r`` per module), atomically."""
+                 template: Mapping[str, Any], overwrite: bool = False, metadata: Mapping[str, str] | None = None,
+                 inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Write the merged factors as one PEFT adapter (scale 1: ``lora_alpha = r`` per module), atomically; ``out``
+    must not be, contain or lie inside any of ``inputs``."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SamergeError(f"{out} already exists (pass --overwrite to replace it)")
-    tmp = out.parent / f".{out.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    refuse_overlap(out, inputs)
+    if not out.parent.is_dir():
+        raise SamergeError(f"{out.parent}: output folder does not exist")
+    with OutputLock(out):
+        if out.exists() and not overwrite:
+            raise SamergeError(f"{out} already exists (pass --overwrite to replace it)")
+        if out.exists() and not out.is_dir():
+            raise SamergeError(f"{out} exists and is not a folder; an adapter is a folder: choose another path")
+        remove_stale_temporaries(out, backups=True)
+        return _write_adapter(result, out, base_model_name, template, metadata)
+
+
+def _write_adapter(result: LoraMergeResult, out: Path, base_model_name: str | None, template: Mapping[str, Any],
+                   metadata: Mapping[str, str] | None) -> Path:
+    tmp = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         tensors = result.peft_state_dict()
         ranks = {name: A.shape[0] for name, (_, A) in result.modules.items()}
@@ -754,10 +829,16 @@ def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_m
             "fan_in_fan_out": result.fan_in_fan_out, "inference_mode": True,
         })
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **(metadata or {})})
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        write_text_atomic(tmp / "adapter_config.json", json.dumps(cfg, indent=2, sort_keys=True))
+        fsync_dir(tmp)
+        if out.exists():  # moved aside, then removed once the new adapter is in place
+            backup = out.parent / f".{out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, backup)
+            os.rename(tmp, out)
+            remove_path(backup)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -835,16 +916,13 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
     """
     import samerge
 
-    allowed = {"iterations", "prune_ratio", "scale", "density", "qk_rule", "graph"}
-    params = dict(params or {})
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise SamergeError(f"unknown parameter {unknown[0]!r} for merge-lora; valid parameters: "
-                           f"{', '.join(sorted(allowed))}")
+    params = lora_params(params or {})
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [load_adapter(a) for a in adapters]
     with open_checkpoint(base) as ck:
+        inputs = [*ck.files, *([ck.directory] if ck.directory is not None else []), *(ad.path for ad in loaded)]
+        refuse_overlap(Path(out), inputs)  # before any work
         if output == "dense" and max_memory is not None:
             _check_budget(lora_memory_plan(ck, loaded, method, output="dense", graph=params.get("graph", "auto")),
                           max_memory)
@@ -856,14 +934,14 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
         if output == "adapter":
             name = (ck.config or {}).get("_name_or_path") or str(base)
             path = save_adapter(result, out, base_model_name=name, template=loaded[0].config, overwrite=overwrite,
-                                metadata=meta)
+                                metadata=meta, inputs=inputs)
         else:
             by_key = {name + ".weight": ba for name, ba in result.modules.items()}
             # shapes and dtypes from the header: the merged tensor keeps its base tensor's (see _dense_tensor)
             plan = [PlannedTensor(k, ck.info(k)[1], tuple(ck.info(k)[0])) for k in ck.keys() if k not in ck.aliases]
             ws = _workspace(max((_nbytes(t.shape, t.dtype) for t in plan), default=0))
             with SafetensorsSink(out, plan, metadata={"format": "pt", **meta}, aliases=ck.aliases,
-                                 overwrite=overwrite, copy_from=ck.directory) as sink:
+                                 overwrite=overwrite, copy_from=ck.directory, inputs=inputs) as sink:
                 for t in plan:
                     sink.write(t.name, _dense_tensor(ck, t.name, by_key, result.fan_in_fan_out, ws))
                 path = sink.finish(model_card=f"# Merged model (LoRA {method})\n\nMerged with samerge "

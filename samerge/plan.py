@@ -74,7 +74,14 @@ def plan_merge(base: StateDict, experts: Sequence[StateDict], exclude: Sequence[
     for k in keys:
         shape, dtype = tensor_info(base, k)
         shapes[k], dtypes[k] = shape, dtype
-        if excluded(k) or not dtype.is_floating_point:
+        if excluded(k):
+            continue
+        if not dtype.is_floating_point:  # copied from the base: the experts must still hold the same tensor shape
+            for i, e in enumerate(experts):
+                eshape, _ = tensor_info(e, k)
+                if eshape != shape:
+                    raise SamergeError(f"shape mismatch for tensor {k!r}: base {list(shape)}, {_name(e, i)} "
+                                       f"{list(eshape)}")
             continue
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         for i, e in enumerate(experts):

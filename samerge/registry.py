@@ -19,11 +19,12 @@ import math
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from samerge.errors import SamergeError
+from samerge.io.safetensors_format import read_header
+from samerge.io.writer import OutputLock, write_text_atomic
 
 EVENT_EXPERT_ADDED = "samerge.expert.added"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -41,9 +42,8 @@ def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", 
     r.mkdir(parents=True, exist_ok=True)
     (r / "experts").mkdir(exist_ok=True)
     save_safetensors(st.base, r / "base.safetensors", metadata={"samerge.role": "base"}, overwrite=True)
-    tmp = r / f".manifest.json.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"suite": suite, "size": size, "seed": seed, "exclude": list(st.exclude)}, indent=2))
-    os.replace(tmp, r / "manifest.json")
+    write_text_atomic(r / "manifest.json", json.dumps({"suite": suite, "size": size, "seed": seed,
+                                                        "exclude": list(st.exclude)}, indent=2))
     return r
 
 
@@ -74,8 +74,6 @@ def registry_state(reg: str | os.PathLike[str]) -> dict[str, str]:
 def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: str | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Copy the expert folder ``src`` (expert.safetensors, head.safetensors, task.json) into the registry."""
-    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
-    from samerge.io import open_checkpoint
     from samerge.stages import publish_dir
 
     r, s = Path(reg), Path(src)
@@ -89,12 +87,34 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
     missing = [f for f in ("expert.safetensors", "head.safetensors", "task.json") if not (s / f).is_file()]
     if missing:
         raise SamergeError(f"{s}: not an expert folder (missing {', '.join(missing)})")
-    spec = json.loads((s / "task.json").read_text(encoding="utf-8"))
+    try:
+        spec = json.loads((s / "task.json").read_text(encoding="utf-8"))
+        if not isinstance(spec, dict):
+            raise ValueError(f"expected a JSON object, got {type(spec).__name__}")
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise SamergeError(f"{s / 'task.json'}: not a valid task description ({exc})") from None
+    read_header(s / "head.safetensors")  # the task's head is copied as it is: at least a valid safetensors file
     if spec.get("suite") != manifest["suite"]:
         raise SamergeError(f"{s}: expert of suite {spec.get('suite')!r}; this registry is for {manifest['suite']!r}")
     final = r / "experts" / name
-    if final.exists() and not overwrite:
-        raise SamergeError(f"{final} exists (pass --overwrite to replace it)")
+    (r / "experts").mkdir(exist_ok=True)
+    with OutputLock(final):  # a second `experts add` of the same name fails at once instead of replacing this one
+        if final.exists() and not overwrite:
+            raise SamergeError(f"{final} exists (pass --overwrite to replace it)")
+        rel = _check_expert(r, s, manifest)
+        with publish_dir(final) as tmp:  # a hidden sibling (watchers skip dot-folders), renamed into place
+            for f in ("expert.safetensors", "head.safetensors", "task.json"):
+                shutil.copy2(s / f, tmp / f)
+    return {"registry": str(r.resolve()), "name": name, "suite": manifest["suite"], "task": spec.get("name"),
+            "relative_norm": rel, "experts": sorted(registry_state(r))}
+
+
+def _check_expert(r: Path, s: Path, manifest: dict[str, Any]) -> float:
+    """||tau|| / ||base|| of the expert folder ``s`` against the registry ``r``'s base (refusing non-finite or
+    underived experts)."""
+    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
+    from samerge.io import open_checkpoint
+
     with open_checkpoint(r / "base.safetensors") as base, open_checkpoint(s / "expert.safetensors") as e:
         plan = plan_merge(base, [e], manifest.get("exclude", ()))
         b_sq = t_sq = 0.0
@@ -108,11 +128,7 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
     rel = math.sqrt(t_sq / b_sq) if b_sq else math.inf
     if rel > MAX_RELATIVE_DELTA:
         raise SamergeError(f"{s}: does not look fine-tuned from the registry's base (||tau|| / ||base|| = {rel:.3f})")
-    with publish_dir(final) as tmp:  # a hidden sibling (watchers skip dot-folders), renamed into place
-        for f in ("expert.safetensors", "head.safetensors", "task.json"):
-            shutil.copy2(s / f, tmp / f)
-    return {"registry": str(r.resolve()), "name": name, "suite": manifest["suite"], "task": spec.get("name"),
-            "relative_norm": rel, "experts": sorted(registry_state(r))}
+    return rel
 
 
 def emit_expert_added(info: dict[str, Any]) -> bool:

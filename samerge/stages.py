@@ -37,6 +37,7 @@ import torch
 
 import samerge
 from samerge.errors import SamergeError
+from samerge.io.writer import fsync_dir, fsync_tree, remove_path, remove_stale_temporaries
 from samerge.params import PipelineParams, load_params
 
 STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
@@ -64,10 +65,12 @@ class Layout:
 def publish_dir(final: Path) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``final``; on success replace ``final`` with it, else remove it."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)  # what a killed run left here (its process is gone)
     tmp = final.parent / f".{final.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,8 +79,9 @@ def publish_dir(final: Path) -> Iterator[Path]:
         old = final.parent / f".{final.name}.samerge-old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -530,10 +534,15 @@ def read_iterations(path: Path) -> list[SimpleNamespace]:
                 for r in csv.DictReader(f) if r["conflict"] != ""]
 
 
-def report(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
-    """report.csv / report.md / plots from the evaluation; then the MLflow record of the whole pipeline."""
+def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resend: bool = False) -> dict[str, Any]:
+    """report.csv / report.md / plots from the evaluation; then the MLflow record of the whole pipeline.
+
+    ``resend``: only the MLflow record, of the report already written (after the tracking server was unreachable).
+    """
     from samerge.evaluation.report import write_report
 
+    if resend:
+        return _resend(params, layout, quiet)
     t0 = time.perf_counter()
     ev = layout.stage("evaluate")
     if not (ev / "scores.csv").is_file():
@@ -560,13 +569,29 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> di
     return result
 
 
+def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:
+    from samerge.tracking import PENDING, track_pipeline
+
+    summary = layout.stage("report") / "summary.json"
+    if not summary.is_file():
+        raise SamergeError(f"{summary.parent}: no report to send; run the report stage first (`samerge stage report`)")
+    if not params.report.track:
+        raise SamergeError("report.track is false: nothing is sent to MLflow")
+    tracked = track_pipeline(params, layout)
+    (layout.stage("report") / PENDING).unlink(missing_ok=True)
+    _say(f"report: sent as MLflow run {tracked['run_id']} at {tracked['tracking_uri']}", quiet)
+    return {"out": str(layout.stage("report")), "best_method": json.loads(summary.read_text())["best_method"],
+            "mlflow": tracked}
+
+
 # ------------------------------------------------------------------------------------------------ entry points
 
 
 def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.yaml",
               workdir: str | os.PathLike[str] = ".", *, method: str | None = None,
-              overrides: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run one stage by name: the single entry point of the CLI, dvc.yaml and the Prefect tasks."""
+              overrides: dict[str, Any] | None = None, quiet: bool = False, resend: bool = False) -> dict[str, Any]:
+    """Run one stage by name: the single entry point of the CLI, dvc.yaml and the Prefect tasks. ``resend``
+    (report only): send the report already written to MLflow."""
     if stage not in STAGES:
         raise SamergeError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path, overrides)
@@ -577,7 +602,11 @@ def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.y
         return prune(params, layout, method, quiet=quiet)
     if method is not None:
         raise SamergeError(f"--method applies to the prune stage only, not {stage}")
-    fn = {"acquire": acquire, "extract": extract, "score": score, "evaluate": evaluate, "report": report}[stage]
+    if stage == "report":
+        return report(params, layout, quiet=quiet, resend=resend)
+    if resend:
+        raise SamergeError(f"--resend applies to the report stage only, not {stage}")
+    fn = {"acquire": acquire, "extract": extract, "score": score, "evaluate": evaluate}[stage]
     return fn(params, layout, quiet=quiet)
 
 

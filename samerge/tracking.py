@@ -24,6 +24,24 @@ from samerge.stages import STAGES, Layout, read_iterations, read_manifest, read_
 
 CHAMPION = "champion"
 SCORE_TAG = "samerge.normalized_average"
+PENDING = "mlflow-pending.json"  # in work/report: a report MLflow has not received (`samerge stage report --resend`)
+PROBE_TIMEOUT_S = 5.0  # an unreachable tracking server is reported after this, not after minutes of retries
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why an http(s) tracking server cannot be reached (None when it answers, whatever it answers)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (a proxy asking for credentials, an older server without /health)
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def tracking_uri(layout: Layout) -> str:
@@ -55,6 +73,19 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
         raise SamergeError("MLflow tracking needs mlflow (pip install 'samerge[pipeline]'); or set report.track: "
                            "false") from None
     uri = tracking_uri(layout)
+    why = _unreachable(uri)
+    if why is not None:
+        from samerge.io.writer import write_text_atomic
+
+        report_dir = layout.stage("report")
+        if report_dir.is_dir():
+            write_text_atomic(report_dir / PENDING, json.dumps({"tracking_uri": uri, "error": why, "at": datetime.now(
+                timezone.utc).isoformat(timespec="seconds")}, indent=2))
+        raise SamergeError(f"MLflow at {uri} is unreachable ({why}); the report is kept in {report_dir}: send it "
+                           "once the server is back with `samerge stage report --resend`")
+    # a server that goes away later fails within minutes, not after MLflow's default seven backed-off retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     manifest = read_manifest(layout.stage("acquire"))

@@ -261,6 +261,21 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     with open_checkpoint(got) as ck:
         assert (model.unwrap_python_model().predict(None, [key])[key] == ck[key].numpy()).all()
 
+    # the server unreachable (issue 14): the report stage fails fast with one line, keeps its report and a note of
+    # what is pending; `--resend` sends it once the server is back
+    from samerge.errors import SamergeError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    t0 = time.time()
+    with pytest.raises(SamergeError, match=r"is unreachable .*samerge stage report --resend") as info:
+        run_stage("report", params, work, overrides=SMALL, quiet=True)
+    assert time.time() - t0 < 30 and "\n" not in str(info.value)
+    assert (work / "work/report/report.md").is_file() and (work / "work/report/mlflow-pending.json").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    resent = run_stage("report", params, work, overrides=SMALL, quiet=True, resend=True)["mlflow"]
+    assert resent["version"] == "4" and not (work / "work/report/mlflow-pending.json").exists()
+    assert len(client.search_runs([exp.experiment_id], "tags.`samerge.kind` = 'pipeline'")) == 4
+
 
 # ------------------------------------------------------------------------------------------------ expert registry
 

@@ -388,12 +388,12 @@ def builtin_spec(name: str) -> SuiteSpec:
 
 def write_spec(spec: SuiteSpec | str, path: str | os.PathLike[str]) -> Path:
     """Write a suite (or a built-in's definition, as a template to edit) as YAML, atomically."""
-    from samerge.io.writer import _write_text_atomic
+    from samerge.io.writer import write_text_atomic
 
     s = builtin_spec(spec) if isinstance(spec, str) else spec
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out, yaml.safe_dump(s.model_dump(exclude_defaults=True), sort_keys=False, width=120))
+    write_text_atomic(out, yaml.safe_dump(s.model_dump(exclude_defaults=True), sort_keys=False, width=120))
     return out
 
 
@@ -483,14 +483,14 @@ class Provenance:
         self._warned = False
 
     def record(self, role: str, acq: Acquired) -> None:
-        from samerge.io.writer import _write_text_atomic
+        from samerge.io.writer import write_text_atomic
 
         if acq.repo is None:
             self.resolved[role] = {"path": str(acq.path)}
         else:
             self.resolved[role] = {"repo": acq.repo, "revision": str(acq.revision), "commit": acq.commit or ""}
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(self.dir / "resolved.json", json.dumps(self.resolved, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(self.dir / "resolved.json", json.dumps(self.resolved, indent=2, sort_keys=True) + "\n")
         write_spec(self.pinned(), self.dir / "pinned.yaml")
         if acq.repo is not None and not COMMIT_RE.match(str(acq.revision)) and not self._warned:
             self._warned = True

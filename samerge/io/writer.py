@@ -16,12 +16,14 @@ Tied weights (several names, one tensor) are written once; the other names are r
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from samerge.io.safetensors_format import PlannedTensor, encode_header, layout
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
 TEMP_MARK = ".samerge-tmp-"
+LOCK_SUFFIX = ".samerge-lock"
 
 
 def parse_size(value: str | int) -> int:
@@ -59,6 +62,69 @@ def parse_size(value: str | int) -> int:
     if n <= 0:
         raise SamergeError(f"size must be positive, got {value!r}")
     return n
+
+
+def refuse_overlap(out: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output path that is an input, contains one, or lies inside an input folder (paths resolved, so
+    symbolic links and ``..`` do not hide it), whatever ``--overwrite`` says: replacing it would lose the input."""
+    o = Path(out).resolve()
+    for p in inputs:
+        r = Path(p).resolve()
+        if o == r:
+            raise SamergeError(f"--out {out} is an input ({p}); choose another output path")
+        if r in o.parents:
+            raise SamergeError(f"--out {out} lies inside the input folder {p}; choose a path outside the inputs")
+        if o in r.parents:
+            raise SamergeError(f"--out {out} contains the input {p}; choose a path outside the inputs")
+
+
+class OutputLock:
+    """An exclusive lock on an output path, held while it is written: a second writer of the same output fails at
+    once with one line instead of racing to replace it. The lock file (``.<name>.samerge-lock`` beside the output)
+    is removed on release; a lock whose file was removed meanwhile is taken again on a fresh file."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}{LOCK_SUFFIX}"
+        self.fd = -1
+
+    def acquire(self) -> OutputLock:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise SamergeError(f"{self.out.parent}: cannot write there ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise SamergeError(f"{self.out}: another samerge process is writing this output now; wait for "
+                                       "it to finish or choose another output path") from None
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)  # released and removed by its holder while we waited: lock the new file
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _nbytes(t: PlannedTensor) -> int:
@@ -117,16 +183,20 @@ class SafetensorsSink:
 
     def __init__(self, out: str | os.PathLike[str], plan: list[PlannedTensor], *, metadata: Mapping[str, str],
                  aliases: Mapping[str, str] | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 overwrite: bool = False, copy_from: Path | None = None) -> None:
+                 overwrite: bool = False, copy_from: Path | None = None,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
         self.out = Path(out)
         self.single_file = self.out.name.endswith(".safetensors")
-        if self.out.exists() and not overwrite:
-            raise SamergeError(f"{self.out} already exists (pass --overwrite to replace it)")
-        if self.out.exists() and self.single_file != self.out.is_file():
-            raise SamergeError(f"{self.out} exists and is a {'directory' if self.out.is_dir() else 'file'}; "
-                               "choose another output path")
+        self.card = self.out.with_suffix(".md") if self.single_file else None  # written beside a single file
+        refuse_overlap(self.out, [*inputs, *([copy_from] if copy_from is not None else [])])
         if not self.out.parent.is_dir():
             raise SamergeError(f"{self.out.parent}: output folder does not exist")
+        self._lock = OutputLock(self.out).acquire()
+        try:
+            self._check_existing(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the write plan")
@@ -135,7 +205,9 @@ class SafetensorsSink:
         if self.aliases:
             self.metadata[ALIASES_METADATA_KEY] = json.dumps(self.aliases, sort_keys=True)
         self.copy_from = copy_from
-        remove_stale_temporaries(self.out)
+        remove_stale_temporaries(self.out, backups=True)  # the lock is held: no other writer has temporaries here
+        if self.card is not None:
+            remove_stale_temporaries(self.card)
         self.tmp = self.out.parent / f".{self.out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shards: list[_Shard] = []
         self._by_name: dict[str, _Shard] = {}
@@ -159,6 +231,20 @@ class SafetensorsSink:
         except BaseException:
             self.abort()
             raise
+
+    def _check_existing(self, overwrite: bool) -> None:
+        """The output, and every file written beside it, replaces an existing one only with ``overwrite``."""
+        if self.out.exists() and not overwrite:
+            raise SamergeError(f"{self.out} already exists (pass --overwrite to replace it)")
+        if self.out.exists() and self.single_file != self.out.is_file():
+            raise SamergeError(f"{self.out} exists and is a {'directory' if self.out.is_dir() else 'file'}; "
+                               "choose another output path")
+        if self.card is not None and self.card.exists():
+            if not overwrite:
+                raise SamergeError(f"{self.card} already exists and the model card would replace it (pass "
+                                   "--overwrite to replace it, or choose another output name)")
+            if not self.card.is_file():
+                raise SamergeError(f"{self.card} exists and is not a file; choose another output name")
 
     @staticmethod
     def _split(plan: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
@@ -195,13 +281,14 @@ class SafetensorsSink:
                 shard.finish(self.metadata)
             if self.single_file:
                 if model_card is not None:
-                    _write_text_atomic(self.out.with_suffix(".md"), model_card)
-                _fsync_dir(self.out.parent)
+                    write_text_atomic(self.out.with_suffix(".md"), model_card)
+                fsync_dir(self.out.parent)
                 os.replace(self.tmp, self.out)
             else:
                 self._finish_directory(model_card)
-            _fsync_dir(self.out.parent)
+            fsync_dir(self.out.parent)
             self._done = True
+            self._lock.release()
             return self.out
         except BaseException:
             self.abort()
@@ -222,18 +309,12 @@ class SafetensorsSink:
                     shutil.copy2(src, self.tmp / src.name)
         if model_card is not None:
             (self.tmp / "README.md").write_text(model_card, encoding="utf-8")
-        for f in self.tmp.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(self.tmp)
+        fsync_tree(self.tmp)
         if self.out.exists():
             backup = self.out.parent / f".{self.out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, backup)
             os.rename(self.tmp, self.out)
-            shutil.rmtree(backup, ignore_errors=True)
+            remove_path(backup)
         else:
             os.rename(self.tmp, self.out)
 
@@ -246,6 +327,7 @@ class SafetensorsSink:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             elif self.tmp.exists():
                 self.tmp.unlink()
+        self._lock.release()
 
     def __enter__(self) -> SafetensorsSink:
         return self
@@ -255,29 +337,50 @@ class SafetensorsSink:
             self.abort()
 
 
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete temporaries that killed writers left next to ``out`` (those whose process is gone)."""
+def remove_stale_temporaries(out: Path, backups: bool = False) -> list[Path]:
+    """Delete temporaries that killed writers left next to ``out`` (those whose process is gone); with
+    ``backups``, also the previous outputs a killed replacement left (``old-``; only safe under the output's
+    :class:`OutputLock`)."""
     removed = []
     for p in out.parent.glob(f".{out.name}{TEMP_MARK}*"):
         pid_part = p.name[len(f".{out.name}{TEMP_MARK}"):].split("-", 1)[0]
         if not pid_part.isdigit():
-            continue  # a backup of a previous output ("old-..."): never delete automatically
-        try:
-            os.kill(int(pid_part), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+            if not (backups and pid_part == "old"):
+                continue
         else:
-            p.unlink(missing_ok=True)
+            try:
+                os.kill(int(pid_part), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        remove_path(p)
         removed.append(p)
     return removed
 
 
-def _fsync_dir(d: Path) -> None:
+def remove_path(p: Path) -> None:
+    """Remove a file, a folder tree, or a symbolic link (only the link, never what it points to)."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def fsync_tree(d: Path) -> None:
+    """fsync every file under ``d`` and every folder, ``d`` included (before ``d`` is renamed into place)."""
+    for root, _, files in os.walk(d):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -290,10 +393,20 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through an fsync'ed temporary sibling and a rename (never a half-written file;
+    the temporary is removed on any failure)."""
     tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike[str], *,

@@ -1,0 +1,166 @@
+"""Faults, one line for every failure a user can cause (issue 14, item 3): wrong types in adapter configs and in
+``--set``, undecodable files, refusals of the system (read-only folder, full disk) — exit 2, exactly one
+``samerge: error:`` line, no traceback, the inputs byte-identical and nothing at ``--out``."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from samerge.cli import main
+from samerge.io import save_safetensors
+
+from tests.conftest import make_base, make_experts
+from tests.faults.test_outputs import merge_args, one_line_error, snapshot
+from tests.test_lora import _write_llama_base, _write_peft_adapter
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-faults")
+    shapes = _write_llama_base(root / "base", hidden=16, inter=24, layers=1, vocab=32, heads=2, kv_heads=2)
+    for i in range(2):
+        _write_peft_adapter(root / f"a{i}", shapes, ["q_proj", "v_proj"], r=2, alpha=4, seed=i)
+    return root
+
+
+def lora_args(root: Path, out: Path, adapters: list[Path] | None = None, *extra: str) -> list[str]:
+    args = ["merge-lora", "--base", str(root / "base"), "--out", str(out), *extra]
+    for a in adapters or [root / "a0", root / "a1"]:
+        args += ["--adapter", str(a)]
+    return args
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ("[1, 2]", "expected a JSON object"),
+    ({"r": "abc"}, "r: Input should be a valid integer"),
+    ({"r": None}, "r: Input should be a valid integer"),
+    ({"r": 0}, "r: Input should be greater than or equal to 1"),
+    ({"lora_alpha": "big"}, "lora_alpha: Input should be a valid number"),
+    ({"rank_pattern": {"q_proj(": 2}}, "is not a regular expression"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern: Input should be a valid dictionary"),
+    ({"use_rslora": "yes"}, "use_rslora: Input should be a valid boolean"),
+    ("\udcff", "cannot parse"),
+])
+def test_adapter_configs_of_the_wrong_type_are_one_line(lora_inputs, tmp_path, capsys, change, fragment):
+    bad = tmp_path / "bad"
+    shutil.copytree(lora_inputs / "a0", bad)
+    cfg_path = bad / "adapter_config.json"
+    if change == "\udcff":
+        cfg_path.write_bytes(b"\xff\xfe{not utf-8")
+    elif isinstance(change, str):
+        cfg_path.write_text(change)
+    else:
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(change)
+        cfg_path.write_text(json.dumps(cfg))
+    before = snapshot(lora_inputs, bad)
+    out = tmp_path / "out"
+    one_line_error(capsys, main(lora_args(lora_inputs, out, [bad, lora_inputs / "a1"])), fragment)
+    assert snapshot(lora_inputs, bad) == before and not out.exists()
+
+
+@pytest.mark.parametrize("sets,fragment", [
+    (["iterations=abc"], "'iterations' input should be a valid integer"),
+    (["scale=1e9"], "'scale' input should be less than or equal to 10"),
+    (["density=-1"], "'density' input should be greater than or equal to 0"),
+    (["prune_ratio=1"], "'prune_ratio' input should be less than 1"),
+    (["qk_rule=nope"], "'qk_rule' input should be"),
+    (["colour=red"], "unknown parameter 'colour' for merge-lora"),
+])
+def test_merge_lora_parameters_are_validated_like_merge(lora_inputs, tmp_path, capsys, sets, fragment):
+    out = tmp_path / "out"
+    extra = [x for s in sets for x in ("--set", s)] + ["--method", "ties" if "density" in sets[0] else "sa_merging"]
+    one_line_error(capsys, main(lora_args(lora_inputs, out, None, *extra)), fragment)
+    assert not out.exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_bytes(b"method: ties\n\xff\xfe\n")
+    one_line_error(capsys, main(["merge", "--config", str(cfg)]), "recipe.yaml")
+
+
+@pytest.mark.parametrize("err,fragment", [(errno.ENOSPC, "No space left on device"),
+                                          (errno.EROFS, "Read-only file system"),
+                                          (errno.EACCES, "Permission denied")])
+def test_the_system_refusing_a_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, err, fragment):
+    """A writer failure mid-merge (the shard's write refused by the system): one line, nothing at --out or beside
+    it, the inputs untouched. (Tests run as root, for whom permission bits refuse nothing: the failure is
+    injected at os.pwrite, the call every shard write goes through.)"""
+    import os
+
+    import samerge.io.writer as writer
+
+    base = make_base()
+    save_safetensors(base, tmp_path / "base.safetensors")
+    paths = [save_safetensors(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(make_experts(base, 2))]
+    before = snapshot(tmp_path)
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def failing_pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(err, os.strerror(err))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", failing_pwrite)
+    out = tmp_path / "out.safetensors"
+    one_line_error(capsys, main(merge_args(tmp_path / "base.safetensors", paths, out)), fragment)
+    assert snapshot(tmp_path) == before  # nothing new, nothing changed (no temporary, no card, no lock)
+
+
+def _registry_and_expert(tmp_path: Path) -> tuple[Path, Path]:
+    import torch
+
+    reg = tmp_path / "reg"
+    (reg / "experts").mkdir(parents=True)
+    (reg / "manifest.json").write_text('{"suite": "text"}')
+    save_safetensors({"w": torch.ones(4)}, reg / "base.safetensors")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_safetensors({"w": torch.ones(4) * 1.01}, src / "expert.safetensors")
+    save_safetensors({"head": torch.ones(2)}, src / "head.safetensors")
+    (src / "task.json").write_text('{"suite": "text", "name": "t"}')
+    return reg, src
+
+
+@pytest.mark.parametrize("what,content,fragment", [
+    ("task.json", b"{not json", "not a valid task description"),
+    ("task.json", b"[1]", "expected a JSON object"),
+    ("task.json", b"\xff\xfe", "not a valid task description"),
+    ("head.safetensors", b"garbage that is not a safetensors file", "not a valid safetensors file"),
+])
+def test_experts_add_refuses_invalid_files_with_one_line(tmp_path, capsys, what, content, fragment):
+    reg, src = _registry_and_expert(tmp_path)
+    (src / what).write_bytes(content)
+    before = snapshot(reg, src)
+    code = main(["experts", "add", "--registry", str(reg), "--expert", str(src), "--name", "x", "--no-event"])
+    one_line_error(capsys, code, fragment)
+    assert snapshot(reg, src) == before and not (reg / "experts" / "x").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"text,label\n\"unterminated,1\n\x00\n", "needs at least two labels"),
+    (b"text,label\nok,1\n" + b"x" * 200_000 + b",1\n", "cannot read .*task.csv.*field larger than field limit"),
+])
+def test_a_task_csv_the_csv_module_rejects_is_one_line(tmp_path, content, fragment):
+    import csv
+
+    from samerge.errors import SamergeError
+    from samerge.evaluation.tasks import load_file_task
+
+    p = tmp_path / "task.csv"
+    p.write_bytes(content)
+    with pytest.raises(SamergeError, match=rf"task 'mine': {fragment}") as info:
+        old = csv.field_size_limit(1000)  # the module's limit, smaller here so the long field trips it
+        try:
+            load_file_task("mine", p, "small")
+        finally:
+            csv.field_size_limit(old)
+    assert "\n" not in str(info.value)
