@@ -182,6 +182,10 @@ def _heads(template: dict[str, Any], config: Mapping[str, Any] | None, q_rows: i
     n_kv = max(1, k_rows // head_dim) if head_dim else n_heads
     if n_heads % n_kv or q_rows % n_heads:
         raise SamergeError(f"connectivity graph: {n_heads} heads do not divide q ({q_rows} rows) / kv ({k_rows} rows)")
+    if n_kv * head_dim != k_rows:
+        raise SamergeError(f"connectivity graph: the attention heads cannot be told from the shapes alone (q "
+                           f"{q_rows} rows, k/v {k_rows} rows); give the model's config (a model folder with "
+                           "config.json, or config= in the Python API)")
     return n_heads, n_kv
 
 

@@ -140,7 +140,11 @@ class _Shard:
         self.data_start = 8 + len(header)
         self.offsets = {t.name: (self.data_start + b, e - b) for t, b, e in self.placed}
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._write_header(metadata)
+        try:
+            self._write_header(metadata)
+        except BaseException:  # not yet the sink's: close it here (a full disk must not leave a file open)
+            self.close()
+            raise
 
     def _write_header(self, metadata: dict[str, str]) -> None:
         header = encode_header(self.placed, metadata)
@@ -395,7 +399,8 @@ def fsync_dir(d: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through an fsync'ed temporary sibling and a rename (never a half-written file;
-    the temporary is removed on any failure)."""
+    the temporary is removed on any failure, and those of killed writers of ``path`` on the next write)."""
+    remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -181,16 +181,22 @@ def test_a_failed_card_write_leaves_nothing_behind(model_dir, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "experts"]
 
 
-def test_expert_registry_names_are_locked(tmp_path, capsys):
+def registry_and_expert(tmp_path: Path) -> tuple[Path, Path]:
+    """A minimal expert registry (text suite) and an expert folder derived from its base."""
     reg = tmp_path / "reg"
     (reg / "experts").mkdir(parents=True)
     (reg / "manifest.json").write_text('{"suite": "text"}')
-    save_safetensors({"w": torch.ones(2)}, reg / "base.safetensors")
+    save_safetensors({"w": torch.ones(4)}, reg / "base.safetensors")
     src = tmp_path / "src"
     src.mkdir()
-    for f in ("expert.safetensors", "head.safetensors"):
-        save_safetensors({"w": torch.ones(2) * 1.01}, src / f)
+    save_safetensors({"w": torch.ones(4) * 1.01}, src / "expert.safetensors")
+    save_safetensors({"head": torch.ones(2)}, src / "head.safetensors")
     (src / "task.json").write_text('{"suite": "text", "name": "t"}')
+    return reg, src
+
+
+def test_expert_registry_names_are_locked(tmp_path, capsys):
+    reg, src = registry_and_expert(tmp_path)
     with OutputLock(reg / "experts" / "same"):
         code = main(["experts", "add", "--registry", str(reg), "--expert", str(src), "--name", "same"])
         one_line_error(capsys, code, "another samerge process is writing")
@@ -304,6 +310,7 @@ def test_a_full_or_read_only_output_filesystem_is_one_line_and_leaves_nothing(tm
         for out in (mnt / "m.safetensors", mnt / "folder"):
             one_line_error(capsys, main(merge_args(tmp_path / "base.safetensors", paths, out)), fragment)
             assert list(mnt.iterdir()) == []  # no output, no temporary, no lock file
+            assert not [x for x in Path("/proc/self/fd").iterdir() if str(mnt) in os.path.realpath(x)]
         assert snapshot(tmp_path / "base.safetensors", *paths) == before
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from samerge.cli import main
 from samerge.io import save_safetensors
 
 from tests.conftest import make_base, make_experts
-from tests.faults.test_outputs import merge_args, one_line_error, snapshot
+from tests.faults.test_outputs import merge_args, one_line_error, registry_and_expert, snapshot
 from tests.test_lora import _write_llama_base, _write_peft_adapter
 
 
@@ -115,21 +116,6 @@ def test_the_system_refusing_a_write_is_one_line_and_leaves_nothing(tmp_path, ca
     assert snapshot(tmp_path) == before  # nothing new, nothing changed (no temporary, no card, no lock)
 
 
-def _registry_and_expert(tmp_path: Path) -> tuple[Path, Path]:
-    import torch
-
-    reg = tmp_path / "reg"
-    (reg / "experts").mkdir(parents=True)
-    (reg / "manifest.json").write_text('{"suite": "text"}')
-    save_safetensors({"w": torch.ones(4)}, reg / "base.safetensors")
-    src = tmp_path / "src"
-    src.mkdir()
-    save_safetensors({"w": torch.ones(4) * 1.01}, src / "expert.safetensors")
-    save_safetensors({"head": torch.ones(2)}, src / "head.safetensors")
-    (src / "task.json").write_text('{"suite": "text", "name": "t"}')
-    return reg, src
-
-
 @pytest.mark.parametrize("what,content,fragment", [
     ("task.json", b"{not json", "not a valid task description"),
     ("task.json", b"[1]", "expected a JSON object"),
@@ -137,7 +123,7 @@ def _registry_and_expert(tmp_path: Path) -> tuple[Path, Path]:
     ("head.safetensors", b"garbage that is not a safetensors file", "not a valid safetensors file"),
 ])
 def test_experts_add_refuses_invalid_files_with_one_line(tmp_path, capsys, what, content, fragment):
-    reg, src = _registry_and_expert(tmp_path)
+    reg, src = registry_and_expert(tmp_path)
     (src / what).write_bytes(content)
     before = snapshot(reg, src)
     code = main(["experts", "add", "--registry", str(reg), "--expert", str(src), "--name", "x", "--no-event"])
@@ -164,3 +150,51 @@ def test_a_task_csv_the_csv_module_rejects_is_one_line(tmp_path, content, fragme
         finally:
             csv.field_size_limit(old)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind,fragment", [("full", "No space left on device"), ("read-only", "Read-only file system")])
+@pytest.mark.parametrize("output", ["adapter", "dense"])
+def test_merge_lora_on_a_full_or_read_only_filesystem_is_one_line(lora_inputs, tmp_path, capsys, kind, fragment,
+                                                                  output):
+    from tests.faults.test_outputs import _tmpfs
+
+    mnt = tmp_path / "mnt"
+    if not _tmpfs(mnt, "size=8k", *(["ro"] if kind == "read-only" else [])):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        if kind == "full":  # fill it: even a tiny adapter finds no room
+            with open(mnt / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 1024)
+                except OSError:
+                    pass
+        before = snapshot(lora_inputs)
+        code = main(lora_args(lora_inputs, mnt / "out", None, "--output", output, "--set", "iterations=1"))
+        one_line_error(capsys, code, fragment)
+        assert [p.name for p in mnt.iterdir()] == (["filler"] if kind == "full" else [])
+        assert snapshot(lora_inputs) == before
+        assert not [x for x in Path("/proc/self/fd").iterdir() if str(mnt) in os.path.realpath(x)]  # none left open
+    finally:
+        import subprocess
+
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_grouped_query_attention_without_a_config_is_one_clear_error(lora_inputs):
+    """A bare state dict of a GQA model (no config.json): the heads cannot be told from the shapes."""
+    from samerge.errors import SamergeError
+    from samerge.io import open_checkpoint
+    from samerge.lora import load_adapter, merge_lora
+
+    root = lora_inputs.parent / "gqa"
+    if not root.exists():
+        shapes = _write_llama_base(root / "base", hidden=32, inter=48, layers=1, vocab=32, heads=4, kv_heads=2)
+        for i in range(2):
+            _write_peft_adapter(root / f"a{i}", shapes, ["q_proj", "v_proj"], r=2, alpha=4, seed=i)
+    adapters = [load_adapter(root / f"a{i}") for i in range(2)]
+    with open_checkpoint(root / "base") as ck:
+        state = {k: ck[k] for k in ck.keys()}
+        assert merge_lora(ck, adapters, "sa_merging", iterations=1).modules  # with its config: merges
+    with pytest.raises(SamergeError, match="attention heads cannot be told from the shapes alone"):
+        merge_lora(state, adapters, "sa_merging", iterations=1)
