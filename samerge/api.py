@@ -80,11 +80,6 @@ def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: S
     return "\n".join(lines)
 
 
-def _input_paths(ckpts: Sequence[Checkpoint]) -> list[Path]:
-    """Every file an input was read from, and its model folder: what an output must not be, contain or lie in."""
-    return [p for ck in ckpts for p in (*ck.files, *([ck.directory] if ck.directory is not None else []))]
-
-
 def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
                       method: str = "ties", *, params: dict[str, Any] | None = None, exclude: Sequence[str] = (),
                       force: bool = False, overwrite: bool = False,
@@ -129,7 +124,8 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
         history: list[Any] = []
         sink = SafetensorsSink(out, write_plan, metadata=metadata, aliases=plan.aliases,
                                max_shard_size=shard_size, overwrite=overwrite,
-                               copy_from=base_ckpt.directory, inputs=_input_paths([base_ckpt, *expert_ckpts]))
+                               copy_from=base_ckpt.directory,
+                               inputs=[p for ck in (base_ckpt, *expert_ckpts) for p in ck.sources])
         with sink:
             try:
                 for key, tensor in merge_stream(base_ckpt, expert_ckpts, m, p, plan, force=force, fresh=False,

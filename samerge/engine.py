@@ -83,12 +83,6 @@ class InputReader:
     def __init__(self, base: StateDict, experts: Sequence[StateDict], plan: MergePlan, ws: Workspace,
                  stats: MergeStats | None = None) -> None:
         self.base_state, self.experts, self.plan, self.ws, self.stats = base, experts, plan, ws, stats
-        self.host_ws = ws.host()  # files are read on the CPU: staging buffers for a compute device elsewhere
-
-    @property
-    def device(self) -> torch.device:
-        """Where the tensors read are put (the compute device)."""
-        return self.ws.device
 
     @property
     def n_experts(self) -> int:
@@ -96,7 +90,8 @@ class InputReader:
 
     def _read(self, state: StateDict, key: str, out: torch.Tensor) -> torch.Tensor:
         numel = math.prod(self.plan.shapes[key])
-        _load_into(state, key, out, lambda dtype: self.host_ws.get("io.staging", numel, dtype))
+        # files are read on the CPU: the staging buffer is in the host workspace of a compute device elsewhere
+        _load_into(state, key, out, lambda dtype: self.ws.host().get("io.staging", numel, dtype))
         return out
 
     def base(self, key: str, out: torch.Tensor, check: bool = False) -> torch.Tensor:
@@ -209,8 +204,7 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
                 raise SamergeError(f"{m.name}: merged tensor {key!r} is not finite"
                                    + (f" after casting to {dtype} (overflow)" if dtype != cdt else ""))
         if not on_cpu:  # back to the CPU, where the caller writes it
-            host = torch.empty(shape, dtype=dtype, device="cpu") if fresh else \
-                groups.reader.host_ws.get("io.out", shape, dtype)
+            host = torch.empty(shape, dtype=dtype, device="cpu") if fresh else ws.host().get("io.out", shape, dtype)
             out = host.copy_(out)
         stats.merged_tensors += 1
         yield key, out

@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,10 +35,10 @@ from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_fa
 from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
 from samerge.io.checkpoint import Checkpoint, tensor_info
 from samerge.io.safetensors_format import PlannedTensor
-from samerge.io.writer import TEMP_MARK, OutputLock, fsync_dir, refuse_overlap, remove_path, \
-    remove_stale_temporaries, write_text_atomic
+from samerge.io.writer import claim_output, publish_dir, refuse_overlap
 from samerge.memory import SLACK, process_rss, resolve_budget, too_small
 from samerge.methods.base import Density, MethodParams, Scale
+from samerge.methods import validate_params
 from samerge.methods.ties import elect_and_merge
 from samerge.saliency import view2d
 from samerge.selection import GlobalThreshold, Workspace, keep_count
@@ -102,17 +100,7 @@ class LoraMergeParams(MethodParams):
 
 def lora_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` checked against :class:`LoraMergeParams`: the given ones, converted (one line per mistake)."""
-    fields = list(LoraMergeParams.model_fields)
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise SamergeError(f"unknown parameter {unknown[0]!r} for merge-lora; valid parameters: {', '.join(fields)}")
-    try:
-        p = LoraMergeParams(**params)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "parameters"
-        raise SamergeError(f"merge-lora: parameter {loc!r} {err['msg'][0].lower()}{err['msg'][1:]} "
-                           f"(got {err.get('input')!r})") from None
+    p = validate_params(LoraMergeParams, params, "merge-lora", "merge-lora")
     return {k: getattr(p, k) for k in params}
 
 
@@ -798,50 +786,22 @@ def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_m
     """Write the merged factors as one PEFT adapter (scale 1: ``lora_alpha = r`` per module), atomically; ``out``
     must not be, contain or lie inside any of ``inputs``."""
     out = Path(out)
-    refuse_overlap(out, inputs)
-    if not out.parent.is_dir():
-        raise SamergeError(f"{out.parent}: output folder does not exist")
-    with OutputLock(out):
-        if out.exists() and not overwrite:
-            raise SamergeError(f"{out} already exists (pass --overwrite to replace it)")
-        if out.exists() and not out.is_dir():
-            raise SamergeError(f"{out} exists and is not a folder; an adapter is a folder: choose another path")
-        remove_stale_temporaries(out, backups=True)
-        return _write_adapter(result, out, base_model_name, template, metadata)
-
-
-def _write_adapter(result: LoraMergeResult, out: Path, base_model_name: str | None, template: Mapping[str, Any],
-                   metadata: Mapping[str, str] | None) -> Path:
-    tmp = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        tensors = result.peft_state_dict()
-        ranks = {name: A.shape[0] for name, (_, A) in result.modules.items()}
-        r_max = max(ranks.values())
-        cfg = {k: v for k, v in template.items() if k in ("task_type", "target_modules", "fan_in_fan_out")}
-        cfg.update({
-            "peft_type": "LORA", "r": r_max, "lora_alpha": r_max, "use_rslora": False, "use_dora": False,
-            "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base_model_name,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in result.modules}),
-            # full module paths, regex-escaped: PEFT matches pattern keys as regular expressions
-            "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
-            "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
-            "fan_in_fan_out": result.fan_in_fan_out, "inference_mode": True,
-        })
+    tensors = result.peft_state_dict()
+    ranks = {name: A.shape[0] for name, (_, A) in result.modules.items()}
+    r_max = max(ranks.values())
+    cfg = {k: v for k, v in template.items() if k in ("task_type", "target_modules", "fan_in_fan_out")}
+    cfg.update({
+        "peft_type": "LORA", "r": r_max, "lora_alpha": r_max, "use_rslora": False, "use_dora": False,
+        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": base_model_name,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in result.modules}),
+        # full module paths, regex-escaped: PEFT matches pattern keys as regular expressions
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
+        "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
+        "fan_in_fan_out": result.fan_in_fan_out, "inference_mode": True,
+    })
+    with claim_output(out, inputs, overwrite, folder=True), publish_dir(out) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **(metadata or {})})
-        write_text_atomic(tmp / "adapter_config.json", json.dumps(cfg, indent=2, sort_keys=True))
-        fsync_dir(tmp)
-        if out.exists():  # moved aside, then removed once the new adapter is in place
-            backup = out.parent / f".{out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, backup)
-            os.rename(tmp, out)
-            remove_path(backup)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return out
 
 
@@ -921,7 +881,7 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [load_adapter(a) for a in adapters]
     with open_checkpoint(base) as ck:
-        inputs = [*ck.files, *([ck.directory] if ck.directory is not None else []), *(ad.path for ad in loaded)]
+        inputs = [*ck.sources, *(ad.path for ad in loaded)]
         refuse_overlap(Path(out), inputs)  # before any work
         if output == "dense" and max_memory is not None:
             _check_budget(lora_memory_plan(ck, loaded, method, output="dense", graph=params.get("graph", "auto")),

@@ -8,8 +8,11 @@ streamed schedule needs is an error naming the smallest budget that works.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
+from typing import Any
 
 import torch
 
@@ -34,6 +37,15 @@ def process_rss() -> int:
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+@functools.cache
+def _libc() -> Any:
+    """glibc, loaded once (None where there is none)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
 def return_freed_memory() -> bool:
     """Make glibc serve every allocation of 1 MB or more with its own mapping, returned to the system when freed.
 
@@ -41,13 +53,8 @@ def return_freed_memory() -> bool:
     of that size come from the heap, where freed memory is kept: a long out-of-core run that allocates and frees
     such temporaries (bit-packed masks, numpy scratch) then grows its resident memory by ~0.1 GB per iteration.
     Fixing the threshold turns that off. Returns False where there is no glibc (nothing changes)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024))
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024))
 
 
 _MADV_HUGEPAGE = 14  # Linux madvise advice
@@ -56,13 +63,8 @@ _HUGE = 2 * 1024 * 1024  # a transparent huge page on x86-64 and arm64 (4 KB bas
 
 def _madvise_huge(start: int, length: int) -> bool:
     """Ask for huge pages on [start, start + length) (2 MB-aligned); False where that is not possible."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
+    libc = _libc()
+    return libc is not None and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE) == 0
 
 
 def empty_resident(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -8,10 +8,10 @@ prune.prune_ratio=0.3`` change the same field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samerge.device import check_device_name
 from samerge.errors import SamergeError
@@ -23,16 +23,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _device_field() -> Any:
-    return Field("auto", description="where the stage computes: auto (CUDA when the worker has one, else the CPU), "
-                                     "cpu, cuda or cuda:N")
-
-
 def _check_device(v: str) -> str:
     try:
         return check_device_name(v)
     except SamergeError as exc:
         raise ValueError(str(exc)) from None
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+_DEVICE = "where the stage computes: auto (CUDA when the worker has one, else the CPU), cpu, cuda or cuda:N"
 
 
 class AcquireParams(_Section):
@@ -58,9 +57,7 @@ class ScoreParams(_Section):
     qk_rule: Literal["bilinear", "value_proxy", "uniform"] = SaMergingParams.model_fields["qk_rule"].default
     graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = SaMergingParams.model_fields["graph"].default
     sample: int = Field(200_000, ge=100, description="entries per tensor sampled for the rank correlations")
-    device: str = _device_field()
-
-    _device = field_validator("device")(_check_device)
+    device: Device = Field("auto", description=_DEVICE)
 
 
 _SA = SaMergingParams.model_fields  # the pipeline's SA-Merging defaults are the library's
@@ -80,9 +77,7 @@ class PruneParams(_Section):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="other methods' parameters, by method")
     max_memory: str | None = Field(None, description="peak RSS of a merge, e.g. 3GB (null: derived from the free "
                                                      "RAM); SA-Merging runs out of core when it would not fit")
-    device: str = _device_field()
-
-    _device = field_validator("device")(_check_device)
+    device: Device = Field("auto", description=_DEVICE)
 
     @field_validator("max_memory")
     @classmethod
@@ -119,10 +114,8 @@ class PruneParams(_Section):
 
 class EvaluateParams(_Section):
     split: Literal["test", "val"] = Field("test", description="which split the merged models are scored on")
-    device: str = Field("auto", description="where llm-lora and hub suites score (auto: CUDA when the worker has "
-                                            "one); the text and vision suites score on the CPU")
-
-    _device = field_validator("device")(_check_device)
+    device: Device = Field("auto", description="where llm-lora and hub suites score (auto: CUDA when the worker has "
+                                               "one); the text and vision suites score on the CPU")
 
 
 class ReportParams(_Section):

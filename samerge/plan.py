@@ -76,21 +76,17 @@ def plan_merge(base: StateDict, experts: Sequence[StateDict], exclude: Sequence[
         shapes[k], dtypes[k] = shape, dtype
         if excluded(k):
             continue
-        if not dtype.is_floating_point:  # copied from the base: the experts must still hold the same tensor shape
-            for i, e in enumerate(experts):
-                eshape, _ = tensor_info(e, k)
-                if eshape != shape:
-                    raise SamergeError(f"shape mismatch for tensor {k!r}: base {list(shape)}, {_name(e, i)} "
-                                       f"{list(eshape)}")
+        infos = [tensor_info(e, k) for e in experts]
+        for i, (eshape, _) in enumerate(infos):  # copied integer tensors too: the experts hold the same tensor
+            if eshape != shape:
+                raise SamergeError(f"shape mismatch for tensor {k!r}: base {list(shape)}, {_name(experts[i], i)} "
+                                   f"{list(eshape)}")
+        if not dtype.is_floating_point:
             continue
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        for i, e in enumerate(experts):
-            eshape, edtype = tensor_info(e, k)
-            if eshape != shape:
-                raise SamergeError(f"shape mismatch for tensor {k!r}: base {list(shape)}, {_name(e, i)} "
-                                   f"{list(eshape)}")
+        for i, (_, edtype) in enumerate(infos):
             if not edtype.is_floating_point:
-                raise SamergeError(f"dtype mismatch for tensor {k!r}: base {dtype}, {_name(e, i)} {edtype} "
+                raise SamergeError(f"dtype mismatch for tensor {k!r}: base {dtype}, {_name(experts[i], i)} {edtype} "
                                    "(not floating point)")
             if edtype != dtype:
                 mixed[(i, edtype, dtype)] = mixed.get((i, edtype, dtype), 0) + 1

@@ -24,7 +24,7 @@ from typing import Any
 
 from samerge.errors import SamergeError
 from samerge.io.safetensors_format import read_header
-from samerge.io.writer import OutputLock, write_text_atomic
+from samerge.io.writer import claim_output, publish_dir, write_text_atomic
 
 EVENT_EXPERT_ADDED = "samerge.expert.added"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -74,7 +74,6 @@ def registry_state(reg: str | os.PathLike[str]) -> dict[str, str]:
 def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: str | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Copy the expert folder ``src`` (expert.safetensors, head.safetensors, task.json) into the registry."""
-    from samerge.stages import publish_dir
 
     r, s = Path(reg), Path(src)
     if not (r / "manifest.json").is_file() or not (r / "base.safetensors").is_file():
@@ -98,9 +97,8 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
         raise SamergeError(f"{s}: expert of suite {spec.get('suite')!r}; this registry is for {manifest['suite']!r}")
     final = r / "experts" / name
     (r / "experts").mkdir(exist_ok=True)
-    with OutputLock(final):  # a second `experts add` of the same name fails at once instead of replacing this one
-        if final.exists() and not overwrite:
-            raise SamergeError(f"{final} exists (pass --overwrite to replace it)")
+    # held while adding: a second `experts add` of the same name fails at once instead of replacing this one
+    with claim_output(final, [s], overwrite, folder=True):
         rel = _check_expert(r, s, manifest)
         with publish_dir(final) as tmp:  # a hidden sibling (watchers skip dot-folders), renamed into place
             for f in ("expert.safetensors", "head.safetensors", "task.json"):

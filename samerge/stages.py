@@ -19,14 +19,12 @@ interrupted stage leaves the previous complete output or none, never a half-writ
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch
 
 import samerge
 from samerge.errors import SamergeError
-from samerge.io.writer import fsync_dir, fsync_tree, remove_path, remove_stale_temporaries
+from samerge.io.writer import publish_dir
 from samerge.params import PipelineParams, load_params
 
 STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
@@ -59,29 +57,6 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.contextmanager
-def publish_dir(final: Path) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside ``final``; on success replace ``final`` with it, else remove it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)  # what a killed run left here (its process is gone)
-    tmp = final.parent / f".{final.name}.samerge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.samerge-old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        remove_path(old)
 
 
 def _write_json(path: Path, obj: Any) -> None:

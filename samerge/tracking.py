@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import samerge
 from samerge.errors import SamergeError
+from samerge.io.writer import write_text_atomic
 from samerge.params import PipelineParams
 from samerge.stages import STAGES, Layout, read_iterations, read_manifest, read_rows
 
@@ -30,9 +33,6 @@ PROBE_TIMEOUT_S = 5.0  # an unreachable tracking server is reported after this, 
 
 def _unreachable(uri: str) -> str | None:
     """Why an http(s) tracking server cannot be reached (None when it answers, whatever it answers)."""
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return None
     try:
@@ -75,8 +75,6 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
     uri = tracking_uri(layout)
     why = _unreachable(uri)
     if why is not None:
-        from samerge.io.writer import write_text_atomic
-
         report_dir = layout.stage("report")
         if report_dir.is_dir():
             write_text_atomic(report_dir / PENDING, json.dumps({"tracking_uri": uri, "error": why, "at": datetime.now(

@@ -53,6 +53,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from samerge.device import resolve_device
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.evaluation.metrics import METRICS, REGRESSION_METRICS, get_metric
 from samerge.evaluation.templates import CLASSNAMES, TEMPLATES, clean_classname, prompts
@@ -661,8 +662,6 @@ def _to_class_ids(values: list[Any], names: list[str] | None, label2id: Mapping[
 # ================================================================================================ suites
 def _device(device: str = "auto") -> torch.device:
     """``--device``; when it is ``auto``, the environment's ``SAMERGE_DEVICE`` may name one."""
-    from samerge.device import resolve_device
-
     if device == "auto":
         device = os.environ.get("SAMERGE_DEVICE") or "auto"
     return resolve_device(device)

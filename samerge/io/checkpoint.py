@@ -52,6 +52,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._handles: dict[Path, BinaryIO] = {}
         self._keys = list(self._entries) + list(self._tensors) + [a for a in self.aliases if a not in self._entries]
 
+    @property
+    def sources(self) -> list[Path]:
+        """Every file this checkpoint is read from, and its model folder when it has one."""
+        return [*self.files, *([self.directory] if self.directory is not None else [])]
+
     # Mapping protocol ----------------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)

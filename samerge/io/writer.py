@@ -16,6 +16,7 @@ Tied weights (several names, one tensor) are written once; the other names are r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,68 @@ class OutputLock:
             self.fd = -1
 
     def __enter__(self) -> OutputLock:
-        return self.acquire()
+        return self if self.fd >= 0 else self.acquire()  # claim_output hands over a lock it already holds
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def claim_output(out: Path, inputs: Iterable[str | os.PathLike[str]], overwrite: bool, *, folder: bool,
+                 beside: Iterable[Path] = ()) -> OutputLock:
+    """Everything an output must pass before anything is written, in one place: not an input (nor inside or around
+    one), its folder exists, no other writer holds it, an existing output (and each file written ``beside`` it) is
+    replaced only with ``overwrite`` and only by the same kind (a ``folder`` or a file). Returns the lock, held;
+    what killed writers left beside the output is swept under it."""
+    refuse_overlap(out, inputs)
+    if not out.parent.is_dir():
+        raise SamergeError(f"{out.parent}: output folder does not exist")
+    lock = OutputLock(out).acquire()
+    try:
+        for path, kind in ((out, folder), *((b, False) for b in beside)):
+            if not path.exists():
+                continue
+            if not overwrite:
+                raise SamergeError(f"{path} already exists" + ("" if path == out else " and would be replaced")
+                                   + " (pass --overwrite to replace it)")
+            if path.is_dir() != kind:
+                raise SamergeError(f"{path} exists and is " + ("not a folder" if kind else "a folder")
+                                   + "; choose another output path")
+        remove_stale_temporaries(out, backups=True)  # the lock is held: no other writer has temporaries here
+        for b in beside:
+            remove_stale_temporaries(b)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` (fsync'ed here) in place of ``final``: an existing ``final`` is moved aside
+    and removed once the new one is in place (a symbolic link: only the link)."""
+    fsync_tree(tmp)
+    if final.exists() or final.is_symlink():
+        backup = final.parent / f".{final.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, backup)
+        os.rename(tmp, final)
+        remove_path(backup)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``final``; on success :func:`publish` it as ``final``, else remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)  # what a killed run left here (its process is gone)
+    tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _nbytes(t: PlannedTensor) -> int:
@@ -192,15 +251,8 @@ class SafetensorsSink:
         self.out = Path(out)
         self.single_file = self.out.name.endswith(".safetensors")
         self.card = self.out.with_suffix(".md") if self.single_file else None  # written beside a single file
-        refuse_overlap(self.out, [*inputs, *([copy_from] if copy_from is not None else [])])
-        if not self.out.parent.is_dir():
-            raise SamergeError(f"{self.out.parent}: output folder does not exist")
-        self._lock = OutputLock(self.out).acquire()
-        try:
-            self._check_existing(overwrite)
-        except BaseException:
-            self._lock.release()
-            raise
+        self._lock = claim_output(self.out, [*inputs, *([copy_from] if copy_from is not None else [])], overwrite,
+                                  folder=not self.single_file, beside=[self.card] if self.card else [])
         names = [t.name for t in plan]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the write plan")
@@ -209,9 +261,6 @@ class SafetensorsSink:
         if self.aliases:
             self.metadata[ALIASES_METADATA_KEY] = json.dumps(self.aliases, sort_keys=True)
         self.copy_from = copy_from
-        remove_stale_temporaries(self.out, backups=True)  # the lock is held: no other writer has temporaries here
-        if self.card is not None:
-            remove_stale_temporaries(self.card)
         self.tmp = self.out.parent / f".{self.out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shards: list[_Shard] = []
         self._by_name: dict[str, _Shard] = {}
@@ -235,20 +284,6 @@ class SafetensorsSink:
         except BaseException:
             self.abort()
             raise
-
-    def _check_existing(self, overwrite: bool) -> None:
-        """The output, and every file written beside it, replaces an existing one only with ``overwrite``."""
-        if self.out.exists() and not overwrite:
-            raise SamergeError(f"{self.out} already exists (pass --overwrite to replace it)")
-        if self.out.exists() and self.single_file != self.out.is_file():
-            raise SamergeError(f"{self.out} exists and is a {'directory' if self.out.is_dir() else 'file'}; "
-                               "choose another output path")
-        if self.card is not None and self.card.exists():
-            if not overwrite:
-                raise SamergeError(f"{self.card} already exists and the model card would replace it (pass "
-                                   "--overwrite to replace it, or choose another output name)")
-            if not self.card.is_file():
-                raise SamergeError(f"{self.card} exists and is not a file; choose another output name")
 
     @staticmethod
     def _split(plan: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
@@ -285,12 +320,11 @@ class SafetensorsSink:
                 shard.finish(self.metadata)
             if self.single_file:
                 if model_card is not None:
-                    write_text_atomic(self.out.with_suffix(".md"), model_card)
-                fsync_dir(self.out.parent)
+                    write_text_atomic(self.card, model_card)
                 os.replace(self.tmp, self.out)
+                fsync_dir(self.out.parent)
             else:
                 self._finish_directory(model_card)
-            fsync_dir(self.out.parent)
             self._done = True
             self._lock.release()
             return self.out
@@ -313,14 +347,7 @@ class SafetensorsSink:
                     shutil.copy2(src, self.tmp / src.name)
         if model_card is not None:
             (self.tmp / "README.md").write_text(model_card, encoding="utf-8")
-        fsync_tree(self.tmp)
-        if self.out.exists():
-            backup = self.out.parent / f".{self.out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, backup)
-            os.rename(self.tmp, self.out)
-            remove_path(backup)
-        else:
-            os.rename(self.tmp, self.out)
+        publish(self.tmp, self.out)
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is left as it was."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,18 +35,24 @@ def get_method(name: str) -> MergeMethod:
 
 def parse_params(method: MergeMethod, params: dict[str, Any]) -> MethodParams:
     """Validate ``params`` against ``method``'s parameter model, with errors that name the valid options."""
-    fields = list(method.Params.model_fields)
+    return validate_params(method.Params, params, method.name, f"method {method.name!r}")
+
+
+def validate_params(model: type[MethodParams], params: Mapping[str, Any], name: str, owner: str) -> Any:
+    """``model(**params)``, or one error naming the valid parameters (``owner``: whose they are) or what is wrong
+    with a value (prefixed ``name``): the one validation of method parameters, for the API, the CLI and LoRA."""
+    fields = list(model.model_fields)
     unknown = sorted(set(params) - set(fields))
     if unknown:
         valid = ", ".join(fields) if fields else "(none)"
-        raise SamergeError(f"unknown parameter {unknown[0]!r} for method {method.name!r}; valid parameters: {valid}")
+        raise SamergeError(f"unknown parameter {unknown[0]!r} for {owner}; valid parameters: {valid}")
     try:
-        return method.Params(**params)
+        return model(**params)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "parameters"
         got = err.get("input")
-        raise SamergeError(f"{method.name}: parameter {loc!r} {err['msg'][0].lower()}{err['msg'][1:]} "
+        raise SamergeError(f"{name}: parameter {loc!r} {err['msg'][0].lower()}{err['msg'][1:]} "
                            f"(got {got!r})") from None
 
 
@@ -62,4 +69,4 @@ def describe_params(method: type[MergeMethod]) -> list[tuple[str, str, Any, str]
 
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodParams", "TensorGroup", "available_methods", "describe_params",
-           "get_method", "parse_params"]
+           "get_method", "parse_params", "validate_params"]

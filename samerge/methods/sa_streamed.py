@@ -243,19 +243,16 @@ def choose_schedule(context: MergeContext, n_experts: int, units: list[Unit], pa
     """The schedule for the budget, or the one error naming the smallest budget that works."""
     budget = context.max_memory if context.max_memory is not None else resolve_budget(None)
     mp = memory_plan(context, n_experts, units, params)
+    hold_room = None  # bytes for holding tensors' N task vectors (None: what the budget leaves)
     if context.device.type == "cuda":
         # the tensors live in the GPU's memory: the in-memory schedule when they fit in 90% of what is free there;
         # out of core, the process holds the masks and one tensor's staging, the GPU one layer's tensors
         free = int(0.9 * torch.cuda.mem_get_info(context.device)[0])
-        on_device = mp.in_memory - mp.rss - SLACK
-        if context.schedule == "memory" or (context.schedule == "auto" and on_device <= free):
-            return Schedule("memory")
-        if mp.streamed > budget and context.max_memory is not None:
-            raise too_small("sa_merging", budget, mp.streamed)
-        masks_in_memory = mp.mask_bytes <= budget - mp.streamed
-        return Schedule("streamed", masks_in_memory,
-                        max(0, (free - (mp.streamed - mp.rss)) // (4 * max(1, n_experts))))
-    if context.schedule == "memory" or (context.schedule == "auto" and mp.in_memory <= budget):
+        fits = mp.in_memory - mp.rss - SLACK <= free
+        hold_room = free - (mp.streamed - mp.rss)
+    else:
+        fits = mp.in_memory <= budget
+    if context.schedule == "memory" or (context.schedule == "auto" and fits):
         return Schedule("memory")
     if mp.streamed > budget and context.max_memory is not None:
         raise too_small("sa_merging", budget, mp.streamed)
@@ -265,7 +262,8 @@ def choose_schedule(context: MergeContext, n_experts: int, units: list[Unit], pa
     if masks_in_memory:
         headroom -= mp.mask_bytes
     # holding a tensor's N task vectors saves reading each expert again on the passes of a TopKMask step
-    return Schedule("streamed", masks_in_memory, max(0, headroom // (4 * max(1, n_experts))))
+    room = headroom if hold_room is None else hold_room
+    return Schedule("streamed", masks_in_memory, max(0, room // (4 * max(1, n_experts))))
 
 
 @dataclass
