@@ -87,11 +87,21 @@ def test_empty_resident_tensors_are_backed_by_huge_pages_where_the_kernel_allows
     if not thp.is_file() or "[never]" in thp.read_text():
         pytest.skip("transparent huge pages are off on this machine")
 
-    def anon_huge_kb() -> int:
-        return sum(int(line.split()[1]) for line in Path("/proc/self/smaps").read_text().splitlines()
-                   if line.startswith("AnonHugePages:"))
+    def flags_at(addr: int) -> list[str]:
+        """The VmFlags of the mapping that holds ``addr`` (``hg``: huge pages were asked for with madvise)."""
+        inside = False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+        raise AssertionError(f"no mapping holds {addr:#x}")
 
-    before = anon_huge_kb()
+    # Whether the kernel then serves the faults with huge pages depends on free, unfragmented memory (a busy CI
+    # host may have none), so the test checks what the code controls: every 2 MB span of the tensor was advised.
+    assert "hg" in flags_at(t.data_ptr()) and "hg" in flags_at(t.data_ptr() + t.numel() * 4 - 1)
+    assert "hg" not in flags_at(small.data_ptr())
     t.fill_(1.0)
-    assert anon_huge_kb() - before >= 128 * 1024  # at least half of the 256 MB as huge pages
     assert float(t.sum()) == t.numel()
