@@ -91,22 +91,27 @@ def mergekit_config(base: Path, experts: list[Path]) -> str:
     return json.dumps(cfg)
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS (bytes, process tree, sampled every 20 ms), exit code."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None,
+                 stdout: Path | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS (bytes, process tree, sampled every 20 ms), exit code. The command's stdout goes to
+    the file ``stdout`` (else nowhere); its stderr to a temporary file (a pipe left unread while the command runs
+    would stop a command that writes much, progress bars say), whose end is printed when the command fails."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr.read().decode()[-2000:])
+    with tempfile.TemporaryFile() as err, open(stdout or os.devnull, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.stderr.write(err.read().decode(errors="replace")[-2000:])
     return wall, peak, proc.returncode
 
 

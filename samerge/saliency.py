@@ -19,7 +19,7 @@ from samerge.device import resolve_device
 from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
 from samerge.plan import plan_merge
-from samerge.selection import Workspace, select_top_keys, signed_keys_into
+from samerge.selection import Workspace, select_top_keys, select_top_keys_rows, signed_keys_into
 
 Unit = tuple[str, tuple[int, int] | None]
 DEAD = 3.0e38  # dead entries score -DEAD: below every real saliency (|S| <= |M| since flows are max-normalised)
@@ -294,6 +294,57 @@ def topk_step_(tau_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor
     tau_u.masked_fill_(torch.logical_not(kept, out=ws.get("sa.pruned", kept.numel(), torch.bool))
                        .view(tau_u.shape), 0.0)
     return n_conflicts
+
+
+def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor, factors: list[list[Factor]],
+                rows: tuple[int, int] | None, keeps: list[int], sign_rule: str) -> list[int]:
+    """:func:`topk_step_` for the N experts of one unit at once, for GPUs: ``taus_u`` is the ``[N, rows, cols]``
+    view of their task vectors (float32), ``factors[n]`` expert n's flow factors, ``keeps[n]`` its keep count.
+
+    The same arithmetic, in the same order, as the torch path of :func:`saliency_keys_into` for each expert, and
+    the same selection (:func:`~samerge.selection.select_top_keys_rows`: exact, ties by the lowest flat index), so
+    each expert's result equals :func:`topk_step_`'s; but every operation covers all N experts, and the only host
+    round trip is the returned conflicts (of each expert with ``merged_u``, before the step)."""
+    n_exp, n_rows, n_cols = taus_u.shape
+    dev, dt = taus_u.device, taus_u.dtype
+    if dt != torch.float32:
+        raise TypeError(f"topk_steps_ takes float32 task vectors, got {dt}")
+    conflicts_before = torch.lt(torch.sign(taus_u) * torch.sign(merged_u), 0).sum(dim=(1, 2))
+    mine = [[f for f in fs if f.rows == rows and f.log != -math.inf] for fs in factors]
+    s = torch.zeros((n_exp, n_rows, n_cols), dtype=dt, device=dev)
+    for j in range(max((len(m) for m in mine), default=0)):
+        u = torch.zeros((n_exp, n_rows), dtype=dt, device=dev)
+        v = torch.zeros((n_exp, n_cols), dtype=dt, device=dev)
+        scale = [1.0] * n_exp
+        for n, fs in enumerate(mine):
+            if j < len(fs):  # an expert with fewer factors adds +0.0 (its S is +0.0 or more before M)
+                top = max(f.log for f in fs)
+                u[n], v[n], scale[n] = fs[j].u, fs[j].v, math.exp(fs[j].log - top)
+        sc = torch.tensor(scale, dtype=dt, device="cpu").to(dev, non_blocking=True).view(n_exp, 1)
+        if j == 0:
+            torch.mul(u.unsqueeze(2), v.unsqueeze(1), out=s)
+            s.mul_(sc.unsqueeze(2))
+        else:  # s + (scale u) v, as addr_ computes it
+            s.add_(u.mul_(sc).unsqueeze(2) * v.unsqueeze(1))
+    s.mul_(merged_u)
+    alive = torch.sign(taus_u)
+    if sign_rule == "own_value":
+        s.mul_(taus_u)
+    elif sign_rule == "own_sign":
+        s.mul_(alive)
+    else:
+        s.mul_(torch.add(base_u, taus_u).sign_())
+    alive.abs_()
+    s.mul_(alive)
+    s.add_(alive.sub_(1.0).mul_(DEAD))
+    keys = torch.empty((n_exp, n_rows * n_cols), dtype=torch.int32, device=dev)
+    hi = torch.empty_like(keys)
+    signed_keys_into(s, keys.view(-1), hi.view(-1))
+    del s, alive, hi
+    ks = torch.tensor(keeps, dtype=torch.int64, device="cpu").to(dev, non_blocking=True)
+    kept = select_top_keys_rows(keys, ks)
+    taus_u.masked_fill_(torch.logical_not(kept).view(n_exp, n_rows, n_cols), 0.0)
+    return conflicts_before.tolist()
 
 
 def sparse_topk(idx: torch.Tensor, val: torch.Tensor, n_cols: int, base_u: torch.Tensor, merged_u: torch.Tensor,

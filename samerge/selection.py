@@ -210,3 +210,55 @@ class GlobalThreshold:
         key = torch.kthvalue(cand, cand.numel() - self._need + 1).values
         kdt, _ = _key_dtype(self.dtype)
         return float(key.to(kdt).view(self.dtype))
+
+
+def _row_histograms(digits: torch.Tensor, counted: torch.Tensor | None, copies: int) -> torch.Tensor:
+    """Per row of ``digits`` (int, ``[N, m]``, values 0 .. 65535) the histogram of its (``counted``) entries,
+    ``[N, 65536]`` int64, with no host round trip (``torch.bincount`` reads its input's maximum back).
+
+    Each row's columns are split into ``copies`` runs with a histogram each, summed at the end: many equal digits
+    in a row (the dead entries of a task vector all share one key) would otherwise serialise their atomic additions
+    on one counter of the GPU."""
+    n, m = digits.shape
+    dev = digits.device
+    run = (torch.arange(m, device=dev, dtype=torch.int64) * copies).div_(m, rounding_mode="floor")
+    where = (torch.arange(n, device=dev, dtype=torch.int64).view(n, 1) * copies + run) * _BINS + digits
+    src = torch.ones(1, dtype=torch.int32, device=dev).expand(n * m) if counted is None else \
+        counted.reshape(-1).to(torch.int32)
+    hist = torch.zeros(n * copies * _BINS, dtype=torch.int32, device=dev)
+    hist.index_add_(0, where.view(-1), src)
+    return hist.view(n, copies, _BINS).sum(1)
+
+
+def select_top_keys_rows(keys: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """:func:`select_top_keys` for every row of ``keys`` (int32, ``[N, m]``) at once, row ``i`` keeping its
+    ``ks[i]`` largest (int64 tensor ``[N]``, on ``keys``' device), ties broken by the lowest index: a boolean mask
+    ``[N, m]``.
+
+    Made for GPUs, where the one-row selection is bound by its host round trips (the bucket and candidate counts
+    read back): here nothing is read back. The exact k-th largest key of each row is found in two radix levels of
+    16 bits (a histogram of the high halves finds its bucket, one of the low halves among that bucket's
+    candidates finds the key), then the entries equal to it are ranked by a running count."""
+    n, m = keys.shape
+    if keys.dtype != torch.int32:
+        raise TypeError(f"select_top_keys_rows takes int32 keys (float32 scores), got {keys.dtype}")
+    copies = max(1, min(32, m // _BINS))
+    k = ks.view(n, 1)
+    hi = torch.bitwise_right_shift(keys, 16).add_(_BINS // 2).long()  # 0 .. 65535, monotone in the key
+    hist = _row_histograms(hi, None, copies)
+    from_top = hist.flip(1).cumsum(1)  # entries in the j + 1 highest buckets
+    j = torch.searchsorted(from_top, k).clamp_(max=_BINS - 1)
+    b = (_BINS - 1) - j  # the bucket of the k-th largest key
+    above = from_top.gather(1, j) - hist.gather(1, b)  # entries in higher buckets: all kept
+    lo = torch.bitwise_and(keys, _BINS - 1).long()  # 0 .. 65535: the key within its bucket
+    hist2 = _row_histograms(lo, hi == b, copies)  # of the bucket's candidates
+    from_top2 = hist2.flip(1).cumsum(1)
+    j2 = torch.searchsorted(from_top2, k - above).clamp_(max=_BINS - 1)
+    lo_thr = (_BINS - 1) - j2
+    thr = (b - _BINS // 2) * _BINS + lo_thr  # the k-th largest key of each row (int64)
+    n_gt = above + from_top2.gather(1, j2) - hist2.gather(1, lo_thr)  # entries strictly above it
+    eq = keys == thr
+    kept = torch.gt(keys, thr)
+    kept |= eq & (eq.cumsum(1) <= (k - n_gt))  # the first (k - n_gt) entries equal to it
+    kept &= k > 0
+    return kept

@@ -79,6 +79,31 @@ def test_sa_merging_creates_every_tensor_on_the_merge_device(name, schedule, kw)
     assert _equal(got, want)
 
 
+@pytest.mark.parametrize("name,kw", [("llama", {}), ("open_clip", {"aggregate": "disjoint_mean"}),
+                                     ("t5", {"saliency_sign": "own_value", "density_rule": "tadrop"}),
+                                     ("llama", {"saliency_sign": "own_sign", "iterations": 4, "prune_ratio": 0.5})])
+def test_gpu_schedule_stepping_all_experts_at_once_merges_byte_for_byte_like_the_cpu_one(name, kw, monkeypatch):
+    """On GPUs the in-memory schedule steps every expert of a unit at once (topk_steps_); run here on the CPU, it
+    must give exactly the merge of the expert-by-expert schedule (fused kernels), with no tensor on the default
+    device. (prune_ratio 0.5 takes units below the CPU schedule's sparse threshold.)"""
+    import samerge.methods.sa_merging as sa
+
+    _, model, exclude = MODELS[name]
+    sd = model.state_dict()
+    base = _with_config(dict(sd), model.config.to_dict() if hasattr(model, "config") else None)
+    experts = experts_of(sd)
+    want = samerge.merge(base, experts, "sa_merging", exclude=exclude or (), schedule="memory", device="cpu", **kw)
+    steps = []
+    real = sa.topk_steps_
+    monkeypatch.setattr(sa, "batched_steps", lambda device: True)
+    monkeypatch.setattr(sa, "topk_steps_", lambda *a, **k: steps.append(1) or real(*a, **k))
+    with torch.device("meta"):
+        got = samerge.merge(base, experts, "sa_merging", exclude=exclude or (), schedule="memory", device="cpu",
+                            **kw)
+    assert steps, "the batched steps did not run"
+    assert _equal(got, want)
+
+
 def test_saliency_statistics_create_every_tensor_on_their_device():
     _, model, _ = MODELS["llama"]
     sd = model.state_dict()
@@ -184,6 +209,17 @@ def test_sa_merging_agrees_on_cpu_and_gpu_but_at_floating_ties(name, schedule):
     total = sum(cpu[k].numel() for k in cpu if cpu[k].is_floating_point())
     print(f"sa_merging {name} {schedule}: {differ} of {total} entries differ between CPU and GPU")
     assert differ <= 1e-4 * total
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_a_host_budget_below_what_a_gpu_merge_holds_is_one_clear_error():
+    """On a GPU the tensors live in its memory, but the process still holds CUDA's runtime and a tensor's staging:
+    a --max-memory below that is refused (naming the smallest budget), never silently exceeded."""
+    _, model, exclude = MODELS["llama"]
+    sd = model.state_dict()
+    base = _with_config(dict(sd), model.config.to_dict())
+    with pytest.raises(SamergeError, match=r"the smallest budget that works here is"):
+        samerge.merge(base, experts_of(sd), "sa_merging", max_memory="100MB", device="cuda")
 
 
 @pytest.mark.parametrize("method", ["sa_merging", "dare"])

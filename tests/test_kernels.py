@@ -162,3 +162,69 @@ def test_sum_conflicts_and_abs_sum_match_torch_bit_for_bit():
     out = torch.empty(1000, 3)
     assert torch.equal(kernels.abs_add(a, b, out), (a + b).abs())
 
+
+
+# ------------------------------------------------------------------------------------------------ batched (GPUs)
+
+
+def test_row_selection_keeps_each_rows_k_largest_ties_by_lowest_index():
+    """select_top_keys_rows (no host round trip) against a stable sort per row, on keys with heavy ties, negative
+    keys, keys in one 16-bit bucket and across buckets, and k from 0 to the row length."""
+    from samerge.selection import select_top_keys_rows
+
+    g = torch.Generator().manual_seed(5)
+    m = 3000
+    rows = [torch.randint(-5, 5, (m,), generator=g),                       # few values: ties everywhere
+            torch.randint(-2**31, 2**31 - 1, (m,), generator=g),          # the whole int32 range
+            torch.randint(0, 40, (m,), generator=g) + (7 << 16),          # one high bucket, ties in the low bits
+            torch.full((m,), -(2**31)),                                   # all equal, the smallest key
+            torch.randint(-3, 3, (m,), generator=g) * 65536 + 65535]      # ties at the top of several buckets
+    small = torch.stack(rows).to(torch.int32)
+    # long rows (several histogram copies per row), most entries sharing one key as dead entries do
+    big = torch.randint(-2**31, 2**31 - 1, (3, 300_000), generator=g).to(torch.int32)
+    big[:, torch.rand(300_000, generator=g) < 0.8] = -(2**31) + 7
+    big[1, ::3] = 5
+    for keys, kss in ((small, ([1, 17, 1500, 2999, 3000], [0, m, 1, 0, 700], [1500] * 5)),
+                      (big, ([1, 60_000, 299_999], [100_000, 100_001, 250_000]))):
+        for ks in kss:
+            got = select_top_keys_rows(keys, torch.tensor(ks))
+            for i, k in enumerate(ks):
+                order = torch.sort(keys[i].long(), descending=True, stable=True).indices  # ties: lowest index
+                want = torch.zeros(keys.shape[1], dtype=torch.bool)
+                want[order[:k]] = True
+                assert torch.equal(got[i], want), (i, k)
+
+
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+def test_batched_step_keeps_for_every_expert_what_its_own_step_keeps(rule):
+    """topk_steps_ (all experts of a unit at once) against topk_step_ per expert, which the kernels and the torch
+    path agree on: experts with 0, 1 and 3 flow factors, a factor of -inf log, ties, an all-zero expert and an
+    expert with nothing to prune."""
+    from samerge.saliency import topk_steps_
+
+    rows, cols = 300, 77
+    base, _, _ = unit(rows, cols, 0.8, seed=1)
+    taus, fss = [], []
+    for n, (nf, ties) in enumerate([(1, False), (3, True), (0, False), (2, False), (1, True), (1, False)]):
+        _, tau, _ = unit(rows, cols, 0.5 + 0.08 * n, seed=10 + n, ties=ties)
+        fs = factors(rows, cols, nf, seed=20 + n, ties=ties)
+        if n == 3:
+            fs[1] = Factor(None, fs[1].u, fs[1].v, float("-inf"))
+        taus.append(tau)
+        fss.append(fs)
+    taus[4] = torch.zeros(rows, cols)
+    merged = 2 * sum(taus) + 0.01 * torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    alive = [int(torch.count_nonzero(t)) for t in taus]
+    keeps = [max(1, a // 3) if a else 0 for a in alive]
+    keeps[5] = alive[5]  # nothing pruned there
+    want, want_conf = [], []
+    for tau, fs, keep in zip(taus, fss, keeps):
+        t = tau.clone()
+        want_conf.append(topk_step_(t, base, merged, fs, None, keep, rule, Workspace()))
+        want.append(t)
+    stacked = torch.stack(taus)
+    got_conf = topk_steps_(stacked, base, merged, fss, None, keeps, rule)
+    assert got_conf == want_conf
+    for n in range(len(taus)):
+        assert torch.equal(stacked[n], want[n]), (n, int((stacked[n] != want[n]).sum()))
+        assert int(torch.count_nonzero(stacked[n])) == keeps[n]

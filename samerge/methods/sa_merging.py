@@ -35,7 +35,7 @@ from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan,
                                          aggregate, choose_schedule, iteration_record, memory_plan, scheduled_keep,
                                          unit_name, unit_sizes)
 from samerge.saliency import (abs_sum_into, conflicts, expert_flows, graph_units, sparse_topk, sum_into, topk_step_,
-                              unit_view)
+                              topk_steps_, unit_view, view2d)
 from samerge.selection import Workspace
 
 
@@ -91,6 +91,12 @@ class SaState:
 SPARSE_BELOW = 0.1
 
 Unit = tuple[int, str, "tuple[int, int] | None"]  # (expert, key, row block)
+
+
+def batched_steps(device: torch.device) -> bool:
+    """Whether the in-memory schedule steps all experts of a unit at once (:func:`topk_steps_`): on GPUs, where a
+    step per expert is bound by its host round trips. The CPU's fused kernels go expert by expert."""
+    return device.type != "cpu"
 
 
 @dataclass
@@ -248,11 +254,18 @@ class SaMerging(MergeMethod):
         base: dict[str, torch.Tensor] = {}
         reader = context.reader  # read straight into the tensors held for the run (no copy of the inputs)
         taus = [{} for _ in range(reader.n_experts)]
+        # On a GPU, every expert's task vector of a key is one [N, ...] tensor, so that one TopKMask step covers
+        # all experts of a unit (topk_steps_): per-expert steps there are bound by their host round trips.
+        stacked: dict[str, torch.Tensor] = {}
+        chain_keys = set(graph.chain_keys())
         for key in context.keys:
             shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
             b = base[key] = reader.base(key, empty_resident(shape, dtype, context.device), check=True)
+            if batched_steps(context.device) and dtype == torch.float32 and key in chain_keys:
+                stacked[key] = torch.empty((reader.n_experts, *shape), dtype=dtype, device=context.device)
             for n in range(reader.n_experts):
-                taus[n][key] = reader.task_vector(n, key, b, empty_resident(shape, dtype, context.device), check=True)
+                into = stacked[key][n] if key in stacked else empty_resident(shape, dtype, context.device)
+                taus[n][key] = reader.task_vector(n, key, b, into, check=True)
         state = SaState(graph=graph)
         chain = list(graph.chain_keys())
         n_exp = len(taus)
@@ -287,6 +300,11 @@ class SaMerging(MergeMethod):
             for key, rows in store.units:
                 merged_u = store.sum_unit(ws, key, rows)
                 merged_sq[(key, rows)] = float(torch.linalg.vector_norm(merged_u)) ** 2
+                if key in stacked:
+                    conflicts[(key, rows)] = self._prune_unit_batched(
+                        stacked[key], base[key], [flows[n].get(key, []) for n in range(n_exp)], key, rows,
+                        merged_u, t, n0, alive, ratios, params.saliency_sign)
+                    continue
                 conflicts[(key, rows)] = sum(
                     self._prune_unit(store, flows[n].get(key, []), n, key, rows, merged_u, t, n0, alive, ratios,
                                      params.saliency_sign, ws, count=t >= 2) for n in range(n_exp))
@@ -320,6 +338,22 @@ class SaMerging(MergeMethod):
                                                            merged_sq, conflicts, total0_sq))
         bar.close()
         return state
+
+    @staticmethod
+    def _prune_unit_batched(stacked: torch.Tensor, base: torch.Tensor, factors: list[list], key: str,
+                            rows: tuple[int, int] | None, merged_u: torch.Tensor, t: int, n0: dict, alive: dict,
+                            ratios: dict, sign_rule: str) -> int:
+        """One TopKMask step for every expert of one unit at once (``stacked``: their task vectors of ``key``);
+        returns the conflicts of the unit before the step. Units stay dense (the sparse form pays off only for
+        the CPU kernels)."""
+        units = [(n, key, rows) for n in range(stacked.shape[0])]
+        keeps = [min(scheduled_keep(n0[u], ratios[u], t), alive[u]) for u in units]
+        view = stacked.reshape(stacked.shape[0], *view2d(base).shape)
+        taus_u = view if rows is None else view[:, rows[0]: rows[1]]
+        n_conflicts = topk_steps_(taus_u, unit_view(base, rows), merged_u, factors, rows, keeps, sign_rule)
+        for u, keep in zip(units, keeps):
+            alive[u] = keep
+        return sum(n_conflicts)
 
     @staticmethod
     def _prune_unit(store: _Store, factors: list, n: int, key: str, rows: tuple[int, int] | None,

@@ -184,6 +184,7 @@ class MemoryPlan:
     in_memory: int
     streamed: int  # out of core, one expert's task vector at a time, masks in a scratch file
     mask_bytes: int  # the bit-packed masks of every expert
+    gpu_host: int = 0  # merging on a GPU: what the process itself holds (one tensor's staging, the masks)
 
 
 def unit_sizes(shapes: dict[str, tuple[int, ...]], units: list[Unit], n_experts: int) -> dict[ExpertUnit, int]:
@@ -224,7 +225,7 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     if params.aggregate == "disjoint_mean":
         streamed += 3 * 4 * big + 2 * big
     return MemoryPlan(base_rss, base_rss + in_memory + flows + SLACK, base_rss + streamed + flows + SLACK,
-                      mask_bytes)
+                      mask_bytes, base_rss + 2 * 4 * big + mask_bytes + SLACK)
 
 
 # Bit-packed masks stay in memory when the budget leaves room for them and they are at most this many bytes
@@ -242,12 +243,15 @@ class Schedule:
 def choose_schedule(context: MergeContext, n_experts: int, units: list[Unit], params: Any) -> Schedule:
     """The schedule for the budget, or the one error naming the smallest budget that works."""
     budget = context.max_memory if context.max_memory is not None else resolve_budget(None)
+    # (on a GPU, asking for its free memory first starts CUDA, whose runtime counts in what the process holds)
+    free = int(0.9 * torch.cuda.mem_get_info(context.device)[0]) if context.device.type == "cuda" else 0
     mp = memory_plan(context, n_experts, units, params)
     hold_room = None  # bytes for holding tensors' N task vectors (None: what the budget leaves)
     if context.device.type == "cuda":
         # the tensors live in the GPU's memory: the in-memory schedule when they fit in 90% of what is free there;
         # out of core, the process holds the masks and one tensor's staging, the GPU one layer's tensors
-        free = int(0.9 * torch.cuda.mem_get_info(context.device)[0])
+        if context.max_memory is not None and mp.gpu_host > budget:
+            raise too_small("sa_merging", budget, mp.gpu_host)
         fits = mp.in_memory - mp.rss - SLACK <= free
         hold_room = free - (mp.streamed - mp.rss)
     else:
