@@ -1,6 +1,6 @@
 # One command each, on a fresh machine (Python 3.10+ with venv):
 #   make demo   set up .venv and run a real merge on the packaged demo (MiniLM base, perturbed DEMO experts)
-#   make test   set up .venv and run the test suite (what CI runs: .ci/run)
+#   make test   set up .venv, check the import layers (lint-imports) and run the test suite (what CI runs: .ci/run)
 #   make repro  set up .venv and run the DVC pipeline (dvc.yaml, params.yaml) on the embedded default suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/samerge inspect demo/merged
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # the pipeline's stages run `python -m samerge`: the venv's python comes first on PATH

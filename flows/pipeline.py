@@ -26,7 +26,7 @@ from prefect.deployments import run_deployment
 from flows import registry_or_env, write_json_atomic
 from samerge.params import load_params
 from samerge.registry import read_registry_or_empty
-from samerge.stages import Layout
+from samerge.layout import Layout
 from tasks.stages import acquire, evaluate, extract, prune, report, score, workdir_or_env
 
 GPU_DEPLOYMENT = "samerge-gpu-stages/gpu-stages"

@@ -30,13 +30,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from samerge import __version__
 from samerge.api import merge_checkpoints
-from samerge.device import DEVICE_HELP
 from samerge.architecture import guess_architecture
+from samerge.demo import prepare_demo
+from samerge.device import DEVICE_HELP
 from samerge.errors import SamergeError, SamergeWarning
+from samerge.evaluation.report import run_report, split_methods
 from samerge.io import open_checkpoint
 from samerge.lora import merge_lora_checkpoints
 from samerge.memory import format_size
 from samerge.methods import REGISTRY, describe_params
+from samerge.params import parse_overrides
+from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
 from samerge.saliency import saliency
 
 EXIT_USER_ERROR = 2
@@ -265,8 +269,6 @@ def _seed_list(text: str) -> list[int]:
 
 
 def cmd_suite_report(args: argparse.Namespace) -> int:
-    from samerge.evaluation.report import run_report, split_methods
-
     add: dict[str, str] = {}
     for item in args.add_task or []:
         name, sep, path = item.partition("=")
@@ -287,7 +289,7 @@ def cmd_suite_report(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from samerge.params import parse_overrides
+    # deferred: the stages load mlflow (~1 s at start-up), an optional package the other commands do not need
     from samerge.stages import run_stage
 
     run_stage(args.stage, args.params, args.workdir, method=args.method, overrides=parse_overrides(args.set),
@@ -296,7 +298,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from samerge.params import parse_overrides
+    # deferred: the stages load mlflow (~1 s at start-up), an optional package the other commands do not need
     from samerge.stages import run_pipeline
 
     run_pipeline(args.params, args.workdir, overrides=parse_overrides(args.set), quiet=args.quiet)
@@ -304,8 +306,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
-
     if args.experts_command == "init":
         r = init_registry(args.registry, args.suite, args.size, args.seed)
         print(f"created expert registry {r} for suite {args.suite} ({args.size}, seed {args.seed})")
@@ -324,8 +324,6 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from samerge.demo import prepare_demo
-
     info = prepare_demo(Path(args.out), n_experts=args.experts, seed=args.seed, overwrite=args.overwrite)
     print(f"DEMO (not real experts): base {info['base']}; experts made by perturbing it:")
     for e in info["experts"]:

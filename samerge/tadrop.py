@@ -13,11 +13,14 @@ off the cumulative energy, interpolating inside the bucket that crosses ``eps``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from samerge.methods.base import GroupStream
 from samerge.selection import Workspace, _high_bins, ordered_keys
+
+if TYPE_CHECKING:  # an annotation only: methods.base imports this module
+    from samerge.methods.base import GroupStream
 
 _BINS = 1 << 16
 

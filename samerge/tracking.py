@@ -21,9 +21,10 @@ from typing import Any
 
 import samerge
 from samerge.errors import SamergeError
+from samerge.io import open_checkpoint
 from samerge.io.writer import write_text_atomic
+from samerge.layout import STAGES, Layout, read_iterations, read_manifest, read_rows
 from samerge.params import PipelineParams
-from samerge.stages import STAGES, Layout, read_iterations, read_manifest, read_rows
 
 CHAMPION = "champion"
 SCORE_TAG = "samerge.normalized_average"
@@ -207,8 +208,6 @@ class MergedCheckpoint(_pyfunc_base()):  # type: ignore[misc]
     """
 
     def load_context(self, context: Any) -> None:
-        from samerge.io import open_checkpoint
-
         self.checkpoint = open_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> dict[str, Any]:

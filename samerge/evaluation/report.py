@@ -22,16 +22,14 @@ import yaml
 
 import samerge
 from samerge.errors import SamergeError
-from samerge.evaluation.hub import HUB_SUITES, is_hub_suite
+from samerge.evaluation import llm, text, vision
+from samerge.evaluation import tasks as task_data
+from samerge.evaluation.defaults import default_methods
+from samerge.evaluation.hub import HUB_SUITES, is_hub_suite, load_hub_suite
+from samerge.io.writer import write_text_atomic
+from samerge.methods import get_method
 
 SUITES = ("text", "vision", "llm-lora")
-
-
-def default_methods(size: str) -> list[str]:
-    wudi = "wudi" if size == "full" else "wudi[iterations=20]"  # 300 Adam steps per weight: minutes on a CPU
-    return ["weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "consensus", "pcb", wudi,
-            "ties[density_rule=tadrop]", "dare[density_rule=tadrop]", "sa_merging",
-            "sa_merging[saliency_sign=own_sign]", "sa_merging[saliency_sign=own_value]"]
 
 
 def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
@@ -79,23 +77,15 @@ def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str
            add_tasks: dict[str, str], device: str = "auto") -> tuple[Any, list[Any]]:
     """The suite object and its task data (built-ins, or the given subset, plus added file tasks)."""
     if suite == "text":
-        from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS as builtin
-        from samerge.evaluation.tasks import load_builtin as load
-        from samerge.evaluation.tasks import load_file_task as load_file
-        from samerge.evaluation.text import TextSuite as cls
+        builtin, load, load_file, cls = (task_data.BUILTIN_TEXT_TASKS, task_data.load_builtin,
+                                         task_data.load_file_task, text.TextSuite)
     elif suite == "vision":
-        from samerge.evaluation.vision import BUILTIN_VISION_TASKS as builtin  # type: ignore[assignment]
-        from samerge.evaluation.vision import VisionSuite as cls  # type: ignore[assignment]
-        from samerge.evaluation.vision import load_image_csv_task as load_file  # type: ignore[assignment]
-        from samerge.evaluation.vision import load_vision_task as load  # type: ignore[assignment]
+        builtin, load, load_file, cls = (vision.BUILTIN_VISION_TASKS, vision.load_vision_task,
+                                         vision.load_image_csv_task, vision.VisionSuite)
     elif suite == "llm-lora":
-        from samerge.evaluation.llm import BUILTIN_LLM_TASKS as builtin  # type: ignore[assignment]
-        from samerge.evaluation.llm import LlmLoraSuite as cls  # type: ignore[assignment]
-        from samerge.evaluation.llm import load_llm_file_task as load_file  # type: ignore[assignment]
-        from samerge.evaluation.llm import load_llm_task as load  # type: ignore[assignment]
+        builtin, load, load_file, cls = (llm.BUILTIN_LLM_TASKS, llm.load_llm_task, llm.load_llm_file_task,
+                                         llm.LlmLoraSuite)
     elif is_hub_suite(suite):  # the paper's suites (experts and data from the Hugging Face Hub) or a suite file
-        from samerge.evaluation.hub import load_hub_suite
-
         return load_hub_suite(suite, size, seed, progress, tasks, add_tasks, device)
     else:
         raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)}, the hub suites "
@@ -128,8 +118,6 @@ def _on_split(experts: list[Any], split: str) -> list[Any]:
 def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
     """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
     if name in samerge.available_methods():
-        from samerge.methods import get_method
-
         try:
             resolved = get_method(name).Params(**params).model_dump(mode="json")
         except Exception:  # invalid parameters are reported by the merge itself
@@ -304,8 +292,6 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> 
 def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,
                  per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
                  against: str | None = None) -> None:
-    from samerge.io.writer import write_text_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "report.csv", ["suite", "method", "task", "score", "normalized"],
                ([r["suite"], r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"] for r in rows))

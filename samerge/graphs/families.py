@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from samerge.architecture import guess_architecture
 from samerge.errors import SamergeError
 from samerge.graphs.spec import Attention, ChainGraph, ChainLayer, Mlp, Ref, Stack, TransformerGraph
 
@@ -277,8 +278,6 @@ def build_graph(keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], conf
     ``graph``: ``auto`` (detect the family; chain for plain MLPs/CNNs), ``chain``, ``residual_ln`` or
     ``residual_linear`` (a detected Transformer family with or without frozen normalisers).
     """
-    from samerge.architecture import guess_architecture
-
     aliases = dict(aliases or {})
     if graph == "chain":
         return build_chain(keys, shapes)

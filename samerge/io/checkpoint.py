@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from samerge.errors import CheckpointError
+from samerge.errors import CheckpointError, SamergeError
 from samerge.io.safetensors_format import TensorEntry, read_header, read_into
 
 SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
@@ -302,8 +302,6 @@ def tensor_info(state: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int,
         return state.info(key)
     t = state[key]
     if not isinstance(t, torch.Tensor):
-        from samerge.errors import SamergeError
-
         raise SamergeError(f"value for {key!r} is a {type(t).__name__}, not a torch.Tensor")
     return tuple(t.shape), t.dtype
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from samerge.errors import SamergeError
-from samerge.io.checkpoint import ALIASES_METADATA_KEY
+from samerge.io.checkpoint import ALIASES_METADATA_KEY, aliases_of
 from samerge.io.safetensors_format import PlannedTensor, encode_header, layout
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
@@ -445,8 +445,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike
                      metadata: Mapping[str, str] | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                      overwrite: bool = False, model_card: str | None = None) -> Path:
     """Write a state dict atomically (see module docstring); tied tensors (shared storage) are written once."""
-    from samerge.io.checkpoint import aliases_of
-
     aliases = aliases_of(tensors)
     plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items() if k not in aliases]
     sink = SafetensorsSink(out, plan, metadata=dict(metadata or {}), aliases=aliases,

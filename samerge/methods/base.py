@@ -16,7 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from samerge.selection import Workspace, keep_count
+from samerge.selection import keep_count, topk_mask, Workspace
+from samerge.tadrop import plan_tadrop
 
 
 @dataclass
@@ -92,8 +93,6 @@ class MergeMethod:
     def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> Any:
         """Whole-model statistics gathered before merging (default: TADrop densities when asked for)."""
         if getattr(params, "density_rule", "uniform") == "tadrop":
-            from samerge.tadrop import plan_tadrop
-
             return plan_tadrop(groups, params.density, ws)
         return None
 
@@ -115,8 +114,6 @@ def keep_counts(group: TensorGroup, params: Any, state: Any) -> list[int]:
 
 def magnitude_trim_(group: TensorGroup, counts: list[int], ws: Workspace) -> None:
     """Zero all but the ``counts[n]`` largest-|tau| entries of each expert's task vector, in place."""
-    from samerge.selection import topk_mask
-
     flat = group.task_vectors.view(group.n_experts, -1)
     mag = ws.get("trim.abs", flat.shape[1], flat.dtype)
     for n, k in enumerate(counts):

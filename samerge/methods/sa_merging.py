@@ -37,6 +37,7 @@ from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan,
 from samerge.saliency import (abs_sum_into, conflicts, expert_flows, graph_units, sparse_topk, sum_into, topk_step_,
                               topk_steps_, unit_view, view2d)
 from samerge.selection import Workspace
+from samerge.tadrop import plan_tadrop
 
 
 # The configuration printed in the paper (Algorithm 1, Eq. 4 and 6 as written): reachable as preset="paper".
@@ -384,7 +385,6 @@ class SaMerging(MergeMethod):
         ``unit_stream()`` yields ``(key, rows, base unit, [task vector unit of each expert])``."""
         if params.density_rule == "uniform":
             return {k: params.prune_ratio for k in n0}
-        from samerge.tadrop import plan_tadrop
 
         target = (1.0 - params.prune_ratio) ** params.iterations
         units: list = []

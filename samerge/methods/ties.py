@@ -15,6 +15,7 @@ import torch
 
 from samerge.methods.base import (Density, DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup,
                                   keep_counts, magnitude_trim_)
+from samerge.errors import SamergeError
 from samerge.selection import GlobalThreshold, Workspace, keep_count
 
 
@@ -64,8 +65,6 @@ class Ties(MergeMethod):
     def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> Any:
         if params.scope == "global":
             if params.density_rule == "tadrop":
-                from samerge.errors import SamergeError
-
                 raise SamergeError("ties: scope='global' and density_rule='tadrop' exclude each other "
                                    "(TADrop chooses a density per tensor)")
             return global_thresholds(groups, params.density, ws)

@@ -1,0 +1,51 @@
+"""Where the pipeline's stages keep their outputs (``WORKDIR/work/STAGE/``) and the readers of the files they
+exchange: the part of the pipeline layer that :mod:`samerge.stages` and :mod:`samerge.tracking` both use."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from samerge.errors import SamergeError
+
+STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
+MANIFEST = "manifest.json"
+
+
+class Layout:
+    """Paths of the stages' outputs under ``root/work``."""
+
+    def __init__(self, root: str | os.PathLike[str] = ".") -> None:
+        self.root = Path(root).resolve()
+        self.work = self.root / "work"
+
+    def stage(self, name: str) -> Path:
+        return self.work / name
+
+    def merged(self, method: str) -> Path:
+        return self.work / "prune" / method
+
+
+def read_manifest(d: Path) -> dict[str, Any]:
+    p = d / MANIFEST
+    if not p.is_file():
+        raise SamergeError(f"{d}: no {MANIFEST}; run the acquire stage first (`samerge stage acquire`)")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{**r, "score": float(r["score"]), "normalized": float(r["normalized"])} for r in csv.DictReader(f)]
+
+
+def read_iterations(path: Path) -> list[SimpleNamespace]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [SimpleNamespace(iteration=int(r["iteration"]), overall_density=float(r["density"]),
+                                norm_ratio=float(r["norm_ratio"]), conflict=float(r["conflict"]))
+                for r in csv.DictReader(f) if r["conflict"] != ""]
