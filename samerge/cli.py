@@ -39,6 +39,7 @@ from samerge.io import open_checkpoint
 from samerge.lora import merge_lora_checkpoints
 from samerge.memory import format_size
 from samerge.methods import REGISTRY, describe_params
+from samerge.overrides import parse_assignments
 from samerge.params import parse_overrides
 from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
 from samerge.saliency import saliency
@@ -65,16 +66,7 @@ class MergeConfig(BaseModel):
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SamergeError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+    return parse_assignments(items, "--set key=value")
 
 
 def _load_config(path: str) -> MergeConfig:

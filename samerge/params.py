@@ -17,6 +17,7 @@ from samerge.device import check_device_name
 from samerge.errors import SamergeError
 from samerge.io.writer import parse_size
 from samerge.methods.sa_merging import SaMergingParams
+from samerge.overrides import parse_assignments
 
 
 class _Section(BaseModel):
@@ -148,13 +149,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["prune.prune_ratio=0.3"]`` -> ``{"prune.prune_ratio": 0.3}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise SamergeError(f"expected SECTION.KEY=VALUE (e.g. prune.prune_ratio=0.3), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return parse_assignments(items or [], "SECTION.KEY=VALUE (e.g. prune.prune_ratio=0.3)", dotted=True)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineParams:

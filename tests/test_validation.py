@@ -190,7 +190,7 @@ def test_fewer_than_one_expert(tmp_path, capsys, pair):
 def test_cli_input_mistakes(tmp_path, capsys, pair):
     base, experts = pair
     code, _, err = cli_merge(capsys, tmp_path, base, experts, "--set", "density")
-    assert_one_line_error(code, err, "--set expects key=value")
+    assert_one_line_error(code, err, "expected --set key=value, got 'density'")
     (tmp_path / "cfg.yaml").write_text("method: ties\nparms: {density: 0.3}\n")
     code, _, err = cli_merge(capsys, tmp_path, base, experts, "--config", str(tmp_path / "cfg.yaml"))
     assert_one_line_error(code, err, "unknown key 'parms'", "params")
@@ -223,3 +223,27 @@ def test_config_file_supplies_settings_and_flags_override(tmp_path, capsys, pair
         assert torch.equal(ck["layer.0.weight"], expected["layer.0.weight"])
         assert json.loads(ck.metadata["samerge.params"]) == {"density": 0.5, "aggregate": "mean", "scale": 1.0,
                                                              "scope": "tensor", "density_rule": "uniform"}
+
+
+def test_one_parser_reads_key_value_assignments_alike_everywhere():
+    """`--set` (merge, merge-lora, saliency), the pipeline's SECTION.KEY=VALUE overrides and a method spec's
+    brackets are one parser (samerge.overrides): the same value for the same text, one line for a malformed item."""
+    from samerge.cli import _parse_set
+    from samerge.evaluation.report import parse_method
+    from samerge.params import load_params, parse_overrides
+
+    texts = {"0.3": 0.3, "true": True, "abc": "abc", "": "", "[1, 2]": [1, 2], "a: b": {"a": "b"},
+             "[unclosed": "[unclosed", "1e-3": "1e-3"}  # YAML 1.1: 1e-3 without a dot is a string
+    for text, want in texts.items():
+        assert _parse_set([f"k={text}"]) == {"k": want}, text
+        assert parse_overrides([f"prune.k={text}"]) == {"prune.k": want}, text
+        if "," not in text and "]" not in text:  # a spec's brackets split at commas
+            assert parse_method(f"ties[k={text}]") == ("ties", {"k": want}), text
+    for bad in ("noequals", "=1", "prune=1", "prune.=1", ".k=1"):
+        with pytest.raises(samerge.SamergeError, match="expected SECTION.KEY=VALUE"):
+            parse_overrides([bad])
+    with pytest.raises(samerge.SamergeError, match=r"method 'ties\[density\]': expected key=value, got 'density'"):
+        parse_method("ties[density]")
+    # a value that is not valid YAML reaches the parameter check as text: one line, no YAML traceback
+    with pytest.raises(samerge.SamergeError, match="prune.prune_ratio"):
+        load_params(None, parse_overrides(["prune.prune_ratio=[unclosed"]))

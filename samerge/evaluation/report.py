@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 import samerge
 from samerge.errors import SamergeError
@@ -28,6 +27,7 @@ from samerge.evaluation.defaults import default_methods
 from samerge.evaluation.hub import HUB_SUITES, is_hub_suite, load_hub_suite
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
+from samerge.overrides import parse_assignments
 
 SUITES = ("text", "vision", "llm-lora")
 
@@ -40,13 +40,10 @@ def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, A
     m = re.fullmatch(r"\s*([A-Za-z_]\w*(?::[A-Za-z_]\w*)?)\s*(?:\[(.*)\])?\s*", spec)
     if not m:
         raise SamergeError(f"cannot parse method {spec!r} (expected name or name[key=value,...])")
-    params: dict[str, Any] = {}
-    if m.group(2):
-        for item in m.group(2).split(","):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise SamergeError(f"method {spec!r}: expected key=value, got {item!r}")
-            params[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        params = parse_assignments(m.group(2).split(",")) if m.group(2) else {}
+    except SamergeError as exc:
+        raise SamergeError(f"method {spec!r}: {exc}") from None
     name = m.group(1)
     if name not in samerge.available_methods() and name not in extra:
         raise SamergeError(f"unknown method {name!r} in {spec!r}; available methods: "
