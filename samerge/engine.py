@@ -214,14 +214,23 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
 
 def _check_derived(experts: Sequence[StateDict], stats: MergeStats, force: bool) -> None:
     for i, r in enumerate(stats.relative_norms()):
-        if r == 0.0:
-            warnings.warn(f"{_name(experts[i], i)} is identical to the base on every merged tensor (zero task "
-                          "vector)", SamergeWarning, stacklevel=3)
-        elif r > MAX_RELATIVE_DELTA and not force:
-            raise SamergeError(
-                f"{_name(experts[i], i)} does not look fine-tuned from this base: ||expert - base|| / ||base|| = "
-                f"{r:.3g} (fine-tuning gives ~0.001-0.1; samerge refuses above {MAX_RELATIVE_DELTA}). Check the "
-                "base, or pass --force (force=True) to merge anyway")
+        check_derived(_name(experts[i], i), r, force)
+
+
+def check_derived(who: str, relative_norm: float, force: bool = False, *, base: str = "this base",
+                  to_force: str | None = "pass --force (force=True)") -> None:
+    """The one check that an expert is fine-tuned from the base, on ``relative_norm`` = ||expert - base|| / ||base||
+    over the merged tensors: above :data:`MAX_RELATIVE_DELTA` refused unless ``force`` (``to_force`` says how, None
+    where it cannot be forced), zero warned (the expert is the base). Merges, the extract stage and the expert
+    registry call it."""
+    if relative_norm == 0.0:
+        warnings.warn(f"{who} is identical to the base on every merged tensor (zero task vector)", SamergeWarning,
+                      stacklevel=3)
+    elif relative_norm > MAX_RELATIVE_DELTA and not force:
+        raise SamergeError(
+            f"{who} does not look fine-tuned from {base}: ||expert - base|| / ||base|| = {relative_norm:.3g} "
+            f"(fine-tuning gives ~0.001-0.1; samerge refuses above {MAX_RELATIVE_DELTA}). Check the base"
+            + (f", or {to_force} to merge anyway" if to_force else ""))
 
 
 def memory_plan(base: StateDict, experts: Sequence[StateDict], method: str = "sa_merging", *,

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
+from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
 from samerge.evaluation.report import _suite
 from samerge.io import open_checkpoint, save_safetensors
@@ -121,8 +121,7 @@ def _check_expert(r: Path, s: Path, manifest: dict[str, Any]) -> float:
             b_sq += float(b.pow(2).sum())
             t_sq += float(t.pow(2).sum())
     rel = math.sqrt(t_sq / b_sq) if b_sq else math.inf
-    if rel > MAX_RELATIVE_DELTA:
-        raise SamergeError(f"{s}: does not look fine-tuned from the registry's base (||tau|| / ||base|| = {rel:.3f})")
+    check_derived(str(s), rel, base="the registry's base", to_force=None)
     return rel
 
 

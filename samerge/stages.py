@@ -35,7 +35,7 @@ import torch
 
 import samerge
 from samerge.api import merge_checkpoints
-from samerge.engine import MAX_RELATIVE_DELTA, plan_merge
+from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
 from samerge.evaluation.report import _suite, score_rows, write_report
 from samerge.evaluation.text import Expert
@@ -203,10 +203,8 @@ def extract(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> d
                 s.finish()
             norms = gram.diag().sqrt()
             rel = (norms / math.sqrt(base_sq)).tolist() if base_sq > 0 else [math.inf] * n
-            bad = [nm for nm, r in zip(names, rel) if r > MAX_RELATIVE_DELTA]
-            if bad and not params.extract.force:
-                raise SamergeError(f"expert {bad[0]!r} does not look fine-tuned from this base (||tau|| / ||base|| "
-                                   f"> {MAX_RELATIVE_DELTA}); set extract.force: true to merge it anyway")
+            for nm, r in zip(names, rel):
+                check_derived(f"expert {nm!r}", r, params.extract.force, to_force="set extract.force: true")
             cos = (gram / torch.outer(norms, norms).clamp_min(1e-300)).tolist()
             summary = {"experts": {nm: {"norm": float(norms[i]), "relative_norm": rel[i]} for i, nm in enumerate(names)},
                        "mean_relative_norm": sum(rel) / n,

@@ -93,9 +93,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except _Duplicate as exc:
         raise _fail(path, f"the name {exc.args[0]!r} appears twice in the header") from None
+    except _Constant as exc:
+        raise _fail(path, f"header is not JSON: {exc.args[0]} is not a JSON value") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail(path, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -146,6 +148,15 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
 class _Duplicate(Exception):
     pass
+
+
+class _Constant(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> object:
+    """NaN, Infinity and -Infinity, which Python's json reads and the JSON standard (and the reference) refuses."""
+    raise _Constant(name)
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

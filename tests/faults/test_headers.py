@@ -66,6 +66,9 @@ CASES = {
     "negative dimension": _mut(lambda h: h["a"].update(shape=[-2, -2])),
     "header not an object": "[1, 2]",
     "header not JSON": "{nope",
+    # Python's json reads these constants, the JSON standard and the reference do not (found by the fuzz test)
+    "Infinity in an entry": json.dumps(valid_header()).replace('"shape"', '"0": Infinity, "shape"', 1),
+    "NaN as metadata": json.dumps(valid_header()).replace('{"format": "pt"}', 'NaN', 1),
 }
 
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from samerge.cli import main
 from samerge.io import save_safetensors
@@ -198,3 +199,24 @@ def test_grouped_query_attention_without_a_config_is_one_clear_error(lora_inputs
         assert merge_lora(ck, adapters, "sa_merging", iterations=1).modules  # with its config: merges
     with pytest.raises(SamergeError, match="attention heads cannot be told from the shapes alone"):
         merge_lora(state, adapters, "sa_merging", iterations=1)
+
+
+def test_one_derived_from_base_check_for_merges_and_the_expert_registry(tmp_path, capsys):
+    """An expert not fine-tuned from the base (||tau|| / ||base|| = 2 here) gets the same refusal from a merge and
+    from `experts add` (engine.check_derived; the registry's cannot be forced), and nothing is written."""
+    from tests.faults.test_outputs import one_line_error, registry_and_expert, snapshot
+
+    reg, src = registry_and_expert(tmp_path)
+    save_safetensors({"w": torch.ones(4) * 3.0}, src / "expert.safetensors", overwrite=True)
+    before = snapshot(reg, src)
+    code = main(["experts", "add", "--registry", str(reg), "--expert", str(src), "--name", "x", "--no-event"])
+    err = one_line_error(capsys, code, "does not look fine-tuned from the registry's base: ||expert - base|| / "
+                                       "||base|| = 2 (fine-tuning gives")
+    assert "--force" not in err
+    assert snapshot(reg, src) == before and not (reg / "experts" / "x").exists()
+    code = main(["merge", "--base", str(reg / "base.safetensors"), "--expert", str(src / "expert.safetensors"),
+                 "--method", "task_arithmetic", "--out", str(tmp_path / "m.safetensors"), "--quiet"])
+    err = one_line_error(capsys, code, "does not look fine-tuned from this base: ||expert - base|| / ||base|| = 2 "
+                                       "(fine-tuning gives")
+    assert err.endswith("or pass --force (force=True) to merge anyway")
+    assert not (tmp_path / "m.safetensors").exists()
