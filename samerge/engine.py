@@ -209,10 +209,6 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
         stats.merged_tensors += 1
         yield key, out
     bar.close()
-    _check_derived(experts, stats, force)
-
-
-def _check_derived(experts: Sequence[StateDict], stats: MergeStats, force: bool) -> None:
     for i, r in enumerate(stats.relative_norms()):
         check_derived(_name(experts[i], i), r, force)
 

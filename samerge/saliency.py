@@ -19,7 +19,7 @@ from samerge.device import resolve_device
 from samerge.graphs import Attention, Factor, FlowFactors, Ref, TransformerGraph, build_graph, flow_factors
 from samerge.graphs.spec import ChainGraph
 from samerge.plan import plan_merge
-from samerge.selection import Workspace, select_top_keys, select_top_keys_rows, signed_keys_into
+from samerge.selection import Workspace, ordered_keys, select_top_keys, select_top_keys_rows, signed_keys_into
 
 Unit = tuple[str, tuple[int, int] | None]
 DEAD = 3.0e38  # dead entries score -DEAD: below every real saliency (|S| <= |M| since flows are max-normalised)
@@ -297,7 +297,7 @@ def topk_step_(tau_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor
 
 
 def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tensor, factors: list[list[Factor]],
-                rows: tuple[int, int] | None, keeps: list[int], sign_rule: str) -> list[int]:
+                rows: tuple[int, int] | None, keeps: list[int], sign_rule: str, ws: Workspace) -> list[int]:
     """:func:`topk_step_` for the N experts of one unit at once, for GPUs: ``taus_u`` is the ``[N, rows, cols]``
     view of their task vectors (float32), ``factors[n]`` expert n's flow factors, ``keeps[n]`` its keep count.
 
@@ -311,6 +311,7 @@ def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tens
         raise TypeError(f"topk_steps_ takes float32 task vectors, got {dt}")
     conflicts_before = torch.lt(torch.sign(taus_u) * torch.sign(merged_u), 0).sum(dim=(1, 2))
     mine = [[f for f in fs if f.rows == rows and f.log != -math.inf] for fs in factors]
+    tops = [max((f.log for f in fs), default=0.0) for fs in mine]
     s = torch.zeros((n_exp, n_rows, n_cols), dtype=dt, device=dev)
     for j in range(max((len(m) for m in mine), default=0)):
         u = torch.zeros((n_exp, n_rows), dtype=dt, device=dev)
@@ -318,8 +319,7 @@ def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tens
         scale = [1.0] * n_exp
         for n, fs in enumerate(mine):
             if j < len(fs):  # an expert with fewer factors adds +0.0 (its S is +0.0 or more before M)
-                top = max(f.log for f in fs)
-                u[n], v[n], scale[n] = fs[j].u, fs[j].v, math.exp(fs[j].log - top)
+                u[n], v[n], scale[n] = fs[j].u, fs[j].v, math.exp(fs[j].log - tops[n])
         sc = torch.tensor(scale, dtype=dt, device="cpu").to(dev, non_blocking=True).view(n_exp, 1)
         if j == 0:
             torch.mul(u.unsqueeze(2), v.unsqueeze(1), out=s)
@@ -337,10 +337,8 @@ def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tens
     alive.abs_()
     s.mul_(alive)
     s.add_(alive.sub_(1.0).mul_(DEAD))
-    keys = torch.empty((n_exp, n_rows * n_cols), dtype=torch.int32, device=dev)
-    hi = torch.empty_like(keys)
-    signed_keys_into(s, keys.view(-1), hi.view(-1))
-    del s, alive, hi
+    keys = ordered_keys(s, ws, "sa.rows", nonnegative=False).view(n_exp, n_rows * n_cols)
+    del s, alive
     ks = torch.tensor(keeps, dtype=torch.int64, device="cpu").to(dev, non_blocking=True)
     kept = select_top_keys_rows(keys, ks)
     taus_u.masked_fill_(torch.logical_not(kept).view(n_exp, n_rows, n_cols), 0.0)

@@ -223,7 +223,7 @@ def test_batched_step_keeps_for_every_expert_what_its_own_step_keeps(rule):
         want_conf.append(topk_step_(t, base, merged, fs, None, keep, rule, Workspace()))
         want.append(t)
     stacked = torch.stack(taus)
-    got_conf = topk_steps_(stacked, base, merged, fss, None, keeps, rule)
+    got_conf = topk_steps_(stacked, base, merged, fss, None, keeps, rule, Workspace())
     assert got_conf == want_conf
     for n in range(len(taus)):
         assert torch.equal(stacked[n], want[n]), (n, int((stacked[n] != want[n]).sum()))

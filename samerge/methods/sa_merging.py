@@ -258,17 +258,16 @@ class SaMerging(MergeMethod):
         # On a GPU, every expert's task vector of a key is one [N, ...] tensor, so that one TopKMask step covers
         # all experts of a unit (topk_steps_): per-expert steps there are bound by their host round trips.
         stacked: dict[str, torch.Tensor] = {}
-        chain_keys = set(graph.chain_keys())
+        chain_set = set(graph.chain_keys())
         for key in context.keys:
             shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
             b = base[key] = reader.base(key, empty_resident(shape, dtype, context.device), check=True)
-            if batched_steps(context.device) and dtype == torch.float32 and key in chain_keys:
+            if batched_steps(context.device) and dtype == torch.float32 and key in chain_set:
                 stacked[key] = torch.empty((reader.n_experts, *shape), dtype=dtype, device=context.device)
             for n in range(reader.n_experts):
                 into = stacked[key][n] if key in stacked else empty_resident(shape, dtype, context.device)
                 taus[n][key] = reader.task_vector(n, key, b, into, check=True)
         state = SaState(graph=graph)
-        chain = list(graph.chain_keys())
         n_exp = len(taus)
         store = _Store(base, taus)
         abs_buffers: dict[str, torch.Tensor] = {}  # |theta0 + tau_n|, reused by every expert and iteration
@@ -304,7 +303,7 @@ class SaMerging(MergeMethod):
                 if key in stacked:
                     conflicts[(key, rows)] = self._prune_unit_batched(
                         stacked[key], base[key], [flows[n].get(key, []) for n in range(n_exp)], key, rows,
-                        merged_u, t, n0, alive, ratios, params.saliency_sign)
+                        merged_u, t, n0, alive, ratios, params.saliency_sign, ws)
                     continue
                 conflicts[(key, rows)] = sum(
                     self._prune_unit(store, flows[n].get(key, []), n, key, rows, merged_u, t, n0, alive, ratios,
@@ -318,7 +317,6 @@ class SaMerging(MergeMethod):
                                                                    conflicts, total0_sq))
         del abs_buffers
         # the merged update of every tensor; on the way, the record of the last iteration from the same sums
-        chain_set = set(chain)
         merged_sq, conflicts = {}, {}
         for key in list(base):
             final = [store.dense_key(n, key) for n in range(n_exp)]
@@ -343,7 +341,7 @@ class SaMerging(MergeMethod):
     @staticmethod
     def _prune_unit_batched(stacked: torch.Tensor, base: torch.Tensor, factors: list[list], key: str,
                             rows: tuple[int, int] | None, merged_u: torch.Tensor, t: int, n0: dict, alive: dict,
-                            ratios: dict, sign_rule: str) -> int:
+                            ratios: dict, sign_rule: str, ws: Workspace) -> int:
         """One TopKMask step for every expert of one unit at once (``stacked``: their task vectors of ``key``);
         returns the conflicts of the unit before the step. Units stay dense (the sparse form pays off only for
         the CPU kernels)."""
@@ -351,7 +349,7 @@ class SaMerging(MergeMethod):
         keeps = [min(scheduled_keep(n0[u], ratios[u], t), alive[u]) for u in units]
         view = stacked.reshape(stacked.shape[0], *view2d(base).shape)
         taus_u = view if rows is None else view[:, rows[0]: rows[1]]
-        n_conflicts = topk_steps_(taus_u, unit_view(base, rows), merged_u, factors, rows, keeps, sign_rule)
+        n_conflicts = topk_steps_(taus_u, unit_view(base, rows), merged_u, factors, rows, keeps, sign_rule, ws)
         for u, keep in zip(units, keeps):
             alive[u] = keep
         return sum(n_conflicts)

@@ -57,14 +57,7 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[
     n_out, n_in = tau_m.shape
     tall = n_out >= n_in
     grams = [t.t() @ t / nrm for t, nrm in zip(tvs, norms)] if tall else None
-    # torch.optim.Adam makes its step counters on the default device (torch 2.11): make that tau_m's device
-    with torch.device(tau_m.device):
-        opt = torch.optim.Adam([tau_m], lr=lr)
-        return _adam_steps(opt, tau_m, tvs, norms, grams, tall, iterations)
-
-
-def _adam_steps(opt: torch.optim.Adam, tau_m: torch.Tensor, tvs: Any, norms: Any, grams: Any, tall: bool,
-                iterations: int) -> tuple[torch.Tensor, list[float]]:
+    opt = torch.optim.Adam([tau_m], lr=lr)
     history: list[float] = []
     grad = torch.empty_like(tau_m)
     for step in range(iterations + 1):
@@ -85,7 +78,9 @@ def _adam_steps(opt: torch.optim.Adam, tau_m: torch.Tensor, tvs: Any, norms: Any
         if step == iterations:
             break
         tau_m.grad = grad.clone()
-        opt.step()
+        # Adam makes its step counters at its first step, on the default device (torch 2.11): tau_m's device here
+        with torch.device(tau_m.device):
+            opt.step()
     return tau_m.detach(), history
 
 
