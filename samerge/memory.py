@@ -14,7 +14,6 @@ import math
 import os
 from typing import Any
 
-import torch
 
 from samerge.errors import SamergeError
 from samerge.io.writer import parse_size
@@ -55,32 +54,6 @@ def return_freed_memory() -> bool:
     Fixing the threshold turns that off. Returns False where there is no glibc (nothing changes)."""
     libc = _libc()
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024))
-
-
-_MADV_HUGEPAGE = 14  # Linux madvise advice
-_HUGE = 2 * 1024 * 1024  # a transparent huge page on x86-64 and arm64 (4 KB base pages)
-
-
-def _madvise_huge(start: int, length: int) -> bool:
-    """Ask for huge pages on [start, start + length) (2 MB-aligned); False where that is not possible."""
-    libc = _libc()
-    return libc is not None and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE) == 0
-
-
-def empty_resident(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An uninitialised tensor that will be filled at once and held for long: on the CPU, backed by transparent
-    huge pages where the kernel allows them on request (``/sys/kernel/mm/transparent_hugepage/enabled`` is
-    ``madvise`` or ``always``). Filling fresh memory costs a page fault per 4 KB page (~6 ns per float32 entry,
-    ~5 s for the 3.5 GB SA-Merging holds on 8 ViT-B/32 experts); with 2 MB pages 512 times fewer. Small tensors and
-    other devices get a plain ``torch.empty``."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < 4 * _HUGE:
-        return torch.empty(shape, dtype=dtype, device=device)
-    buf = torch.empty(nbytes + _HUGE, dtype=torch.uint8, device="cpu")
-    off = (-buf.data_ptr()) % _HUGE  # the tensor starts on a huge-page boundary
-    # huge pages over its whole 2 MB spans only: a huge page past its end would make untouched padding resident
-    _madvise_huge(buf.data_ptr() + off, nbytes // _HUGE * _HUGE)
-    return buf[off: off + nbytes].view(dtype).view(shape)
 
 
 def available_memory() -> int:

@@ -74,19 +74,55 @@ def abs_sum_into(base: torch.Tensor, tau: torch.Tensor, out: torch.Tensor) -> to
     return torch.add(base, tau, out=out).abs_()
 
 
+class AbsMap:
+    """``|base + tau|`` of one stored tensor as the linear map a :class:`Ref` names (a row block of its 2-D view,
+    transposed or not), never materialised: each product the flow walker takes streams ``base`` and ``tau`` once
+    (:func:`samerge.kernels.abs_matvec`) instead of writing ``|theta0 + tau|`` and reading it back for the forward
+    and the backward product. float32 on the CPU, contiguous; ``tau=None`` is ``|base|``."""
+
+    def __init__(self, base: torch.Tensor, tau: torch.Tensor | None, ref: Ref) -> None:
+        self.base, self.tau, self.rows, self.transposed = view2d(base), None if tau is None else view2d(tau), \
+            ref.rows, ref.transposed
+        n = self.base.shape[0] if self.rows is None else self.rows[1] - self.rows[0]
+        self.shape = (self.base.shape[1], n) if self.transposed else (n, self.base.shape[1])
+
+    @staticmethod
+    def supports(*tensors: torch.Tensor | None) -> bool:
+        return all(t is None or (kernels.supported(t) and t.is_contiguous()) for t in tensors)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.abs_matvec(self.base, self.tau, self.rows, x, transpose=self.transposed)
+
+    def rmatvec(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.abs_matvec(self.base, self.tau, self.rows, x, transpose=not self.transposed)
+
+    def dense(self) -> torch.Tensor:
+        b = unit_view(self.base, self.rows)
+        w = b.abs() if self.tau is None else torch.add(b, unit_view(self.tau, self.rows)).abs_()
+        return w.t() if self.transposed else w
+
+    def sum(self, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.dense().sum(dim, dtype=dtype)
+
+
 class ExpertWeights:
-    """``|theta0 + tau|`` per Ref for one expert, each tensor computed once and reused by forward and backward.
+    """``|theta0 + tau|`` per Ref for one expert: for float32 on the CPU an :class:`AbsMap` over the held tensors
+    (nothing materialised); otherwise each tensor computed once and reused by forward and backward.
 
     ``buffers`` (key -> tensor) may be shared across experts and iterations: they are overwritten, never
-    reallocated, which keeps an SA-Merging iteration free of page faults.
+    reallocated, which keeps an SA-Merging iteration free of page faults. ``fill`` writes ``|theta0 + tau|`` of a
+    key into a buffer for task vectors held in another form, where ``current(key)`` says ``tau[key]`` is not the
+    whole current task vector.
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor] | None = None,
-                 fill: Callable[[str, torch.Tensor], None] | None = None) -> None:
+                 fill: Callable[[str, torch.Tensor], None] | None = None,
+                 current: Callable[[str], bool] | None = None) -> None:
         self.base, self.tau = base, tau
         self._buffers = buffers if buffers is not None else {}
-        self._fill = fill  # writes |theta0 + tau| of a key into a buffer (task vectors held in another form)
+        self._fill = fill
+        self._current = current
         self._done: set[str] = set()
 
     def absolute(self, key: str) -> torch.Tensor:
@@ -95,7 +131,7 @@ class ExpertWeights:
             buf = self._buffers[key] = torch.empty_like(self.base[key])
         if key not in self._done:
             t = self.tau.get(key)
-            if self._fill is not None:
+            if self._fill is not None and not self._is_current(key):
                 self._fill(key, buf)
             elif t is not None:
                 abs_sum_into(self.base[key], t, buf)
@@ -104,7 +140,15 @@ class ExpertWeights:
             self._done.add(key)
         return buf
 
-    def weights(self, ref: Ref) -> torch.Tensor:
+    def _is_current(self, key: str) -> bool:
+        return self._current is not None and self._current(key)
+
+    def weights(self, ref: Ref) -> torch.Tensor | AbsMap:
+        b, t = self.base[ref.key], self.tau.get(ref.key)
+        if AbsMap.supports(b, t):
+            if self._fill is None or self._is_current(ref.key):
+                return AbsMap(b, t, ref)
+            return AbsMap(self.absolute(ref.key), None, ref)  # the same products as the lazy map, bit for bit
         w = view2d(self.absolute(ref.key))
         if ref.rows is not None:
             w = w[ref.rows[0]: ref.rows[1]]
@@ -117,8 +161,9 @@ class ExpertWeights:
 def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.Tensor],
                  tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]],
                  buffers: dict[str, torch.Tensor] | None = None,
-                 fill: Callable[[str, torch.Tensor], None] | None = None) -> FlowFactors:
-    ew = ExpertWeights(base, tau, buffers, fill)
+                 fill: Callable[[str, torch.Tensor], None] | None = None,
+                 current: Callable[[str], bool] | None = None) -> FlowFactors:
+    ew = ExpertWeights(base, tau, buffers, fill, current)
     device = next(iter(base.values())).device if len(base) else torch.device("cpu")
     return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes), device)
 

@@ -164,6 +164,73 @@ def test_sum_conflicts_and_abs_sum_match_torch_bit_for_bit():
 
 
 
+def test_gather_and_band_selection_against_numpy():
+    """The bracket's two pieces on their own: the packed-flag gather equals np.flatnonzero (index order, a partial
+    last word, counting on past a full buffer), and the histogram band selection finds the same threshold and
+    last tie as a sort, for keys spread over the whole int32 range, clustered in one histogram bin, or all equal."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n, frac in ((1, 1.0), (77, 0.3), (1000, 0.02), (4099, 0.9)):
+        keys = rng.integers(-2**31, 2**31 - 1, n, dtype=np.int64).astype(np.int32)
+        flags = np.zeros((n + 7) // 8 * 8, np.bool_)
+        flags[:n] = rng.random(n) < frac
+        want = np.flatnonzero(flags[:n])
+        for cap in (n, max(0, want.size - 3)):
+            cand, pos = np.full(max(cap, 1), -1, np.int32)[:cap], np.full(max(cap, 1), -1, np.int64)[:cap]
+            got = kernels._gather_flagged(keys, flags, 1000, cand, pos, 0)
+            assert got == want.size
+            kept = min(cap, want.size)
+            assert np.array_equal(pos[:kept], want[:kept] + 1000) and np.array_equal(cand[:kept], keys[want[:kept]])
+    cases = [rng.integers(-2**31, 2**31 - 1, 5000, dtype=np.int64).astype(np.int32),
+             (rng.integers(0, 6, 5000) + 1_000_000).astype(np.int32),  # one bin, heavy ties
+             np.full(5000, -7, np.int32)]
+    for keys in cases:
+        counts = np.array([2600, 2400], np.int64)
+        cand = np.zeros(2 * 2600, np.int32)
+        pos = np.zeros(2 * 2600, np.int64)
+        cand[:2600], cand[2600:5000] = keys[:2600], keys[2600:]
+        pos[:2600], pos[2600:5000] = np.arange(2600), np.arange(2600, 5000)
+        for above in (0, 40):
+            for need in (1, 7, 2500, 5000):
+                ok, thr, last = kernels._band_select(cand, pos, counts, above, above + need)
+                order = np.argsort(-keys.astype(np.int64), kind="stable")  # ties: lowest index first
+                assert ok and thr == keys[order[need - 1]]
+                n_gt = int((keys > thr).sum())
+                assert last == (-1 if n_gt == need else order[need - 1])
+        assert not kernels._band_select(cand, pos, counts, 0, 5001)[0]  # the k-th key is not in the bracket
+        assert not kernels._band_select(cand, pos, np.array([2601, 2400]), 0, 10)[0]  # a region overflowed
+
+
+
+@pytest.mark.parametrize("rows", [None, (5, 170)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_abs_map_products_match_torch_and_a_written_out_matrix_bit_for_bit(rows, transposed):
+    """The flow walker's products on |theta0 + tau| without writing it out (saliency.AbsMap): W x and W^T x agree
+    with torch.mv on the written-out matrix (float32 rounding), and with the same products on that written-out
+    matrix bit for bit (the in-memory schedule uses it for units held sparsely, the streamed schedule never)."""
+    from samerge.graphs.spec import Ref
+    from samerge.saliency import AbsMap
+
+    g = torch.Generator().manual_seed(11)
+    base, tau = torch.randn(200, 37, generator=g), 0.1 * torch.randn(200, 37, generator=g)
+    ref = Ref("w", rows, transposed)
+    lazy, written = AbsMap(base, tau, ref), AbsMap((base + tau).abs(), None, ref)
+    w = (base + tau).abs()
+    w = w if rows is None else w[rows[0]: rows[1]]
+    w = w.t() if transposed else w
+    assert lazy.shape == tuple(w.shape) and torch.equal(lazy.dense(), w)
+    x_in, x_out = torch.rand(w.shape[1], dtype=torch.float64), torch.rand(w.shape[0], dtype=torch.float64)
+    for got, want, same in ((lazy.matvec(x_in), torch.mv(w.double(), x_in.float().double()), written.matvec(x_in)),
+                            (lazy.rmatvec(x_out), torch.mv(w.t().double(), x_out.float().double()),
+                             written.rmatvec(x_out))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+        assert torch.equal(got, same)
+    assert torch.equal(AbsMap(base, None, ref).dense(), (base if rows is None else base[rows[0]: rows[1]]).abs()
+                       .t() if transposed else (base if rows is None else base[rows[0]: rows[1]]).abs())
+    torch.testing.assert_close(lazy.sum(1, dtype=torch.float64), w.sum(1, dtype=torch.float64))
+
 # ------------------------------------------------------------------------------------------------ batched (GPUs)
 
 

@@ -77,6 +77,27 @@ def test_streamed_equals_in_memory_byte_for_byte(name, kw, masks_in_file, monkey
     assert any(not torch.equal(got[k], ta[k]) for k in got if got[k].is_floating_point())
 
 
+
+def test_streamed_equals_in_memory_when_units_are_held_sparsely(monkeypatch):
+    """Below SPARSE_BELOW alive the in-memory schedule holds a unit as (positions, values) and its flows run on
+    |theta0 + tau| written out from that form; the streamed schedule streams base and tau into the same products.
+    The results must still agree byte for byte."""
+    from samerge.methods import sa_merging
+
+    _, model, exclude = MODELS["llama"]
+    sd = model.state_dict()
+    base = _with_config(dict(sd), model.config.to_dict())
+    experts = experts_of(sd)
+    calls = []
+    real = sa_merging._Store.to_sparse
+    monkeypatch.setattr(sa_merging._Store, "to_sparse", lambda self, *a: (calls.append(a), real(self, *a)))
+    kw = {"prune_ratio": 0.5, "iterations": 6}  # 1.6 % survive: sparse from the fourth iteration
+    want = samerge.merge(base, experts, "sa_merging", exclude=exclude or (), schedule="memory", **kw)
+    assert calls, "no unit was held sparsely"
+    got, state, _ = _streamed(base, experts, exclude or (), **kw)
+    assert isinstance(state, StreamedSA)
+    assert _bytes(got) == _bytes(want)
+
 def test_text_suite_minilm_experts_streamed_equals_in_memory(suite_cache):
     """The text suite's fine-tuned MiniLM experts (post-LN BERT graph), the same experts the suite tests use."""
     from samerge.evaluation.report import _suite

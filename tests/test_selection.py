@@ -70,38 +70,3 @@ def test_keep_count_floors_like_peft_and_absorbs_rounding():
     assert keep_count(3, 0.2) == 0
     assert keep_count(10, 1.0) == 10
     assert keep_count(10, 0.0) == 0
-
-
-def test_empty_resident_tensors_are_backed_by_huge_pages_where_the_kernel_allows():
-    """SA-Merging's held tensors (samerge.memory.empty_resident): aligned to 2 MB and, where transparent huge pages
-    can be requested, filled as huge pages (one page fault per 2 MB instead of per 4 KB); small ones are plain."""
-    from pathlib import Path
-
-    from samerge.memory import empty_resident
-
-    small = empty_resident((10, 10), torch.float32)
-    assert small.shape == (10, 10) and small.dtype == torch.float32
-    t = empty_resident((64, 1024, 1024), torch.float32)  # 256 MB
-    assert t.shape == (64, 1024, 1024) and t.is_contiguous() and t.data_ptr() % (2 * 1024 * 1024) == 0
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.is_file() or "[never]" in thp.read_text():
-        pytest.skip("transparent huge pages are off on this machine")
-
-    def flags_at(addr: int) -> list[str]:
-        """The VmFlags of the mapping that holds ``addr`` (``hg``: huge pages were asked for with madvise)."""
-        inside = False
-        for line in Path("/proc/self/smaps").read_text().splitlines():
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-        raise AssertionError(f"no mapping holds {addr:#x}")
-
-    # Whether the kernel then serves the faults with huge pages depends on free, unfragmented memory (a busy CI
-    # host may have none), so the test checks what the code controls: every 2 MB span of the tensor was advised.
-    assert "hg" in flags_at(t.data_ptr()) and "hg" in flags_at(t.data_ptr() + t.numel() * 4 - 1)
-    assert "hg" not in flags_at(small.data_ptr())
-    t.fill_(1.0)
-    assert float(t.sum()) == t.numel()

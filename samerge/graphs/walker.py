@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from samerge.graphs.spec import Attention, ChainGraph, Factor, FlowFactors, Mlp, Ref, Stack, TransformerGraph
 
-Weights = Callable[[Ref], torch.Tensor]  # |W| as a 2-D float tensor in the map's (out, in) orientation
+Weights = Callable[[Ref], "torch.Tensor | LinearMap"]  # |W| as a 2-D float map in its (out, in) orientation
 Gammas = Callable[[str], torch.Tensor]  # |gamma| of a norm, float64
 Request = tuple[str, "Ref | str"]  # ("w", ref): |W| of a map; ("g", key): |gamma| of a norm (float64, flat)
 Steps = Generator[Request, torch.Tensor, FlowFactors]
@@ -77,12 +78,29 @@ class LogVec:
             LogVec(self.vec.new_zeros(1), -math.inf)
 
 
-def mv(w: torch.Tensor, x: LogVec) -> LogVec:
-    return LogVec.of(torch.mv(w, x.vec.to(device=w.device, dtype=w.dtype)), x.log)
+class LinearMap(Protocol):
+    """A weight map computed on demand instead of held as a tensor (samerge.saliency.AbsMap): its (out, in)
+    ``shape``, ``matvec`` (W x), ``rmatvec`` (W^T x) and ``sum`` as a tensor's."""
+
+    shape: tuple[int, int]
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rmatvec(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def sum(self, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
 
-def mvt(w: torch.Tensor, b: LogVec) -> LogVec:
-    return LogVec.of(torch.mv(w.t(), b.vec.to(device=w.device, dtype=w.dtype)), b.log)
+def mv(w: torch.Tensor | LinearMap, x: LogVec) -> LogVec:
+    if isinstance(w, torch.Tensor):
+        return LogVec.of(torch.mv(w, x.vec.to(device=w.device, dtype=w.dtype)), x.log)
+    return LogVec.of(w.matvec(x.vec), x.log)
+
+
+def mvt(w: torch.Tensor | LinearMap, b: LogVec) -> LogVec:
+    if isinstance(w, torch.Tensor):
+        return LogVec.of(torch.mv(w.t(), b.vec.to(device=w.device, dtype=w.dtype)), b.log)
+    return LogVec.of(w.rmatvec(b.vec), b.log)
 
 
 @dataclass
@@ -142,7 +160,7 @@ class FlowComputer:
             u, v = v, u
         self.factors.setdefault(ref.key, []).append(Factor(ref.rows, u.vec, v.vec, u.log + v.log))
 
-    def _w(self, ref: Ref) -> Generator[Request, torch.Tensor, torch.Tensor]:
+    def _w(self, ref: Ref) -> Generator[Request, Any, Any]:  # a tensor or a LinearMap
         return (yield ("w", ref))
 
     def _g(self, key: str | None) -> Generator[Request, torch.Tensor, torch.Tensor | None]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from samerge.errors import SamergeError
 from samerge.graphs import build_graph
-from samerge.memory import empty_resident, return_freed_memory
+from samerge.memory import return_freed_memory
 from samerge.methods.base import DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.methods.sa_streamed import (IterationRecord, MaskStore, MemoryPlan, Schedule, StreamedSA, StreamedState,
                                          aggregate, choose_schedule, iteration_record, memory_plan, scheduled_keep,
@@ -161,6 +161,13 @@ class _Store:
         at = torch.index_select(merged.reshape(-1), 0, sp.idx, out=ws.get("sa.prod", sp.idx.numel(), merged.dtype))
         return conflicts(sp.val, at, ws)
 
+    def current(self, n: int) -> Callable[[str], bool]:
+        """Whether expert n's dense task vector of a key is its whole current state (no block held sparsely)."""
+        def current(key: str) -> bool:
+            return key in self.taus[n] and not any((n, key, r) in self.sparse for r in self._units_of.get(key, []))
+
+        return current
+
     def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
         """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
 
@@ -261,11 +268,11 @@ class SaMerging(MergeMethod):
         chain_set = set(graph.chain_keys())
         for key in context.keys:
             shape, dtype = context.shapes[key], reader.plan.compute_dtypes[key]
-            b = base[key] = reader.base(key, empty_resident(shape, dtype, context.device), check=True)
+            b = base[key] = reader.base(key, torch.empty(shape, dtype=dtype, device=context.device), check=True)
             if batched_steps(context.device) and dtype == torch.float32 and key in chain_set:
                 stacked[key] = torch.empty((reader.n_experts, *shape), dtype=dtype, device=context.device)
             for n in range(reader.n_experts):
-                into = stacked[key][n] if key in stacked else empty_resident(shape, dtype, context.device)
+                into = stacked[key][n] if key in stacked else torch.empty(shape, dtype=dtype, device=context.device)
                 taus[n][key] = reader.task_vector(n, key, b, into, check=True)
         state = SaState(graph=graph)
         n_exp = len(taus)
@@ -279,7 +286,7 @@ class SaMerging(MergeMethod):
                    leave=False)
         for t in bar:
             flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers,
-                                  fill=store.abs_filler(n)) for n in range(n_exp)]
+                                  fill=store.abs_filler(n), current=store.current(n)) for n in range(n_exp)]
             if not store.units:
                 store.set_units(units)
                 state.units = store.units

@@ -32,7 +32,7 @@ from samerge import kernels
 from samerge.graphs import FlowFactors, LockstepSource, Ref, lockstep_flows
 from samerge.memory import SLACK, format_size, process_rss, resolve_budget, too_small
 from samerge.methods.base import MergeContext, TensorGroup
-from samerge.saliency import abs_sum_into, conflicts, sum_into, topk_step_, unit_view, view2d
+from samerge.saliency import AbsMap, abs_sum_into, conflicts, sum_into, topk_step_, unit_view, view2d
 from samerge.selection import Workspace
 
 Unit = tuple[str, "tuple[int, int] | None"]  # (key, row block)
@@ -215,7 +215,8 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     if fused:
         kernels.warm()  # their code's memory counts in what the process holds now
     base_rss = process_rss() if rss is None else rss
-    # in memory: base + N task vectors + |theta0 + tau| over the model, the engine's group buffers, scratch
+    # in memory: base + N task vectors + |theta0 + tau| over the model (written out only off the fused CPU path or
+    # for units held sparsely: an upper bound), the engine's group buffers, scratch
     in_memory = 4 * p_all * (n_experts + 1) + 4 * chain_numel + 4 * big * (n_experts + 3) + 22 * unit_max
     # out of core: base, one task vector, |W| / ranking keys, input staging, the engine's output and its finite
     # check; per unit M, then the fused CPU kernels' (float32) bracket flags, kept mask, unpacked mask and
@@ -370,9 +371,11 @@ class StreamedSA(LockstepSource):
     def open(self, key: str) -> None:
         self._advance(key, self.target)
 
-    def weight(self, n: int, ref: Ref) -> torch.Tensor:
+    def weight(self, n: int, ref: Ref) -> torch.Tensor | AbsMap:
         assert self.base is not None
         b, t = view2d(self.base), view2d(self.tau(n))
+        if AbsMap.supports(b, t):
+            return AbsMap(b, t, ref)  # the in-memory schedule's products, bit for bit
         if ref.rows is not None:
             b, t = b[ref.rows[0]: ref.rows[1]], t[ref.rows[0]: ref.rows[1]]
         w = abs_sum_into(b, t, self.ws.get("ooc.scratch", b.shape, b.dtype))
