@@ -33,10 +33,10 @@ from samerge.api import merge_checkpoints
 from samerge.architecture import guess_architecture
 from samerge.demo import prepare_demo
 from samerge.device import DEVICE_HELP
-from samerge.errors import SamergeError, SamergeWarning
+from samerge.errors import SamergeError, SamergeWarning, invalid
 from samerge.evaluation.report import run_report, split_methods
 from samerge.io import open_checkpoint
-from samerge.lora import merge_lora_checkpoints
+from samerge.lora import LORA_METHODS, merge_lora_checkpoints
 from samerge.memory import format_size
 from samerge.methods import REGISTRY, describe_params
 from samerge.overrides import parse_assignments
@@ -84,11 +84,7 @@ def _load_config(path: str) -> MergeConfig:
     try:
         return MergeConfig(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise SamergeError(f"{p}: unknown key {loc!r}; valid keys: {', '.join(MergeConfig.model_fields)}") from None
-        raise SamergeError(f"{p}: {loc}: {err['msg']}") from None
+        raise invalid(str(p), exc, MergeConfig) from None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -351,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-lora", help="merge PEFT LoRA adapters of one base (rank-wise SA-Merging and baselines)")
     p.add_argument("--base", required=True, help="the base model the adapters were trained on")
     p.add_argument("--adapter", action="append", help="a PEFT adapter directory (repeat for each adapter)")
-    p.add_argument("--method", default="sa_merging", choices=["sa_merging", "task_arithmetic", "ties", "cat"])
+    p.add_argument("--method", default="sa_merging", choices=LORA_METHODS)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--output", default="adapter", choices=["adapter", "dense"],
                    help="a PEFT adapter (exact concatenation of kept components) or the merged dense model")

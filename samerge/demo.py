@@ -17,6 +17,7 @@ import torch
 from samerge.errors import SamergeError
 from samerge.evaluation.text import packaged_minilm
 from samerge.io import open_checkpoint, save_safetensors
+from samerge.io.writer import publish_dir
 
 DEMO_NOTE = "DEMO expert: a synthetic perturbation of the base, not a fine-tuned model."
 
@@ -26,12 +27,18 @@ def prepare_demo(out: Path, n_experts: int = 3, seed: int = 0, overwrite: bool =
     if n_experts < 1:
         raise SamergeError("the demo needs at least one expert")
     src = packaged_minilm()
-    if out.exists():
-        if not overwrite and (out / "base").exists():
-            return {"base": out / "base", "experts": sorted(out.glob("expert-*"))[:n_experts]}
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    base_dir = out / "base"
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        experts = sorted(out.glob("expert-*"))[:n_experts]
+        if (out / "base" / "config.json").is_file() and len(experts) == n_experts:
+            return {"base": out / "base", "experts": experts}  # a demo made before: reused
+        raise SamergeError(f"{out} exists and is not a demo with {n_experts} expert(s); choose another folder or "
+                           "pass --overwrite to replace it")
+    with publish_dir(out) as tmp:  # built whole beside it, then put in place (replacing it only with --overwrite)
+        return _build(tmp, out, src, n_experts, seed, relative_delta)
+
+
+def _build(tmp: Path, out: Path, src: Path, n_experts: int, seed: int, relative_delta: float) -> dict[str, Any]:
+    base_dir = tmp / "base"
     base_dir.mkdir()
     for f in src.iterdir():
         if f.is_file() and f.name != "README.md":
@@ -53,10 +60,10 @@ def prepare_demo(out: Path, n_experts: int = 3, seed: int = 0, overwrite: bool =
                 expert[k] = (v + delta).to(v.dtype)
             else:
                 expert[k] = v.clone()
-        d = out / f"expert-{i + 1}"
+        d = tmp / f"expert-{i + 1}"
         d.mkdir()
         save_safetensors(expert, d / "model.safetensors", metadata={"format": "pt", "samerge.demo": DEMO_NOTE})
         shutil.copy2(base_dir / "config.json", d / "config.json")
         (d / "README.md").write_text(DEMO_NOTE + "\n")
-        experts.append(d)
-    return {"base": base_dir, "experts": experts}
+        experts.append(out / d.name)
+    return {"base": out / "base", "experts": experts}

@@ -27,19 +27,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic.fields import FieldInfo
 
 from samerge.device import resolve_device
-from samerge.errors import CheckpointError, SamergeError
+from samerge.errors import CheckpointError, SamergeError, invalid
 from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_factors, lockstep_flows
 from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
 from samerge.io.checkpoint import Checkpoint, tensor_info
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import claim_output, publish_dir, refuse_overlap
 from samerge.memory import SLACK, process_rss, resolve_budget, too_small
-from samerge.methods.base import Density, MethodParams, Scale
+from samerge.methods.base import MethodParams
 from samerge.methods import validate_params
-from samerge.methods.ties import elect_and_merge
+from samerge.methods.sa_merging import SaMergingParams
+from samerge.methods.ties import TiesParams, elect_and_merge
 from samerge.saliency import view2d
 from samerge.selection import GlobalThreshold, Workspace, keep_count
 
@@ -86,21 +88,30 @@ def _on_device(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
     return LoraAdapter(adapter.path, adapter.config, mods)
 
 
-class LoraMergeParams(MethodParams):
-    """merge-lora's parameters (``--set``, ``merge_lora_checkpoints(params=)``), validated like a method's."""
+LORA_METHODS = ("sa_merging", "task_arithmetic", "ties", "cat")  # merge-lora's methods (CLI, API, llm-lora suite)
 
-    iterations: int = Field(default=10, ge=1, le=1000, description="T: pruning iterations (sa_merging)")
-    prune_ratio: float = Field(default=0.2, ge=0.0, lt=1.0, allow_inf_nan=False,
-                               description="p: fraction of alive components pruned per iteration (sa_merging)")
-    scale: Scale = 1.0
-    density: Density = Field(default=0.2, description="kept fraction of each adapter's update (ties)")
-    qk_rule: Literal["bilinear", "value_proxy", "uniform"] = "bilinear"
-    graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = "auto"
+
+def _fields(model: type[MethodParams], names: Sequence[str], **changes: dict[str, Any]) -> dict[str, Any]:
+    """``model``'s fields ``names`` (type, constraints, description), with ``changes`` (e.g. another default)."""
+    return {name: (model.model_fields[name].annotation,
+                   FieldInfo.merge_field_infos(model.model_fields[name], **changes.get(name, {}))) for name in names}
+
+
+# merge-lora's parameters (``--set``, ``merge_lora_checkpoints(params=)``): SA-Merging's and TIES' own fields, the one
+# definition of each, at the paper's LoRA setting (its Table 5: p = 0.2, lambda = 1; T = 10). The fields of the full
+# merge that have no rank-wise meaning (outside_rule, aggregate, saliency_sign, density_rule) are not accepted.
+LoraMergeParams = create_model(
+    "LoraMergeParams", __base__=MethodParams, __doc__="merge-lora's parameters, validated like a method's.",
+    **_fields(SaMergingParams, ["iterations", "prune_ratio", "scale", "qk_rule", "graph"],
+              prune_ratio={"default": 0.2, "description": "p: fraction of alive rank components pruned per iteration "
+                                                          "(0.8^10 = 0.107 survive)"},
+              scale={"default": 1.0, "description": "lambda on the merged update"}),
+    **_fields(TiesParams, ["density"]))
 
 
 def lora_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` checked against :class:`LoraMergeParams`: the given ones, converted (one line per mistake)."""
-    p = validate_params(LoraMergeParams, params, "merge-lora", "merge-lora")
+    p = validate_params(LoraMergeParams, params, "merge-lora")
     return {k: getattr(p, k) for k in params}
 
 
@@ -161,9 +172,7 @@ def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float3
     try:
         fields = _AdapterFields.model_validate(cfg)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise CheckpointError(f"{cfg_path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
+        raise invalid(str(cfg_path), exc, _AdapterFields, error=CheckpointError) from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise SamergeError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LoRA; samerge merges LoRA adapters only")
     for key in _UNSUPPORTED_TRUE:
@@ -658,9 +667,8 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
     streaming needs raises the one too-small error before any work. ``device``: where the merge computes (``auto``:
     CUDA when available); the merged factors are on the CPU.
     """
-    valid = ("sa_merging", "task_arithmetic", "ties", "cat")
-    if method not in valid:
-        raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(valid)}")
+    if method not in LORA_METHODS:
+        raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(LORA_METHODS)}")
     checked = lora_params({"iterations": iterations, "prune_ratio": prune_ratio, "scale": scale, "density": density,
                            "qk_rule": qk_rule, "graph": graph})
     iterations, prune_ratio, scale, density = (checked[k] for k in ("iterations", "prune_ratio", "scale", "density"))

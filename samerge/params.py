@@ -1,8 +1,10 @@
 """Pipeline parameters: ``params.yaml``, one section per stage (the names of :data:`samerge.stages.STAGES`).
 
 Validated with pydantic at the boundary (``extra="forbid"``: a misspelt key is an error naming the valid keys, not a
-silently ignored setting). ``dvc exp run -S prune.prune_ratio=0.3`` and ``samerge stage prune --set
-prune.prune_ratio=0.3`` change the same field.
+silently ignored setting). The ``prune`` section holds one section per merge method, validated by the method's own
+parameter model (the one definition of its parameters, shared with the API, the CLI and merge-lora).
+``dvc exp run -S prune.sa_merging.prune_ratio=0.3`` and ``samerge stage prune --set prune.sa_merging.prune_ratio=0.3``
+change the same field.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from samerge.device import check_device_name
-from samerge.errors import SamergeError
+from samerge.errors import SamergeError, invalid
 from samerge.io.writer import parse_size
-from samerge.methods.sa_merging import SaMergingParams
+from samerge.methods import REGISTRY
 from samerge.overrides import parse_assignments
 
 
@@ -52,30 +54,18 @@ class ExtractParams(_Section):
 
 
 class ScoreParams(_Section):
-    """How SA-Merging's saliency is defined (used by `score` for statistics and by `prune` for its masks)."""
+    """Statistics of SA-Merging's saliency at t = 1 (its definition, saliency_sign / qk_rule / graph, is
+    ``prune.sa_merging``'s: the one set of SA-Merging parameters)."""
 
-    saliency_sign: Literal["literal", "own_sign", "own_value"] = SaMergingParams.model_fields["saliency_sign"].default
-    qk_rule: Literal["bilinear", "value_proxy", "uniform"] = SaMergingParams.model_fields["qk_rule"].default
-    graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = SaMergingParams.model_fields["graph"].default
     sample: int = Field(200_000, ge=100, description="entries per tensor sampled for the rank correlations")
     device: Device = Field("auto", description=_DEVICE)
 
 
-_SA = SaMergingParams.model_fields  # the pipeline's SA-Merging defaults are the library's
-
-
-class PruneParams(_Section):
-    """The merges to compare (a DVC matrix over ``methods``) and SA-Merging's iterative pruning loop."""
+class _PruneSettings(_Section):
+    """The merges to compare (a DVC matrix over ``methods``) and where they run; each method's parameters are its
+    own section, validated by the method's parameter model (`samerge methods` lists them)."""
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "sa_merging"])
-    iterations: int = Field(_SA["iterations"].default, ge=1, le=1000, description="SA-Merging T")
-    prune_ratio: float = Field(_SA["prune_ratio"].default, ge=0.0, lt=1.0,
-                               description="SA-Merging p: fraction of alive entries pruned per iteration")
-    scale: float = Field(_SA["scale"].default, gt=0.0, le=10.0, description="SA-Merging lambda")
-    outside_rule: Literal["sum", "mean", "base"] = _SA["outside_rule"].default
-    aggregate: Literal["sum", "disjoint_mean"] = _SA["aggregate"].default
-    density_rule: Literal["uniform", "tadrop"] = _SA["density_rule"].default
-    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="other methods' parameters, by method")
     max_memory: str | None = Field(None, description="peak RSS of a merge, e.g. 3GB (null: derived from the free "
                                                      "RAM); SA-Merging runs out of core when it would not fit")
     device: Device = Field("auto", description=_DEVICE)
@@ -90,27 +80,26 @@ class PruneParams(_Section):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        import samerge
-
         if not v:
             raise ValueError("at least one method is needed")
-        known = samerge.available_methods()
         for m in v:
-            if m not in known:
-                raise ValueError(f"unknown method {m!r}; available methods: {', '.join(known)}")
+            if m not in REGISTRY:
+                raise ValueError(f"unknown method {m!r}; available methods: {', '.join(REGISTRY)}")
         if len(set(v)) != len(v):
             raise ValueError("a method is listed twice")
         return v
 
-    def method_params(self, method: str, score: ScoreParams) -> dict[str, Any]:
-        """The parameters ``method`` is merged with."""
-        if method == "sa_merging":
-            p: dict[str, Any] = {"iterations": self.iterations, "prune_ratio": self.prune_ratio, "scale": self.scale,
-                                 "saliency_sign": score.saliency_sign, "qk_rule": score.qk_rule,
-                                 "graph": score.graph, "outside_rule": self.outside_rule,
-                                 "aggregate": self.aggregate, "density_rule": self.density_rule}
-            return {**p, **self.params.get(method, {})}
-        return dict(self.params.get(method, {}))
+    def method_params(self, method: str) -> dict[str, Any]:
+        """The parameters ``method`` is merged with: its section, every parameter spelt out."""
+        return getattr(self, method).model_dump()
+
+
+# One section per merge method, typed by the method's own parameter model (a section per method: `dvc exp run -S
+# prune.sa_merging.prune_ratio=0.3` re-runs the SA-Merging merge only).
+PruneParams = create_model(
+    "PruneParams", __base__=_PruneSettings,
+    **{name: (cls.Params, Field(default_factory=cls.Params, description=f"{name}'s parameters"))
+       for name, cls in REGISTRY.items()})
 
 
 class EvaluateParams(_Section):
@@ -128,12 +117,20 @@ class ReportParams(_Section):
 
 
 class PipelineParams(_Section):
+    """Every stage's section of ``params.yaml``."""
+
     acquire: AcquireParams = Field(default_factory=AcquireParams)
     extract: ExtractParams = Field(default_factory=ExtractParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
-    prune: PruneParams = Field(default_factory=PruneParams)
+    prune: PruneParams = Field(default_factory=PruneParams)  # type: ignore[valid-type]
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
+
+    def logged(self) -> dict[str, Any]:
+        """The parameters a run records: every section, with the parameters of the merges it makes only."""
+        out = self.model_dump()
+        out["prune"] = {k: v for k, v in out["prune"].items() if k not in REGISTRY or k in self.prune.methods}
+        return out
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -148,8 +145,8 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["prune.prune_ratio=0.3"]`` -> ``{"prune.prune_ratio": 0.3}`` (values parsed as YAML)."""
-    return parse_assignments(items or [], "SECTION.KEY=VALUE (e.g. prune.prune_ratio=0.3)", dotted=True)
+    """``["prune.sa_merging.prune_ratio=0.3"]`` -> ``{"prune.sa_merging.prune_ratio": 0.3}`` (values as YAML)."""
+    return parse_assignments(items or [], "SECTION.KEY=VALUE (e.g. prune.sa_merging.prune_ratio=0.3)", dotted=True)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> PipelineParams:
@@ -169,14 +166,12 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
     try:
-        return PipelineParams.model_validate(data)
+        params = PipelineParams.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            section = err["loc"][0] if len(err["loc"]) > 1 else None
-            model = PipelineParams.model_fields[section].annotation if section in PipelineParams.model_fields \
-                else PipelineParams
-            msg = f"unknown parameter; valid: {', '.join(model.model_fields)}"  # type: ignore[union-attr]
-        raise SamergeError(f"parameters: {where}: {msg}") from None
+        raise invalid("parameters", exc, PipelineParams, noun="parameter") from None
+    given = data.get("prune") if isinstance(data.get("prune"), dict) else {}
+    missing = [m for m in params.prune.methods if m not in given] if path is not None else []
+    if missing:  # dvc.yaml's prune@METHOD depends on prune.METHOD: DVC refuses a stage whose section is missing
+        raise SamergeError(f"parameters: prune.methods lists {missing[0]!r} but there is no prune.{missing[0]} "
+                           f"section (`{missing[0]}: {{}}` takes the method's defaults)")
+    return params

@@ -285,13 +285,13 @@ def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dic
     if not (ext / "summary.json").is_file():
         raise SamergeError(f"{ext}: no task vectors; run the extract stage first (`samerge stage extract`)")
     names = [e["name"] for e in manifest["experts"]]
-    sp = params.score
+    sp, sa = params.score, params.prune.sa_merging
     base = open_checkpoint(acq / "base.safetensors")
     taus = [open_checkpoint(ext / "task_vectors" / f"{nm}.safetensors") for nm in names]
     samples: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
     try:
-        rows = saliency(base, [_BasePlusTau(base, t) for t in taus], saliency_sign=sp.saliency_sign,
-                        qk_rule=sp.qk_rule, graph=sp.graph, sample=sp.sample, samples=samples,
+        rows = saliency(base, [_BasePlusTau(base, t) for t in taus], saliency_sign=sa.saliency_sign,
+                        qk_rule=sa.qk_rule, graph=sa.graph, sample=sp.sample, samples=samples,
                         exclude=manifest.get("exclude", ()), device=sp.device)
     finally:
         base.close()
@@ -314,10 +314,11 @@ def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dic
                    "spearman_saliency_vs_abs_tau": mean([r.spearman_abs_tau for r in rows]),
                    "spearman_abs_saliency_vs_abs_merged": mean([r.spearman_abs_merged for r in rows]),
                    "negative_fraction": mean([r.negative for r in rows]),
-                   "saliency_sign": sp.saliency_sign}
+                   "saliency_sign": sa.saliency_sign}
         _write_json(out / "summary.json", summary)
-        _saliency_plot(out / "saliency_vs_magnitude.png", samples, names, sp.saliency_sign)
-        _stage_record(out, "score", sp.model_dump(), t0)
+        _saliency_plot(out / "saliency_vs_magnitude.png", samples, names, sa.saliency_sign)
+        _stage_record(out, "score", {**sp.model_dump(), "saliency_sign": sa.saliency_sign, "qk_rule": sa.qk_rule,
+                                     "graph": sa.graph}, t0)
     _say(f"score: {summary['units']} mask units; Spearman(S, |tau|) {summary['spearman_saliency_vs_abs_tau']:.3f}, "
          f"Spearman(|S|, |sum tau|) {summary['spearman_abs_saliency_vs_abs_merged']:.3f}", quiet)
     return {"out": str(layout.stage("score")), **summary}
@@ -366,7 +367,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
     t0 = time.perf_counter()
     acq = layout.stage("acquire")
     manifest = read_manifest(acq)
-    mp = params.prune.method_params(method, params.score)
+    mp = params.prune.method_params(method)
     experts = [acq / "experts" / e["name"] / "expert.safetensors" for e in manifest["experts"]]
     with publish_dir(layout.merged(method)) as out:
         rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,

@@ -101,7 +101,7 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
         result["run_id"] = parent.info.run_id
         mlflow.set_tags({"samerge.suite": suite, "samerge.size": manifest["size"], "samerge.kind": "pipeline",
                          "samerge.experts": ",".join(e["name"] for e in manifest["experts"])})
-        mlflow.log_params(_flat("", params.model_dump(), {}))
+        mlflow.log_params(_flat("", params.logged(), {}))
         mlflow.log_metrics({f"normalized_average.{m}": v for m, v in avg.items()})
         children: dict[str, str] = {}
         for stage in STAGES:

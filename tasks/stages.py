@@ -10,7 +10,8 @@ Arguments every task takes:
   that the deployments' pull step changes into), or absolute.
 - ``workdir``: the pipeline's work directory; ``None`` = ``$SAMERGE_WORKDIR`` of the worker running the task, else
   the working directory. Leave it ``None`` when the CPU and GPU workers mount the shared volume at different paths.
-- ``overrides``: dotted parameter overrides, e.g. ``{"prune.prune_ratio": 0.3}`` (validated like ``params.yaml``).
+- ``overrides``: dotted parameter overrides, e.g. ``{"prune.sa_merging.prune_ratio": 0.3}`` (validated like
+  ``params.yaml``).
 
 Retries: a task is retried (twice, after 10 s and 60 s) only after a transient failure, an :class:`OSError` such as
 a broken connection, a timeout or a hiccup of the shared file system (see :func:`is_transient`). A

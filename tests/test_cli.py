@@ -83,3 +83,23 @@ def test_architecture_guess_from_parameter_names_and_config():
         assert guess_architecture(keys).name == family
     assert guess_architecture(["fc1.weight", "fc2.weight"]) is None
     assert guess_architecture(["whatever"], {"model_type": "qwen2"}).name == "llama"
+
+
+def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path):
+    """`samerge demo --out DIR` on an existing folder that is not a demo is one line and leaves it untouched (it
+    used to delete it); a demo made before is reused; --overwrite replaces the folder, as asked."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    r = run("demo", "--out", str(mine), "--experts", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "exists and is not a demo" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (mine / "notes.txt").read_text() == "user data"
+    demo = tmp_path / "demo"
+    assert run("demo", "--out", str(demo), "--experts", "1").returncode == 0
+    made = (demo / "expert-1" / "model.safetensors").stat().st_mtime_ns
+    assert run("demo", "--out", str(demo), "--experts", "1").returncode == 0  # reused, not rebuilt
+    assert (demo / "expert-1" / "model.safetensors").stat().st_mtime_ns == made
+    r = run("demo", "--out", str(mine), "--experts", "1", "--overwrite")
+    assert r.returncode == 0 and not (mine / "notes.txt").exists() and (mine / "base" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "mine"]  # no temporaries left

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import shutil
 import socket
@@ -69,12 +70,18 @@ def test_metrics_match_scikit_learn_and_scipy():
         metrics.accuracy([0, 1], [0, 1, 1])
 
 
-def test_normalized_score_is_mean_of_ratios():
-    assert metrics.normalized_score({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9, "c": 0.3}) == pytest.approx(0.75)
-    with pytest.raises(SamergeError, match="no expert score for task 'x'"):
-        metrics.normalized_score({"x": 1.0}, {"a": 1.0})
-    with pytest.raises(SamergeError, match="scores 0 on task 'a'"):
-        metrics.normalized_score({"a": 0.2}, {"a": 0.0})
+def test_report_rows_normalize_each_task_by_its_expert_and_average_the_ratios():
+    """The one normalisation every report and the pipeline's evaluate stage use (report.score_rows): per task
+    merged / expert, the average row the mean of those ratios (not the ratio of the means), NaN where an expert
+    scores 0."""
+    from samerge.evaluation.report import score_rows
+
+    rows = score_rows("s", "m", {"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9, "c": 0.3})
+    got = {r["task"]: (r["score"], r["normalized"]) for r in rows}
+    assert got["a"] == (0.5, 0.5) and got["b"] == (0.9, 1.0)
+    assert got["average"][0] == pytest.approx(0.7) and got["average"][1] == pytest.approx(0.75)
+    zero = {r["task"]: r["normalized"] for r in score_rows("s", "m", {"a": 0.2, "b": 0.4}, {"a": 0.0, "b": 0.8})}
+    assert math.isnan(zero["a"]) and zero["b"] == 0.5 and math.isnan(zero["average"])
     with pytest.raises(SamergeError, match="unknown metric 'auc'; valid metrics: accuracy"):
         metrics.get_metric("auc")
 
@@ -554,7 +561,7 @@ def test_suite_files_are_validated_with_clear_messages(tmp_path):
         with pytest.raises(SamergeError, match=pattern):
             load_spec_file(p)
 
-    check(lambda d: d.update(colour="red"), r"unknown key 'colour' at \(top level\); valid keys: name, kind, base")
+    check(lambda d: d.update(colour="red"), r"unknown key 'colour'; valid keys: name, kind, base")
     check(lambda d: d["tasks"][1].update(metrc="mcc"),
           r"unknown key 'metrc' at tasks\[1\]; valid keys: name, expert, data, metric")
     check(lambda d: d["tasks"][0]["expert"].update(rev="x"), r"unknown key 'rev' at tasks\[0\]\.expert; valid "

@@ -251,3 +251,32 @@ def test_merged_hugging_face_model_loads_with_from_pretrained(tmp_path):
     with open_checkpoint(tmp_path / "merged") as ck:
         w = "encoder.layer.0.attention.self.query.weight"
         assert torch.equal(model.state_dict()[w], ck[w])
+
+
+def test_suite_cache_entries_are_published_whole(tmp_path, monkeypatch):
+    """An expert cached by a suite (evaluation.text.cached_expert) appears whole or not at all: a fine-tune that
+    fails leaves nothing, a partial entry left by an older version is replaced, and a complete entry is read back."""
+    from types import SimpleNamespace
+
+    from samerge.evaluation.text import cached_expert
+    from samerge.io.writer import TEMP_MARK
+
+    monkeypatch.setenv("SAMERGE_CACHE", str(tmp_path))
+    task = SimpleNamespace(name="t", labels=["a", "b"], source="hand", train=[("x", 0)])
+    enc, head = {"w": torch.arange(4.0)}, {"h": torch.ones(2)}
+    entry = tmp_path / "suites" / "text" / "small" / "seed0" / "t-k"
+
+    def boom():
+        raise RuntimeError("fine-tuning failed")
+
+    with pytest.raises(RuntimeError):
+        cached_expert("text", "small", 0, task, "k", boom)
+    assert not entry.parent.exists() or not list(entry.parent.iterdir())
+    entry.mkdir(parents=True)
+    save_safetensors(enc, entry / "expert.safetensors")  # half an entry, as an in-place writer left it
+    got = cached_expert("text", "small", 0, task, "k", lambda: (enc, head))
+    assert torch.equal(got.encoder["w"], enc["w"])
+    assert sorted(p.name for p in entry.iterdir()) == ["expert.safetensors", "head.safetensors", "task.json"]
+    assert not [p for p in entry.parent.iterdir() if TEMP_MARK in p.name]
+    again = cached_expert("text", "small", 0, task, "k", boom)  # read from the cache: no fine-tune
+    assert torch.equal(again.head["h"], head["h"])

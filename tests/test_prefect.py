@@ -41,17 +41,25 @@ PREFECT = str(BIN / "prefect")
 SAMERGE = str(BIN / "samerge")
 TASKS = ["sentiment", "language_id"]
 # Small but real: two experts, two methods (one of them SA-Merging's iterative loop), no MLflow.
-SMALL = {"acquire.tasks": TASKS, "prune.methods": ["task_arithmetic", "sa_merging"], "prune.iterations": 2,
+SMALL = {"acquire.tasks": TASKS, "prune.methods": ["task_arithmetic", "sa_merging"], "prune.sa_merging.iterations": 2,
          "score.sample": 1000, "report.track": False}
 RUN_TIMEOUT_S = 600
 
 
 # --- no server ---------------------------------------------------------------------------------------------------
 
-def test_stage_tasks_are_named_like_the_stages() -> None:
+def test_each_stage_task_runs_the_stage_it_is_named_after(monkeypatch) -> None:
+    """The task registered as a stage's name calls samerge's run_stage for that stage (and prune for its method):
+    the task's own function is called with run_stage recording what it was asked to run."""
+    import tasks.stages as task_module
+
     assert tuple(STAGE_TASKS) == STAGES
+    calls: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(task_module, "run_stage",
+                        lambda stage, params, workdir, method=None, overrides=None: calls.append((stage, method)) or {})
     for name, t in STAGE_TASKS.items():
-        assert t.name == name
+        t.fn(*(["ties"] if name == "prune" else []), params_path="p.yaml")
+        assert calls[-1] == (name, "ties" if name == "prune" else None)
         assert t.retries == 2 and t.retry_condition_fn is retry_if_transient
 
 

@@ -88,7 +88,6 @@ def test_small_text_suite_every_default_method(suite_cache, tmp_path):
     assert {r["method"] for r in rows} == {"base", "expert", *default_methods("small")}
     assert {r["task"] for r in rows} == {*BUILTIN_TEXT_TASKS, "average"}
     avg = {r["method"]: float(r["normalized"]) for r in rows if r["task"] == "average"}
-    assert avg["expert"] == pytest.approx(1.0)
     assert avg["base"] < 0.8  # heads alone on the base encoder are far from the experts
     assert max(v for m, v in avg.items() if m not in ("base", "expert")) > avg["base"]
     assert (out / "sa_iterations.png").exists() and "sa_merging" in (out / "report.md").read_text()

@@ -134,13 +134,13 @@ def test_truncated_and_non_safetensors_files(tmp_path, capsys, pair):
 
 
 @pytest.mark.parametrize("setting,fragment", [
-    ("density=1.5", "'density' input should be less than or equal to 1"),
-    ("density=-0.1", "'density' input should be greater than or equal to 0"),
-    ("scale=0", "'scale' input should be greater than 0"),
-    ("scale=-1", "'scale' input should be greater than 0"),
-    ("scale=.inf", "'scale'"),
-    ("aggregate=median", "'aggregate' input should be 'sum' or 'mean'"),
-    ("densty=0.3", "unknown parameter 'densty' for method 'ties'; valid parameters: density, scale, aggregate"),
+    ("density=1.5", "method 'ties': density: input should be less than or equal to 1 (got 1.5)"),
+    ("density=-0.1", "method 'ties': density: input should be greater than or equal to 0 (got -0.1)"),
+    ("scale=0", "method 'ties': scale: input should be greater than 0 (got 0)"),
+    ("scale=-1", "method 'ties': scale: input should be greater than 0 (got -1)"),
+    ("scale=.inf", "method 'ties': scale: input should be a finite number (got inf)"),
+    ("aggregate=median", "method 'ties': aggregate: input should be 'sum' or 'mean' (got 'median')"),
+    ("densty=0.3", "method 'ties': unknown parameter 'densty'; valid parameters: density, scale, aggregate"),
 ])
 def test_parameter_validation(tmp_path, capsys, pair, setting, fragment):
     base, experts = pair
@@ -245,5 +245,5 @@ def test_one_parser_reads_key_value_assignments_alike_everywhere():
     with pytest.raises(samerge.SamergeError, match=r"method 'ties\[density\]': expected key=value, got 'density'"):
         parse_method("ties[density]")
     # a value that is not valid YAML reaches the parameter check as text: one line, no YAML traceback
-    with pytest.raises(samerge.SamergeError, match="prune.prune_ratio"):
-        load_params(None, parse_overrides(["prune.prune_ratio=[unclosed"]))
+    with pytest.raises(samerge.SamergeError, match="prune.sa_merging.prune_ratio"):
+        load_params(None, parse_overrides(["prune.sa_merging.prune_ratio=[unclosed"]))

@@ -54,7 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samerge.device import resolve_device
-from samerge.errors import SamergeError, SamergeWarning
+from samerge.errors import SamergeError, SamergeWarning, invalid
 from samerge.evaluation.metrics import METRICS, REGRESSION_METRICS, get_metric
 from samerge.evaluation.templates import CLASSNAMES, TEMPLATES, clean_classname, prompts
 from samerge.evaluation.text import Expert, cache_root
@@ -219,35 +219,6 @@ class SuiteSpec(_Strict):
 
 
 # ================================================================================================ validation
-def _field_names(model: type[BaseModel], loc: Sequence[Any]) -> list[str] | None:
-    """The valid keys at ``loc`` (a pydantic error location) inside ``model``."""
-    import typing
-
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        ann = current.model_fields[part].annotation
-        nxt = None
-        for cand in (ann, *typing.get_args(ann), *(a for x in typing.get_args(ann) for a in typing.get_args(x))):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-                break
-        current = nxt
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
-
-
-def _where(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def validate_spec(data: Any, source: str) -> SuiteSpec:
     """A :class:`SuiteSpec` from parsed YAML/JSON, or a :class:`SamergeError` naming the first problem."""
     if not isinstance(data, Mapping):
@@ -255,18 +226,7 @@ def validate_spec(data: Any, source: str) -> SuiteSpec:
     try:
         return SuiteSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc, kind = tuple(err["loc"]), err["type"]
-        if kind == "extra_forbidden":
-            valid = _field_names(SuiteSpec, loc[:-1]) or []
-            raise SamergeError(f"{source}: unknown key {loc[-1]!r} at {_where(loc[:-1])}; valid keys: "
-                               f"{', '.join(valid)}") from None
-        if kind == "missing":
-            raise SamergeError(f"{source}: missing key {loc[-1]!r} at {_where(loc[:-1])}") from None
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if kind == "literal_error":
-            msg = f"{msg} (got {err.get('input')!r})"
-        raise SamergeError(f"{source}: {_where(loc)}: {msg}") from None
+        raise invalid(source, exc, SuiteSpec) from None
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> SuiteSpec:

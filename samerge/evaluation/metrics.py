@@ -11,13 +11,13 @@ GLUE's usual single numbers (as the merging literature reports them): CoLA ``mcc
 (the mean of Pearson and Spearman); MRPC and QQP ``accuracy_f1`` (the mean of accuracy and binary F1); the others
 ``accuracy``.
 
-The normalized score (Yadav et al.; Yang et al.) is merged score / expert score per task, averaged over tasks:
-:func:`normalized_score`.
+The normalized score (Yadav et al.; Yang et al.) is merged score / expert score per task (:func:`normalized`),
+averaged over tasks by the report (:func:`samerge.evaluation.report.score_rows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -120,18 +120,7 @@ def get_metric(name: str) -> Callable[[ArrayLike, ArrayLike], float]:
         raise SamergeError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}") from None
 
 
-def normalized_score(merged: Mapping[str, float], expert: Mapping[str, float]) -> float:
-    """The paper's normalized score: mean over tasks of merged score / expert score.
-
-    Tasks whose expert score is 0 are undefined and rejected (a merged model cannot be compared with an expert
-    that scores nothing).
-    """
-    if not merged:
-        raise SamergeError("normalized score: no tasks")
-    missing = [t for t in merged if t not in expert]
-    if missing:
-        raise SamergeError(f"normalized score: no expert score for task {missing[0]!r}")
-    zero = [t for t in merged if expert[t] == 0]
-    if zero:
-        raise SamergeError(f"normalized score: the expert scores 0 on task {zero[0]!r}")
-    return sum(merged[t] / expert[t] for t in merged) / len(merged)
+def normalized(score: float, expert_score: float) -> float:
+    """The normalized score of one task: merged score / expert score; NaN where the expert scores 0 (undefined:
+    nothing to keep), which propagates to the average so that a report never hides it."""
+    return score / expert_score if expert_score else float("nan")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from samerge.evaluation import llm, text, vision
 from samerge.evaluation import tasks as task_data
 from samerge.evaluation.defaults import default_methods
 from samerge.evaluation.hub import HUB_SUITES, is_hub_suite, load_hub_suite
+from samerge.evaluation.metrics import normalized
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
 from samerge.overrides import parse_assignments
@@ -237,13 +239,10 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
 def score_rows(suite: str, method: str, scores: Mapping[str, float],
                expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
     """report.csv rows of one method: one per task plus the ``average`` row (normalized = merged / expert)."""
-    def norm(t: str, score: float) -> float:
-        return score / expert_scores[t] if expert_scores[t] else float("nan")
-
-    rows = [{"suite": suite, "method": method, "task": t, "score": v, "normalized": norm(t, v)}
+    rows = [{"suite": suite, "method": method, "task": t, "score": v, "normalized": normalized(v, expert_scores[t])}
             for t, v in scores.items()]
     rows.append({"suite": suite, "method": method, "task": "average", "score": sum(scores.values()) / len(scores),
-                 "normalized": sum(norm(t, v) for t, v in scores.items()) / len(scores)})
+                 "normalized": sum(r["normalized"] for r in rows) / len(rows)})
     return rows
 
 
@@ -277,13 +276,12 @@ def paired_differences(per_seed: dict[int, list[dict[str, Any]]], against: str) 
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV file written whole or not at all (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
+    """A CSV file written whole or not at all."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,

@@ -21,6 +21,7 @@ import torch
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import TaskData
 from samerge.io import open_checkpoint, save_safetensors
+from samerge.io.writer import publish_dir, remove_path
 
 HYPER = {
     "small": {"epochs": 2, "lr": 1e-4, "batch": 16, "max_len": 48},
@@ -65,11 +66,15 @@ def cached_expert(suite: str, size: str, seed: int, task: Any, key: str,
         with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
             return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})
     encoder, head = finetune()
-    d.mkdir(parents=True, exist_ok=True)
-    save_safetensors(encoder, enc_path, metadata={"task": task.name}, overwrite=True)
-    save_safetensors(head, head_path, overwrite=True)
-    (d / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
-                                             "train": len(task.train), "seed": seed}))
+    if enc_path.exists() and head_path.exists():  # published by another process meanwhile
+        return Expert(task, encoder, head)
+    if d.is_dir():
+        remove_path(d)  # a partial entry of a version that wrote the files in place (entries are published whole)
+    with publish_dir(d, keep_existing=True) as tmp:
+        save_safetensors(encoder, tmp / enc_path.name, metadata={"task": task.name})
+        save_safetensors(head, tmp / head_path.name)
+        (tmp / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
+                                                   "train": len(task.train), "seed": seed}))
     return Expert(task, encoder, head)
 
 

@@ -172,15 +172,28 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def publish_dir(final: Path) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside ``final``; on success :func:`publish` it as ``final``, else remove it."""
+def publish_dir(final: Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``final``; on success :func:`publish` it as ``final``, else remove it.
+
+    ``keep_existing`` is for cache entries, whose content is fixed by their name: when another process has
+    published ``final`` meanwhile, that one stays (a reader may be using it) and this one is dropped."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)  # what a killed run left here (its process is gone)
     tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        publish(tmp, final)
+        if not keep_existing:
+            publish(tmp, final)
+            return
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # published by another process meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

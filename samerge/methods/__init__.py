@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from samerge.errors import SamergeError
+from samerge.errors import SamergeError, invalid
 from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
 from samerge.methods.dare import Dare
 from samerge.methods.pcb import Pcb
@@ -35,25 +35,16 @@ def get_method(name: str) -> MergeMethod:
 
 def parse_params(method: MergeMethod, params: dict[str, Any]) -> MethodParams:
     """Validate ``params`` against ``method``'s parameter model, with errors that name the valid options."""
-    return validate_params(method.Params, params, method.name, f"method {method.name!r}")
+    return validate_params(method.Params, params, f"method {method.name!r}")
 
 
-def validate_params(model: type[MethodParams], params: Mapping[str, Any], name: str, owner: str) -> Any:
-    """``model(**params)``, or one error naming the valid parameters (``owner``: whose they are) or what is wrong
-    with a value (prefixed ``name``): the one validation of method parameters, for the API, the CLI and LoRA."""
-    fields = list(model.model_fields)
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        valid = ", ".join(fields) if fields else "(none)"
-        raise SamergeError(f"unknown parameter {unknown[0]!r} for {owner}; valid parameters: {valid}")
+def validate_params(model: type[MethodParams], params: Mapping[str, Any], owner: str) -> Any:
+    """``model(**params)``, or one error naming the valid parameters or what is wrong with a value (``owner``:
+    whose parameters they are): the one validation of method parameters, for the API, the CLI and LoRA."""
     try:
         return model(**params)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "parameters"
-        got = err.get("input")
-        raise SamergeError(f"{name}: parameter {loc!r} {err['msg'][0].lower()}{err['msg'][1:]} "
-                           f"(got {got!r})") from None
+        raise invalid(owner, exc, model, noun="parameter") from None
 
 
 def describe_params(method: type[MergeMethod]) -> list[tuple[str, str, Any, str]]:

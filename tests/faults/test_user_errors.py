@@ -39,13 +39,13 @@ def lora_args(root: Path, out: Path, adapters: list[Path] | None = None, *extra:
 
 @pytest.mark.parametrize("change,fragment", [
     ("[1, 2]", "expected a JSON object"),
-    ({"r": "abc"}, "r: Input should be a valid integer"),
-    ({"r": None}, "r: Input should be a valid integer"),
-    ({"r": 0}, "r: Input should be greater than or equal to 1"),
-    ({"lora_alpha": "big"}, "lora_alpha: Input should be a valid number"),
+    ({"r": "abc"}, "r: input should be a valid integer (got 'abc')"),
+    ({"r": None}, "r: input should be a valid integer (got None)"),
+    ({"r": 0}, "r: input should be greater than or equal to 1 (got 0)"),
+    ({"lora_alpha": "big"}, "lora_alpha: input should be a valid number"),
     ({"rank_pattern": {"q_proj(": 2}}, "is not a regular expression"),
-    ({"rank_pattern": ["q_proj"]}, "rank_pattern: Input should be a valid dictionary"),
-    ({"use_rslora": "yes"}, "use_rslora: Input should be a valid boolean"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern: input should be a valid dictionary (got ['q_proj'])"),
+    ({"use_rslora": "yes"}, "use_rslora: input should be a valid boolean (got 'yes')"),
     ("\udcff", "cannot parse"),
 ])
 def test_adapter_configs_of_the_wrong_type_are_one_line(lora_inputs, tmp_path, capsys, change, fragment):
@@ -67,12 +67,12 @@ def test_adapter_configs_of_the_wrong_type_are_one_line(lora_inputs, tmp_path, c
 
 
 @pytest.mark.parametrize("sets,fragment", [
-    (["iterations=abc"], "'iterations' input should be a valid integer"),
-    (["scale=1e9"], "'scale' input should be less than or equal to 10"),
-    (["density=-1"], "'density' input should be greater than or equal to 0"),
-    (["prune_ratio=1"], "'prune_ratio' input should be less than 1"),
-    (["qk_rule=nope"], "'qk_rule' input should be"),
-    (["colour=red"], "unknown parameter 'colour' for merge-lora"),
+    (["iterations=abc"], "merge-lora: iterations: input should be a valid integer"),
+    (["scale=1e9"], "merge-lora: scale: input should be less than or equal to 10 (got '1e9')"),
+    (["density=-1"], "merge-lora: density: input should be greater than or equal to 0 (got -1)"),
+    (["prune_ratio=1"], "merge-lora: prune_ratio: input should be less than 1 (got 1)"),
+    (["qk_rule=nope"], "merge-lora: qk_rule: input should be"),
+    (["colour=red"], "merge-lora: unknown parameter 'colour'; valid parameters: iterations, prune_ratio"),
 ])
 def test_merge_lora_parameters_are_validated_like_merge(lora_inputs, tmp_path, capsys, sets, fragment):
     out = tmp_path / "out"
