@@ -215,17 +215,14 @@ def _sample_keys(tau, base, merged, us, vs, scales, rule, C, stride, out, nt):
     per = (runs + nt - 1) // nt
     for th in prange(nt):
         j0, j1 = th * per, min(runs, (th + 1) * per)
-        for j in range(j0, min(j1, j0 + AHEAD)):
-            i = min(n - RUN, j * stride)
-            _prefetch(tau, i)
-            _prefetch(base, i)
-            _prefetch(merged, i)
-        for j in range(j0, j1):
-            if j + AHEAD < j1:
+        for j in range(j0 - AHEAD, j1):  # the first AHEAD steps only prefetch
+            if j0 <= j + AHEAD < j1:
                 i = min(n - RUN, (j + AHEAD) * stride)
                 _prefetch(tau, i)
                 _prefetch(base, i)
                 _prefetch(merged, i)
+            if j < j0:
+                continue
             i = min(n - RUN, j * stride)
             r = i // C  # one division per run
             c = i - r * C

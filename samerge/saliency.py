@@ -111,18 +111,15 @@ class ExpertWeights:
 
     ``buffers`` (key -> tensor) may be shared across experts and iterations: they are overwritten, never
     reallocated, which keeps an SA-Merging iteration free of page faults. ``fill`` writes ``|theta0 + tau|`` of a
-    key into a buffer for task vectors held in another form, where ``current(key)`` says ``tau[key]`` is not the
-    whole current task vector.
+    key missing from ``tau`` into a buffer (task vectors held in another form; without it such a key is ``|theta0|``).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor] | None = None,
-                 fill: Callable[[str, torch.Tensor], None] | None = None,
-                 current: Callable[[str], bool] | None = None) -> None:
+                 fill: Callable[[str, torch.Tensor], None] | None = None) -> None:
         self.base, self.tau = base, tau
         self._buffers = buffers if buffers is not None else {}
         self._fill = fill
-        self._current = current
         self._done: set[str] = set()
 
     def absolute(self, key: str) -> torch.Tensor:
@@ -131,22 +128,19 @@ class ExpertWeights:
             buf = self._buffers[key] = torch.empty_like(self.base[key])
         if key not in self._done:
             t = self.tau.get(key)
-            if self._fill is not None and not self._is_current(key):
-                self._fill(key, buf)
-            elif t is not None:
+            if t is not None:
                 abs_sum_into(self.base[key], t, buf)
+            elif self._fill is not None:
+                self._fill(key, buf)
             else:
                 torch.abs(self.base[key], out=buf)
             self._done.add(key)
         return buf
 
-    def _is_current(self, key: str) -> bool:
-        return self._current is not None and self._current(key)
-
     def weights(self, ref: Ref) -> torch.Tensor | AbsMap:
         b, t = self.base[ref.key], self.tau.get(ref.key)
         if AbsMap.supports(b, t):
-            if self._fill is None or self._is_current(ref.key):
+            if t is not None or self._fill is None:
                 return AbsMap(b, t, ref)
             return AbsMap(self.absolute(ref.key), None, ref)  # the same products as the lazy map, bit for bit
         w = view2d(self.absolute(ref.key))
@@ -161,9 +155,8 @@ class ExpertWeights:
 def expert_flows(graph: TransformerGraph | ChainGraph, base: Mapping[str, torch.Tensor],
                  tau: Mapping[str, torch.Tensor], qk_rule: str, shapes: Mapping[str, tuple[int, ...]],
                  buffers: dict[str, torch.Tensor] | None = None,
-                 fill: Callable[[str, torch.Tensor], None] | None = None,
-                 current: Callable[[str], bool] | None = None) -> FlowFactors:
-    ew = ExpertWeights(base, tau, buffers, fill, current)
+                 fill: Callable[[str, torch.Tensor], None] | None = None) -> FlowFactors:
+    ew = ExpertWeights(base, tau, buffers, fill)
     device = next(iter(base.values())).device if len(base) else torch.device("cpu")
     return flow_factors(graph, ew.weights, ew.gamma, qk_rule, dict(shapes), device)
 

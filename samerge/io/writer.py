@@ -157,11 +157,20 @@ def claim_output(out: Path, inputs: Iterable[str | os.PathLike[str]], overwrite:
     return lock
 
 
-def publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path, *, replace: bool = True) -> None:
     """Put the finished folder ``tmp`` (fsync'ed here) in place of ``final``: an existing ``final`` is moved aside
-    and removed once the new one is in place (a symbolic link: only the link)."""
+    and removed once the new one is in place (a symbolic link: only the link). ``replace=False`` (cache entries,
+    whose content is fixed by their name): an existing ``final``, published by another process meanwhile, stays (a
+    reader may be using it) and ``tmp`` is removed."""
     fsync_tree(tmp)
-    if final.exists() or final.is_symlink():
+    if not replace:
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif final.exists() or final.is_symlink():
         backup = final.parent / f".{final.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
         os.rename(final, backup)
         os.rename(tmp, final)
@@ -175,25 +184,14 @@ def publish(tmp: Path, final: Path) -> None:
 def publish_dir(final: Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``final``; on success :func:`publish` it as ``final``, else remove it.
 
-    ``keep_existing`` is for cache entries, whose content is fixed by their name: when another process has
-    published ``final`` meanwhile, that one stays (a reader may be using it) and this one is dropped."""
+    ``keep_existing``: an entry another process published meanwhile stays (``publish(replace=False)``)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)  # what a killed run left here (its process is gone)
     tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if not keep_existing:
-            publish(tmp, final)
-            return
-        fsync_tree(tmp)
-        try:
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # published by another process meanwhile
+        publish(tmp, final, replace=not keep_existing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

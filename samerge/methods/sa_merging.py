@@ -161,12 +161,10 @@ class _Store:
         at = torch.index_select(merged.reshape(-1), 0, sp.idx, out=ws.get("sa.prod", sp.idx.numel(), merged.dtype))
         return conflicts(sp.val, at, ws)
 
-    def current(self, n: int) -> Callable[[str], bool]:
-        """Whether expert n's dense task vector of a key is its whole current state (no block held sparsely)."""
-        def current(key: str) -> bool:
-            return key in self.taus[n] and not any((n, key, r) in self.sparse for r in self._units_of.get(key, []))
-
-        return current
+    def dense_taus(self, n: int) -> dict[str, torch.Tensor]:
+        """Expert n's task vectors held wholly dense (no block sparse): the others go through :meth:`abs_filler`."""
+        return {key: t for key, t in self.taus[n].items()
+                if not any((n, key, r) in self.sparse for r in self._units_of.get(key, []))}
 
     def abs_filler(self, n: int) -> Callable[[str, torch.Tensor], None]:
         """Writes |theta0 + tau_n| of a key into a buffer, whatever form each of its blocks is held in."""
@@ -285,8 +283,8 @@ class SaMerging(MergeMethod):
         bar = tqdm(range(1, params.iterations + 1), desc="sa_merging", unit="iter", disable=not context.progress,
                    leave=False)
         for t in bar:
-            flows = [expert_flows(graph, base, taus[n], params.qk_rule, context.shapes, abs_buffers,
-                                  fill=store.abs_filler(n), current=store.current(n)) for n in range(n_exp)]
+            flows = [expert_flows(graph, base, store.dense_taus(n), params.qk_rule, context.shapes, abs_buffers,
+                                  fill=store.abs_filler(n)) for n in range(n_exp)]
             if not store.units:
                 store.set_units(units)
                 state.units = store.units
