@@ -62,7 +62,7 @@ def loader(tasks: Path) -> Callable[..., TaskData]:
 
 
 def report(tasks: Path, args: list[str]) -> int:
-    llm.load_llm_task = loader(tasks)  # read at call time by samerge.evaluation.report._suite
+    llm.LlmLoraSuite.load_task = staticmethod(loader(tasks))  # how the catalog loads the suite's built-in tasks
     if os.environ.get("SAMERGE_TIMING"):  # where the time goes: one line per merge, scoring and fine-tuning
         import samerge
 

@@ -281,7 +281,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from samerge.stages import run_stage
 
     run_stage(args.stage, args.params, args.workdir, method=args.method, overrides=parse_overrides(args.set),
-              quiet=args.quiet, resend=args.resend)
+              quiet=args.quiet, resend=args.resend, inputs=args.inputs)
     return 0
 
 
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
     p.add_argument("--resend", action="store_true",
                    help="report: send the report already written to MLflow (after the server was unreachable)")
+    p.add_argument("--inputs", metavar="DIR",
+                   help="acquire: refuse a registry or task file outside DIR (dvc.yaml passes the folder it declares "
+                        "as the stage's dependency, so that dvc sees them change)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stage)
 

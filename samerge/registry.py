@@ -24,7 +24,7 @@ from typing import Any
 
 from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
-from samerge.evaluation.report import _suite
+from samerge.evaluation.catalog import open_suite
 from samerge.io import open_checkpoint, save_safetensors
 from samerge.io.safetensors_format import read_header
 from samerge.io.writer import claim_output, publish_dir, write_text_atomic
@@ -38,7 +38,7 @@ def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", 
     r = Path(reg)
     if (r / "manifest.json").exists():
         raise SamergeError(f"{r}: a registry already exists here")
-    st, _ = _suite(suite, size, seed, False, None, {})
+    st, _ = open_suite(suite, size, seed)
     r.mkdir(parents=True, exist_ok=True)
     (r / "experts").mkdir(exist_ok=True)
     save_safetensors(st.base, r / "base.safetensors", metadata={"samerge.role": "base"}, overwrite=True)

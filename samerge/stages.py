@@ -27,8 +27,8 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,13 +37,15 @@ import samerge
 from samerge.api import merge_checkpoints
 from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
-from samerge.evaluation.report import _suite, score_rows, write_report
-from samerge.evaluation.text import Expert
+from samerge.evaluation.catalog import open_suite
+from samerge.evaluation.report import write_report
+from samerge.evaluation.scoring import score_models
+from samerge.evaluation.suite import Expert, Suite
 from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import publish_dir
 from samerge.layout import MANIFEST, STAGES, Layout, read_iterations, read_manifest, read_rows
-from samerge.params import PipelineParams, load_params
+from samerge.params import AcquireParams, PipelineParams, load_params
 from samerge.saliency import saliency
 from samerge.tracking import PENDING, track_pipeline
 
@@ -78,31 +80,40 @@ def _task_spec(task: Any, suite: str, size: str, seed: int, path: str | None) ->
             "seed": seed, "labels": list(task.labels), "source": task.source}
 
 
-def open_suite(manifest: Mapping[str, Any], progress: bool = False, device: str = "auto") -> tuple[Any, list[Any]]:
+def manifest_suite(manifest: Mapping[str, Any], progress: bool = False, device: str = "auto") -> tuple[Suite, list[Any]]:
     """The suite object and the task data of the experts a manifest lists (deterministic from the specs);
     ``device``: where the suite scores (see :class:`~samerge.params.EvaluateParams`)."""
     specs = [e["task"] for e in manifest["experts"]]
     builtin = [s["name"] for s in specs if s["kind"] == "builtin"]
     files = {s["name"]: s["path"] for s in specs if s["kind"] == "file"}
-    st, data = _suite(manifest["suite"], manifest["size"], manifest["seed"], progress, builtin or None, files,
-                      device)
-    by = {t.name: t for t in data}  # with no built-in task named, _suite loads them all: keep the listed ones
+    st, data = open_suite(manifest["suite"], manifest["size"], manifest["seed"], tasks=builtin or None,
+                          add_tasks=files, progress=progress, device=device)
+    by = {t.name: t for t in data}  # with no built-in task named, open_suite loads them all: keep the listed ones
     return st, [by[s["name"]] for s in specs]
 
 
 # ------------------------------------------------------------------------------------------------ acquire
 
 
-def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dict[str, Any]:
-    """Fine-tune (or load cached) experts of the suite, or take them from a registry; write base + experts."""
+def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False,
+            inputs: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Fine-tune (or load cached) experts of the suite, or take them from a registry; write base + experts.
+
+    ``inputs``: a folder every file the user names (``experts_dir``, ``add_tasks``) must lie in; dvc.yaml passes
+    the folder it declares as this stage's dependency, so a new expert or an edited task file re-runs the pipeline
+    from here instead of leaving it silently up to date.
+    """
     t0 = time.perf_counter()
     p = params.acquire
+    if inputs is not None:
+        _check_inputs(p, Path(inputs))
     with publish_dir(layout.stage("acquire")) as out:
         (out / "experts").mkdir()
         if p.experts_dir:
             manifest = _acquire_registry(Path(p.experts_dir), out, quiet)
         else:
-            st, data = _suite(p.suite, p.size, p.seed, not quiet, p.tasks or None, dict(p.add_tasks))
+            st, data = open_suite(p.suite, p.size, p.seed, tasks=p.tasks or None, add_tasks=p.add_tasks,
+                                  progress=not quiet)
             save_safetensors(st.base, out / "base.safetensors", metadata={"samerge.role": "base"})
             experts = []
             for task in data:
@@ -122,6 +133,17 @@ def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> d
         _stage_record(out, "acquire", p.model_dump(), t0, experts=[e["name"] for e in manifest["experts"]])
     _say(f"acquire: {len(manifest['experts'])} experts of suite {manifest['suite']} in {layout.stage('acquire')}", quiet)
     return {"out": str(layout.stage("acquire")), "experts": [e["name"] for e in manifest["experts"]]}
+
+
+def _check_inputs(p: AcquireParams, inputs: Path) -> None:
+    named = [("acquire.experts_dir", p.experts_dir)] if p.experts_dir else []
+    named += [(f"acquire.add_tasks.{n}", path) for n, path in p.add_tasks.items()]
+    root = inputs.resolve()
+    for where, path in named:
+        if not Path(path).resolve().is_relative_to(root):
+            raise SamergeError(f"{where} = {path} is outside {inputs}/, the folder dvc.yaml declares as the acquire "
+                               f"stage's input: dvc would not re-run the pipeline when it changes; move it under "
+                               f"{inputs}/ (or run `samerge stage acquire` without --inputs)")
 
 
 def _acquire_registry(reg: Path, out: Path, quiet: bool) -> dict[str, Any]:
@@ -405,24 +427,18 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
     t0 = time.perf_counter()
     acq = layout.stage("acquire")
     manifest = read_manifest(acq)
-    st, data = open_suite(manifest, progress=not quiet, device=params.evaluate.device)
-    split = params.evaluate.split
-    tasks = [SimpleNamespace(**{**vars(t), "test": getattr(t, split)}) if split != "test" else t for t in data]
-    experts = []
-    for e, task in zip(manifest["experts"], tasks):
-        d = acq / "experts" / e["name"]
-        experts.append(Expert(task, _state(d / "expert.safetensors"), _state(d / "head.safetensors")))
+    st, data = manifest_suite(manifest, progress=not quiet, device=params.evaluate.device)
     missing = [m for m in params.prune.methods if not (layout.merged(m) / "model").exists()]
     if missing:
         raise SamergeError(f"no merged model for {', '.join(missing)}; run `samerge stage prune --method "
                            f"{missing[0]}` first")
-    expert_scores = {e.task.name: st.scores(e.encoder, [e])[e.task.name] for e in experts}
-    results: dict[str, dict[str, float]] = {"base": st.scores(_state(acq / "base.safetensors"), experts),
-                                            "expert": expert_scores}
-    for m in params.prune.methods:
-        _say(f"evaluate: {m}", quiet)
-        results[m] = st.scores(_state(layout.merged(m) / "model"), experts)
-    rows = rows_from_scores(manifest["suite"], results, expert_scores)
+    experts = []
+    for e, task in zip(manifest["experts"], data):
+        d = acq / "experts" / e["name"]
+        experts.append(Expert(task, _state(d / "expert.safetensors"), _state(d / "head.safetensors")))
+    models = {m: partial(_state, layout.merged(m) / "model") for m in params.prune.methods}
+    rows = score_models(st, experts, models, label=manifest["suite"], split=params.evaluate.split,
+                        base=partial(_state, acq / "base.safetensors"), say=lambda m: _say(f"evaluate: {m}", quiet))
     with publish_dir(layout.stage("evaluate")) as out:
         with open(out / "scores.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["suite", "method", "task", "score", "normalized"])
@@ -445,12 +461,6 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
     avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
     _say("evaluate: normalized average " + ", ".join(f"{m} {v:.3f}" for m, v in avg.items()), quiet)
     return {"out": str(layout.stage("evaluate")), "normalized_average": avg}
-
-
-def rows_from_scores(suite: str, results: Mapping[str, Mapping[str, float]],
-                     expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
-    """report.csv rows: one per method and task, plus the ``average`` row (normalized = merged / expert)."""
-    return [r for method, scores in results.items() for r in score_rows(suite, method, scores, expert_scores)]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -505,9 +515,11 @@ def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, An
 
 def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.yaml",
               workdir: str | os.PathLike[str] = ".", *, method: str | None = None,
-              overrides: dict[str, Any] | None = None, quiet: bool = False, resend: bool = False) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, quiet: bool = False, resend: bool = False,
+              inputs: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run one stage by name: the single entry point of the CLI, dvc.yaml and the Prefect tasks. ``resend``
-    (report only): send the report already written to MLflow."""
+    (report only): send the report already written to MLflow. ``inputs`` (acquire only): the folder the user's
+    files must lie in (see :func:`acquire`)."""
     if stage not in STAGES:
         raise SamergeError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path, overrides)
@@ -518,11 +530,15 @@ def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.y
         return prune(params, layout, method, quiet=quiet)
     if method is not None:
         raise SamergeError(f"--method applies to the prune stage only, not {stage}")
+    if inputs is not None and stage != "acquire":
+        raise SamergeError(f"--inputs applies to the acquire stage only, not {stage}")
+    if stage == "acquire":
+        return acquire(params, layout, quiet=quiet, inputs=inputs)
     if stage == "report":
         return report(params, layout, quiet=quiet, resend=resend)
     if resend:
         raise SamergeError(f"--resend applies to the report stage only, not {stage}")
-    fn = {"acquire": acquire, "extract": extract, "score": score, "evaluate": evaluate}[stage]
+    fn = {"extract": extract, "score": score, "evaluate": evaluate}[stage]
     return fn(params, layout, quiet=quiet)
 
 

@@ -71,10 +71,10 @@ def test_metrics_match_scikit_learn_and_scipy():
 
 
 def test_report_rows_normalize_each_task_by_its_expert_and_average_the_ratios():
-    """The one normalisation every report and the pipeline's evaluate stage use (report.score_rows): per task
+    """The one normalisation every report and the pipeline's evaluate stage use (scoring.score_rows): per task
     merged / expert, the average row the mean of those ratios (not the ratio of the means), NaN where an expert
     scores 0."""
-    from samerge.evaluation.report import score_rows
+    from samerge.evaluation.scoring import score_rows
 
     rows = score_rows("s", "m", {"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9, "c": 0.3})
     got = {r["task"]: (r["score"], r["normalized"]) for r in rows}
@@ -523,6 +523,10 @@ def test_hub_path_offline_from_a_populated_cache(clip_files, env, tmp_path, no_n
 
 # ==================================================================================================== definitions
 def test_builtin_definitions_name_the_published_experts():
+    # one file per built-in (hub/builtin/<name>.yaml), each naming itself, listed in a fixed order
+    assert HUB_SUITES == ("clip-vit-b32", "clip-vit-b16", "clip-vit-l14", "roberta-base-glue", "roberta-large-glue",
+                          "flan-t5-base-lora-glue")
+    assert [builtin_spec(s).name for s in HUB_SUITES] == list(HUB_SUITES)
     b32 = builtin_spec("clip-vit-b32")
     assert b32.base.repo == "openai/clip-vit-base-patch32" and len(b32.tasks) == 8
     assert [t.expert.repo for t in b32.tasks][:2] == ["tanganke/clip-vit-base-patch32_sun397",

@@ -254,11 +254,11 @@ def test_merged_hugging_face_model_loads_with_from_pretrained(tmp_path):
 
 
 def test_suite_cache_entries_are_published_whole(tmp_path, monkeypatch):
-    """An expert cached by a suite (evaluation.text.cached_expert) appears whole or not at all: a fine-tune that
+    """An expert cached by a suite (evaluation.suite.cached_expert) appears whole or not at all: a fine-tune that
     fails leaves nothing, a partial entry left by an older version is replaced, and a complete entry is read back."""
     from types import SimpleNamespace
 
-    from samerge.evaluation.text import cached_expert
+    from samerge.evaluation.suite import cached_expert
     from samerge.io.writer import TEMP_MARK
 
     monkeypatch.setenv("SAMERGE_CACHE", str(tmp_path))

@@ -22,6 +22,7 @@ import yaml
 import samerge
 from samerge.cli import main
 from samerge.io import open_checkpoint
+from samerge.layout import read_rows
 from samerge.params import load_params
 from samerge.stages import STAGES
 
@@ -82,6 +83,15 @@ def test_stage_cli_errors_are_one_line(tmp_path, capsys):
     assert "not in prune.methods" in capsys.readouterr().err
     assert main(["stage", "score", "--set", "prune_ratio=0.3"]) == 2
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    # under dvc, a task file outside inputs/ is refused before anything runs (dvc would not see it change)
+    (tmp_path / "inputs").mkdir()
+    assert main(["stage", "acquire", "--params", str(REPO / "params.yaml"), "--workdir", str(tmp_path), "--inputs",
+                 str(tmp_path / "inputs"), "--set", f"acquire.add_tasks={{mine: {tmp_path / 'mine.csv'}}}"]) == 2
+    err = capsys.readouterr().err
+    assert "acquire.add_tasks.mine" in err and "is outside" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()
+    assert main(["stage", "score", "--inputs", "inputs"]) == 2
+    assert "--inputs applies to the acquire stage only" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ DVC
@@ -90,7 +100,7 @@ def test_stage_cli_errors_are_one_line(tmp_path, capsys):
 def _make_repo(dest: Path, params: dict) -> Path:
     """A fresh git + DVC repo with this project's pipeline and library (the stages run its copy of samerge)."""
     shutil.copytree(REPO / "samerge", dest / "samerge", ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+    for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "inputs/README.md"):
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dest / f)
     data = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -180,6 +190,35 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
     assert summary["params"]["prune_ratio"] == 0.3
     assert summary["final_density"] == pytest.approx(0.7 ** 10, rel=0.02)
 
+    # an expert registry under inputs/: the pipeline merges its experts, and adding one re-runs from acquire
+    from samerge.registry import add_expert, init_registry
+
+    for name in SMALL["acquire.tasks"]:
+        shutil.copytree(repo / "work/acquire/experts" / name, tmp_path / "dropped" / name)
+    reg = repo / "inputs" / "registry"
+    init_registry(reg, "text")
+    add_expert(reg, tmp_path / "dropped" / "sentiment")
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["acquire"]["experts_dir"] = "inputs/registry"
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    _dvc(repo, "repro")
+    assert json.loads(_dvc(repo, "status", "--json")) == {}
+    assert set(json.loads((repo / "work/evaluate/metrics.json").read_text())["sa_merging"]) == {
+        "sentiment", "average", "normalized_average"}
+    add_expert(reg, tmp_path / "dropped" / "language_id")
+    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"acquire"}
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc(repo, "repro")))
+    assert {"acquire", "extract", "prune@sa_merging", "evaluate", "report"} <= ran, ran
+    assert set(json.loads((repo / "work/evaluate/metrics.json").read_text())["sa_merging"]) == {
+        "sentiment", "language_id", "average", "normalized_average"}
+    # a registry outside inputs/ would leave dvc stale: the stage refuses it, in one line
+    shutil.copytree(reg, tmp_path / "elsewhere")
+    data["acquire"]["experts_dir"] = str(tmp_path / "elsewhere")
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    r = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "is outside inputs/" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
 
 # ------------------------------------------------------------------------------------------------ MLflow
 
@@ -216,6 +255,30 @@ def mlflow_server(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+def test_the_stages_and_the_suite_report_score_alike(suite_cache, tmp_path):
+    """One pipeline: the stages (acquire -> prune -> evaluate -> report, files between them, merges streamed from
+    disk) and `samerge suite report` (the same steps in memory) give the same scores for the same methods with the
+    same parameters, row for row."""
+    from samerge.evaluation.report import run_report
+    from samerge.stages import run_pipeline
+
+    params = REPO / "params.yaml"
+    over = {**SMALL, "report.track": False}
+    run_pipeline(params, tmp_path / "run", overrides=over, quiet=True)
+    staged = {(r["method"], r["task"]): r for r in read_rows(tmp_path / "run" / "work" / "report" / "report.csv")}
+    p = load_params(params, over)
+    spec = {m: m + "[" + ",".join(f"{k}={v}" for k, v in p.prune.method_params(m).items() if v is not None) + "]"
+            for m in p.prune.methods}
+    rows = run_report("text", "small", tmp_path / "report", methods=list(spec.values()), tasks=SMALL["acquire.tasks"])
+    reported = {(r["method"], r["task"]): r for r in rows}
+    assert len(staged) == len(reported) == (2 + len(spec)) * 3  # base, expert, the merges; two tasks + average
+    for (method, task), r in staged.items():
+        got = reported[(spec.get(method, method), task)]
+        assert float(r["score"]) == pytest.approx(got["score"], abs=5e-5), (method, task)  # report.csv: 4 decimals
+        assert float(r["normalized"]) == pytest.approx(got["normalized"], abs=5e-5), (method, task)
+    assert float(staged[("sa_merging", "average")]["normalized"]) > float(staged[("base", "average")]["normalized"])
 
 
 def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlflow_server, monkeypatch):

@@ -100,9 +100,9 @@ def test_streamed_equals_in_memory_when_units_are_held_sparsely(monkeypatch):
 
 def test_text_suite_minilm_experts_streamed_equals_in_memory(suite_cache):
     """The text suite's fine-tuned MiniLM experts (post-LN BERT graph), the same experts the suite tests use."""
-    from samerge.evaluation.report import _suite
+    from samerge.evaluation.catalog import open_suite
 
-    st, data = _suite("text", "small", 0, False, None, {})
+    st, data = open_suite("text", "small", 0)
     experts = [st.expert(t).encoder for t in data]
     want = samerge.merge(st.base, experts, "sa_merging", exclude=st.exclude, schedule="memory")
     got, state, _ = _streamed(st.base, experts, st.exclude)

@@ -40,6 +40,36 @@ def test_builtin_tasks_load_deterministically_from_packaged_data():
     assert len(load_builtin("supersense", "small", 0).labels) == 10
 
 
+def test_every_suite_is_opened_by_name_through_one_catalogue(suite_cache):
+    """The catalogue opens each embedded suite by name with its tasks (all, a subset, or an unknown one refused in
+    one line naming the valid ones); every suite, hub suites included, satisfies the Suite protocol and names its
+    own default methods (llm-lora adds its rank-wise LoRA merges, the others take samerge's standard list)."""
+    from samerge.errors import SamergeError
+    from samerge.evaluation.catalog import EMBEDDED, open_suite
+    from samerge.evaluation.hub import HubSuite
+    from samerge.evaluation.llm import LlmLoraSuite
+    from samerge.evaluation.suite import EmbeddedSuite, Suite, standard_methods
+
+    assert set(EMBEDDED) == {"text", "vision", "llm-lora"}
+    for name, cls in EMBEDDED.items():
+        assert issubclass(cls, EmbeddedSuite) and cls.name == name and cls.builtin_tasks
+        with pytest.raises(SamergeError, match=f"unknown {name} task 'nope'; built-in tasks: {cls.builtin_tasks[0]}"):
+            open_suite(name, "small", 0, tasks=["nope"])
+    st, data = open_suite("text", "small", 0, tasks=["language_id", "sentiment"])
+    assert isinstance(st, Suite) and [t.name for t in data] == ["language_id", "sentiment"]
+    assert st.default_methods() == standard_methods("small") and st.merge_methods == ()
+    with pytest.raises(SamergeError, match="the text suite has no method 'lora:ties' of its own"):
+        st.merge("lora:ties", {}, [])
+    _, every = open_suite("text", "small", 0)
+    assert [t.name for t in every] == list(BUILTIN_TEXT_TASKS)
+    llm_like = LlmLoraSuite.__new__(LlmLoraSuite)  # its method list needs no model loaded
+    llm_like.size = "small"
+    assert llm_like.default_methods() == [*standard_methods("small"), "lora:sa_merging", "lora:ties"]
+    assert all(hasattr(HubSuite, a) for a in ("default_methods", "merge", "merge_methods", "scores", "expert"))
+    with pytest.raises(SamergeError, match="unknown suite 'nope'; available here: text, vision, llm-lora"):
+        open_suite("nope", "small", 0)
+
+
 def _write_csv(path, n=240, seed=0):
     rng = random.Random(seed)
     weather = ["sunny", "rain", "cloudy", "storm", "snow", "breeze", "humid", "forecast"]
@@ -83,9 +113,9 @@ def test_small_text_suite_every_default_method(suite_cache, tmp_path):
     code = main(["suite", "report", "--suite", "text", "--size", "small", "--out", str(out), "--quiet"])
     assert code == 0
     rows = read_rows(out / "report.csv")
-    from samerge.evaluation.report import default_methods
+    from samerge.evaluation.suite import standard_methods
 
-    assert {r["method"] for r in rows} == {"base", "expert", *default_methods("small")}
+    assert {r["method"] for r in rows} == {"base", "expert", *standard_methods("small")}
     assert {r["task"] for r in rows} == {*BUILTIN_TEXT_TASKS, "average"}
     avg = {r["method"]: float(r["normalized"]) for r in rows if r["task"] == "average"}
     assert avg["base"] < 0.8  # heads alone on the base encoder are far from the experts

@@ -26,7 +26,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import random
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -37,9 +36,8 @@ import torch
 
 from samerge.device import resolve_device
 from samerge.errors import SamergeError
-from samerge.evaluation.defaults import default_methods
+from samerge.evaluation.suite import EmbeddedSuite, Expert, cache_root, finetune, standard_methods
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
-from samerge.evaluation.text import Expert, cache_root
 from samerge.io import open_checkpoint
 from samerge.io.writer import publish_dir
 from samerge.lora import LORA_METHODS, dense_state, load_adapter, merge_lora
@@ -232,10 +230,13 @@ class LoraExpert(Expert):
     adapter: Any  # samerge.lora.LoraAdapter
 
 
-class LlmLoraSuite:
+class LlmLoraSuite(EmbeddedSuite):
     name = "llm-lora"
     exclude: tuple[str, ...] = ()  # the tied LM head/embedding is shared by every task and merged like any tensor
     merge_methods = tuple(f"lora:{m}" for m in LORA_METHODS)
+    builtin_tasks = BUILTIN_LLM_TASKS
+    load_task = staticmethod(load_llm_task)
+    load_file_task = staticmethod(load_llm_file_task)
 
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         if size not in HYPER:
@@ -355,12 +356,11 @@ class LlmLoraSuite:
         WUDI keeps the report's size rule (20 Adam steps on ``small``): τ = 0 outside q/v, so WUDI skips those
         weights, yet 300 steps on 30 q_proj weights (576 × 576) for five experts still take minutes on 2 cores.
         """
-        return [*default_methods(self.size), "lora:sa_merging", "lora:ties"]
+        return [*standard_methods(self.size), "lora:sa_merging", "lora:ties"]
 
     def _finetune(self, task: TaskData, out: Path) -> None:
         """Train the task's LoRA adapter (deterministic from the seed) and save it as a PEFT directory at ``out``."""
         from peft import LoraConfig, get_peft_model
-        from tqdm.auto import tqdm
 
         # each task its own LoRA initialisation, as independent fine-tunes have (B = 0, A random)
         torch.manual_seed(int.from_bytes(hashlib.sha256(f"{task.name}:{self.seed}".encode()).digest()[:8], "little"))
@@ -373,32 +373,20 @@ class LlmLoraSuite:
         peft_model.peft_config["default"].base_model_name_or_path = str(self.base_dir)
         lm = peft_model.get_base_model()
         lm.train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hp["lr"], weight_decay=0.0)
         prompts, labels = self.encode(task, [x for x, _ in task.train])
-        order = list(range(len(task.train)))
-        batch = self.hp["batch"]
-        steps = self.hp["epochs"] * ((len(order) + batch - 1) // batch)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
-        bar = tqdm(total=steps, desc=f"LoRA fine-tuning {task.name}", disable=not self.progress, leave=False)
-        rng = random.Random(f"{task.name}:{self.seed}")
         pad = self._pad_id()
-        for _ in range(self.hp["epochs"]):
-            rng.shuffle(order)
-            for i in range(0, len(order), batch):
-                idx = order[i:i + batch]
-                seqs, targets = [], []
-                for j in idx:
-                    p, lab = prompts[j], labels[task.train[j][1]]
-                    seqs.append(p + lab[:-1])
-                    targets.append([(len(p) - 1 + k, t) for k, t in enumerate(lab)])
-                lp = _target_logprobs(lm, seqs, targets, pad)
-                loss = -lp.sum() / len(idx)  # the label's negative log-likelihood, averaged over examples
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                bar.update(1)
-        bar.close()
+
+        def loss(idx: list[int]) -> torch.Tensor:
+            seqs, targets = [], []
+            for j in idx:
+                p, lab = prompts[j], labels[task.train[j][1]]
+                seqs.append(p + lab[:-1])
+                targets.append([(len(p) - 1 + k, t) for k, t in enumerate(lab)])
+            # the label's negative log-likelihood, averaged over examples
+            return -_target_logprobs(lm, seqs, targets, pad).sum() / len(idx)
+
+        finetune([p for p in peft_model.parameters() if p.requires_grad], loss, len(task.train),
+                 epochs=self.hp["epochs"], batch=self.hp["batch"], lr=self.hp["lr"], weight_decay=0.0,
+                 order_seed=f"{task.name}:{self.seed}", desc=f"LoRA fine-tuning {task.name}", progress=self.progress,
+                 clip=1.0, linear_decay=True)
         peft_model.save_pretrained(out)

@@ -12,7 +12,7 @@ GLUE's usual single numbers (as the merging literature reports them): CoLA ``mcc
 ``accuracy``.
 
 The normalized score (Yadav et al.; Yang et al.) is merged score / expert score per task (:func:`normalized`),
-averaged over tasks by the report (:func:`samerge.evaluation.report.score_rows`).
+averaged over tasks by the report (:func:`samerge.evaluation.scoring.score_rows`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """`samerge suite report`: every method on a suite, scored per task, written as CSV, Markdown and plots.
 
+:func:`run_report` drives the same steps as the pipeline's stages, in memory and over several seeds: acquire
+(:func:`~samerge.evaluation.catalog.open_suite` and each task's cached expert), merge (:func:`merged_state`),
+score (:func:`~samerge.evaluation.scoring.score_models`: splits, normalisation, the score cache) and report
+(:func:`write_report`, which the pipeline's ``report`` stage also writes with).
+
 ``report.csv`` has the columns ``suite,method,task,score,normalized``: one row per method and task plus a row with
 task ``average``; ``method`` is the exact method string asked for (e.g. ``ties[aggregate=mean,scale=1.0]``), and
 the rows ``base`` and ``expert`` give the base with each expert's head and each expert on its own task.
@@ -9,29 +14,25 @@ the rows ``base`` and ``expert`` give the base with each expert's head and each 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 
 import samerge
 from samerge.errors import SamergeError
-from samerge.evaluation import llm, text, vision
-from samerge.evaluation import tasks as task_data
-from samerge.evaluation.defaults import default_methods
-from samerge.evaluation.hub import HUB_SUITES, is_hub_suite, load_hub_suite
-from samerge.evaluation.metrics import normalized
+from samerge.evaluation.catalog import open_suite
+from samerge.evaluation.scoring import SPLITS, ScoreCache, score_models
+from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
 from samerge.overrides import parse_assignments
-
-SUITES = ("text", "vision", "llm-lora")
 
 
 def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
@@ -72,48 +73,6 @@ def split_methods(text: str) -> list[str]:
     return out
 
 
-def _suite(suite: str, size: str, seed: int, progress: bool, tasks: Sequence[str] | None,
-           add_tasks: dict[str, str], device: str = "auto") -> tuple[Any, list[Any]]:
-    """The suite object and its task data (built-ins, or the given subset, plus added file tasks)."""
-    if suite == "text":
-        builtin, load, load_file, cls = (task_data.BUILTIN_TEXT_TASKS, task_data.load_builtin,
-                                         task_data.load_file_task, text.TextSuite)
-    elif suite == "vision":
-        builtin, load, load_file, cls = (vision.BUILTIN_VISION_TASKS, vision.load_vision_task,
-                                         vision.load_image_csv_task, vision.VisionSuite)
-    elif suite == "llm-lora":
-        builtin, load, load_file, cls = (llm.BUILTIN_LLM_TASKS, llm.load_llm_task, llm.load_llm_file_task,
-                                         llm.LlmLoraSuite)
-    elif is_hub_suite(suite):  # the paper's suites (experts and data from the Hugging Face Hub) or a suite file
-        return load_hub_suite(suite, size, seed, progress, tasks, add_tasks, device)
-    else:
-        raise SamergeError(f"unknown suite {suite!r}; available here: {', '.join(SUITES)}, the hub suites "
-                           f"{', '.join(HUB_SUITES)} or a suite file .yaml/.json")
-    names = list(tasks) if tasks else list(builtin)
-    unknown = [t for t in names if t not in builtin]
-    if unknown:
-        raise SamergeError(f"unknown {suite} task {unknown[0]!r}; built-in tasks: {', '.join(builtin)}")
-    data = [load(t, size, seed) for t in names]
-    for name, path in add_tasks.items():
-        if name in names:
-            raise SamergeError(f"added task {name!r} clashes with a built-in task name")
-        data.append(load_file(name, path, size, seed))
-    return cls(size, seed, progress, device=device), data
-
-
-def _on_split(experts: list[Any], split: str) -> list[Any]:
-    """The experts with their tasks' ``split`` examples in the place the suite scores (``test``)."""
-    if split == "test":
-        return experts
-    out = []
-    for e in experts:
-        val = getattr(e.task, "val", None)
-        if not val:
-            raise SamergeError(f"task {e.task.name!r} has no validation split; use --split test")
-        out.append(dataclasses.replace(e, task=dataclasses.replace(e.task, test=val)))
-    return out
-
-
 def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
     """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
     if name in samerge.available_methods():
@@ -127,32 +86,14 @@ def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
                       sort_keys=True, default=str)
 
 
-class _ScoreStore:
-    """``scores.jsonl`` in the report folder: every evaluated (seed, split, method) as soon as it is scored, so an
-    interrupted report resumes where it stopped. Entries are keyed by the suite, size, task list, seed, split and
-    the method's resolved parameters (a changed default is a different entry)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done: dict[str, dict[str, float]] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                    self.done[rec["key"]] = rec["scores"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by an interruption
-
-    def get(self, key: str) -> dict[str, float] | None:
-        return self.done.get(key)
-
-    def put(self, key: str, scores: dict[str, float]) -> None:
-        self.done[key] = scores
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "scores": scores}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+def merged_state(suite: Suite, experts: Sequence[Expert], name: str, params: Mapping[str, Any],
+                 history: list[Any] | None = None) -> dict[str, torch.Tensor]:
+    """The merge step: the experts merged by samerge's method ``name`` (SA-Merging's iterations appended to
+    ``history``), or by the suite's own method (an item of its ``merge_methods``)."""
+    if name in suite.merge_methods:
+        return suite.merge(name, params, experts)
+    kw = {"history": history} if name == "sa_merging" and history is not None else {}
+    return samerge.merge(suite.base, [e.encoder for e in experts], name, exclude=suite.exclude, **params, **kw)
 
 
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,
@@ -161,9 +102,9 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
                progress: bool = False, device: str = "auto") -> list[dict[str, Any]]:
     """Every method on the suite; writes ``out``/report.csv, report.md and plots (see the module docstring).
 
-    A suite may add its own merges: names in its ``merge_methods`` (``prefix:name``) are run by its
-    ``merge(name, params, experts) -> state dict`` (e.g. llm-lora's rank-wise ``lora:ties``), and its
-    ``default_methods()``, when present, replaces :func:`default_methods` as the default list.
+    ``methods``: method strings (``name`` or ``name[key=value,...]``); by default the suite's
+    ``default_methods()``. A suite may add its own merges: names in its ``merge_methods`` (``prefix:name``) are run
+    by its ``merge(name, params, experts) -> state dict`` (e.g. llm-lora's rank-wise ``lora:ties``).
 
     ``seeds``: several seeds of experts (and data splits); every method is scored on the same experts of each seed
     (paired), report.csv holds the mean over seeds, ``seeds.csv`` every seed, and with ``against`` the report gives
@@ -174,75 +115,42 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     suites, then ``$SAMERGE_DEVICE``); text and vision run on the CPU and refuse any device but ``auto``/``cpu``.
     """
     seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
-    if split not in ("test", "val"):
+    if split not in SPLITS:
         raise SamergeError(f"unknown split {split!r}; choose test or val")
     for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads
         if ":" not in s.partition("[")[0]:
             parse_method(s)
     out = Path(out)
-    store = _ScoreStore(out / "scores.jsonl")
+    cache = ScoreCache(out / "scores.jsonl")
     add_tasks = dict(add_tasks or {})
     files = {n: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for n, p in add_tasks.items()
              if Path(p).is_file()}  # an added task's file is part of what a stored score depends on
     per_seed: dict[int, list[dict[str, Any]]] = {}
     histories: dict[str, list[Any]] = {}
-    specs: list[str] = []
     for sd in seeds:
-        st, data = _suite(suite, size, sd, progress, tasks, add_tasks, device)
-        suite_methods = tuple(getattr(st, "merge_methods", ()))
-        specs = list(methods) if methods else (st.default_methods() if hasattr(st, "default_methods")
-                                               else default_methods(size))
+        # acquire: the suite, its tasks and one expert per task (fine-tuned once, then cached)
+        st, data = open_suite(suite, size, sd, tasks=tasks, add_tasks=add_tasks, progress=progress, device=device)
+        experts = [st.expert(t) for t in data]
+        specs = list(methods) if methods else st.default_methods()
         if against and against not in specs:
             specs.append(against)
-        parsed = [(s, *parse_method(s, suite_methods)) for s in specs]
+        parsed = [(s, *parse_method(s, st.merge_methods)) for s in specs]
         where = json.dumps({"suite": suite, "size": size, "seed": sd, "split": split,
                             "tasks": [d.name for d in data], "files": files}, sort_keys=True)
-        experts = _on_split([st.expert(t) for t in data], split)
-
-        def scored(key: str, compute: Any) -> dict[str, float]:
-            k = where + key
-            got = store.get(k)
-            if got is None:
-                got = compute()
-                store.put(k, got)
-            return got
-
-        expert_scores = scored("expert", lambda: {e.task.name: st.scores(e.encoder, [e])[e.task.name]
-                                                   for e in experts})
-        rows: list[dict[str, Any]] = []
-        rows += score_rows(suite, "base", scored("base", lambda: st.scores(st.base, experts)), expert_scores)
-        rows += score_rows(suite, "expert", expert_scores, expert_scores)
-        for spec, name, params in parsed:
-            hist: list[Any] = []
-
-            def compute(spec=spec, name=name, params=params, hist=hist) -> dict[str, float]:
-                if name in suite_methods:
-                    merged = st.merge(name, params, experts)
-                else:
-                    kw = {"history": hist} if name == "sa_merging" else {}
-                    merged = samerge.merge(st.base, [e.encoder for e in experts], name, exclude=st.exclude,
-                                           **params, **kw)
-                return st.scores(merged, experts)
-
-            scores = scored(_fingerprint(spec, name, params), compute)
+        keys = {"base": where + "base", "expert": where + "expert",
+                **{spec: where + _fingerprint(spec, name, params) for spec, name, params in parsed}}
+        hists: dict[str, list[Any]] = {spec: [] for spec, _, _ in parsed}
+        # merge (when a method's scores are not cached) and score, on the split asked for
+        models = {spec: partial(merged_state, st, experts, name, params, hists[spec]) for spec, name, params in parsed}
+        per_seed[sd] = score_models(st, experts, models, label=suite, split=split, cache=cache, keys=keys)
+        for spec, hist in hists.items():
             if hist and spec not in histories:
                 histories[spec] = hist
-            rows += score_rows(suite, spec, scores, expert_scores)
-        per_seed[sd] = rows
-        del st, data, experts
+        del st, data, experts, models
+    # report
     rows = _mean_rows(per_seed)
     write_report(rows, out, histories, per_seed=per_seed if len(seeds) > 1 or split != "test" else None,
                  split=split, against=against)
-    return rows
-
-
-def score_rows(suite: str, method: str, scores: Mapping[str, float],
-               expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
-    """report.csv rows of one method: one per task plus the ``average`` row (normalized = merged / expert)."""
-    rows = [{"suite": suite, "method": method, "task": t, "score": v, "normalized": normalized(v, expert_scores[t])}
-            for t, v in scores.items()]
-    rows.append({"suite": suite, "method": method, "task": "average", "score": sum(scores.values()) / len(scores),
-                 "normalized": sum(r["normalized"] for r in rows) / len(rows)})
     return rows
 
 
@@ -372,8 +280,7 @@ def _plots(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: lis
     ax.set_ylabel("normalized accuracy (merged / expert)")
     ax.axhline(1.0, color="k", lw=0.6)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(out / "per_task.png", dpi=120)
+    fig.savefig(out / "per_task.png", dpi=120, bbox_inches="tight")  # the legend of long method strings included
     plt.close(fig)
     if histories:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))

