@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import samerge
 from samerge.device import resolve_device
@@ -50,10 +51,17 @@ def _checksum_placeholders(files: list[Path]) -> str:
 
 
 def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: Sequence[Checkpoint],
-               checksums: dict[str, str], relative_norms: list[float], history: Sequence[Any] = ()) -> str:
+               checksums: dict[str, str], relative_norms: list[float], history: Sequence[Any] = (), *,
+               recipe: dict[str, Any] | None = None) -> str:
+    """The merged model's README.md: Hugging Face front matter (``base_model``, ``library_name`` where the base is a
+    transformers folder, ``tags``), the method and parameters, the inputs with checksums, SA-Merging's iterations,
+    and ``recipe``: the ``samerge merge --config`` file that reproduces the merge."""
+    config = base.config or {}
+    front = {"base_model": config.get("_name_or_path") or str(base.directory or base.files[0]),
+             **({"library_name": "transformers"} if config else {}), "tags": ["merge", "samerge", method]}
     lines = [
         "---",
-        "tags: [samerge, merge, " + method + "]",
+        yaml.safe_dump(front, sort_keys=False, width=1000).strip(),
         "---",
         f"# Merged model ({method})",
         "",
@@ -76,6 +84,9 @@ def model_card(method: str, params: dict[str, Any], base: Checkpoint, experts: S
                   "|---|---|---|---|"]
         lines += [f"| {h.iteration} | {h.overall_density:.4f} | {h.norm_ratio:.4f} | {h.conflict:.4f} |"
                   for h in history]
+    if recipe:
+        lines += ["", "## Recipe", "", "`samerge merge --config recipe.yaml --out OUT` with this `recipe.yaml` merges it "
+                  "again:", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False, width=1000).strip(), "```"]
     lines += ["", "The full checksums and parameters are in the safetensors metadata (`samerge.*` keys).", ""]
     return "\n".join(lines)
 
@@ -136,7 +147,10 @@ def merge_checkpoints(base: str | os.PathLike[str], experts: Sequence[str | os.P
                 hasher.cancel()
                 raise
             checksums = hasher.result()
-            card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms(), history)
+            recipe = {"base": os.path.abspath(base), "experts": [os.path.abspath(e) for e in experts], "method": m.name,
+                      "params": p.model_dump(mode="json"), **({"exclude": list(exclude)} if exclude else {})}
+            card = model_card(m.name, explicit, base_ckpt, expert_ckpts, checksums, stats.relative_norms(), history,
+                              recipe=recipe)
             path = sink.finish({"samerge.sha256": json.dumps(checksums, sort_keys=True)}, model_card=card)
         describe = getattr(stats.method_state, "describe", None)
         return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),

@@ -63,6 +63,12 @@ def _stage_record(out: Path, stage: str, params: Any, t0: float, **extra: Any) -
         "torch": torch.__version__, **extra})
 
 
+def _numbers(summary: Mapping[str, Any]) -> dict[str, float]:
+    """A stage's metrics for `dvc metrics show`: the summary's numbers only (its strings, lists and copies of the
+    parameters stay in summary.json)."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, flush=True)
@@ -338,6 +344,7 @@ def score(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> dic
                    "negative_fraction": mean([r.negative for r in rows]),
                    "saliency_sign": sa.saliency_sign}
         _write_json(out / "summary.json", summary)
+        _write_json(out / "metrics.json", _numbers(summary))
         _saliency_plot(out / "saliency_vs_magnitude.png", samples, names, sa.saliency_sign)
         _stage_record(out, "score", {**sp.model_dump(), "saliency_sign": sa.saliency_sign, "qk_rule": sa.qk_rule,
                                      "graph": sa.graph}, t0)
@@ -409,6 +416,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
             summary.update(final_density=last.overall_density, final_norm_ratio=last.norm_ratio,
                            final_conflict=last.conflict, iterations=len(rep.history))
         _write_json(out / "summary.json", summary)
+        _write_json(out / "metrics.json", _numbers(summary))
         _stage_record(out, "prune", {"method": method, **mp}, t0, experts=[e["name"] for e in manifest["experts"]])
     _say(f"prune: {method} merged {len(experts)} experts in {rep.seconds:.1f} s -> {layout.merged(method)}", quiet)
     return {"out": str(layout.merged(method)), "method": method, "seconds": rep.seconds}

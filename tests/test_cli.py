@@ -45,6 +45,34 @@ def test_merge_through_entry_point_and_user_error_exit_code(tmp_path):
                                              "directory"]
 
 
+def test_the_model_card_has_hub_front_matter_and_a_recipe_that_merges_again(tmp_path):
+    """README.md of a merged folder: Hugging Face front matter (base_model from the base's config, library_name,
+    tags) and the recipe, a `--config` file that merges the same tensors again."""
+    import yaml
+
+    base = make_base(0)
+    experts = make_experts(base, 2)
+    bdir = tmp_path / "base"
+    save_safetensors(base, bdir)
+    (bdir / "config.json").write_text(json.dumps({"_name_or_path": "org/tiny-base", "model_type": "bert"}))
+    es = [save_safetensors(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)]
+    r = run("merge", "--base", str(bdir), "--expert", str(es[0]), "--expert", str(es[1]), "--method", "ties",
+            "--set", "density=0.3", "--out", str(tmp_path / "m"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "m" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"base_model": "org/tiny-base", "library_name": "transformers",
+                                     "tags": ["merge", "samerge", "ties"]}
+    recipe = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recipe["base"] == str(bdir) and recipe["experts"] == [str(e) for e in es] and recipe["method"] == "ties"
+    assert recipe["params"]["density"] == 0.3 and recipe["params"]["aggregate"] == "sum"  # every parameter spelt out
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    r = run("merge", "--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    with open_checkpoint(tmp_path / "m") as a, open_checkpoint(tmp_path / "again") as b:
+        assert list(a.keys()) == list(b.keys()) and all(torch.equal(a[k], b[k]) for k in a.keys())
+
+
 def test_methods_lists_every_method_with_parameters_and_defaults():
     r = run("methods")
     assert r.returncode == 0

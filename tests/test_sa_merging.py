@@ -333,6 +333,41 @@ def test_tiny_real_models_every_chain_tensor_salient_retention_and_determinism(n
         assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
 
 
+WRAPPERS = {"bert": ("bert.", "add"), "roberta": ("roberta.", "strip"), "llama-tied": ("model.", "strip"),
+            "llama": ("model.", "strip"), "qwen2": ("model.", "strip"), "mistral": ("model.", "strip"),
+            "t5": ("model.", "add"), "clip-hf": ("vision_model.", "strip"), "open_clip": ("visual.", "strip")}
+
+
+@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
+def test_every_family_merges_alike_with_or_without_its_wrapper_prefix(name, model, exclude):
+    """Each family is recognised by its layer names whether saved under the wrapper prefix it usually has (open_clip
+    `visual.`, Hugging Face `model.`, `vision_model.`, `bert.`, `roberta.`) or without it: SA-Merging of the renamed
+    checkpoints gives the same tensors under the new names (renaming invariance). open_clip's visual tower saved on
+    its own (`model.visual.state_dict()`) is the stripped case."""
+    prefix, how = WRAPPERS[name]
+    sd = model.state_dict()
+    config = model.config.to_dict() if hasattr(model, "config") else None
+    if name == "open_clip":  # the visual tower alone, as `model.visual.state_dict()` saves it
+        sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
+
+    def rename(k: str) -> str:
+        if how == "add":
+            return prefix + k
+        return k[len(prefix):] if k.startswith(prefix) else k
+
+    assert how == "add" or any(k.startswith(prefix) for k in sd)
+    experts = experts_of(sd)
+    out = samerge.merge(_with_config(dict(sd), config), experts, "sa_merging", exclude=exclude or ())
+    renamed = samerge.merge(_with_config({rename(k): v for k, v in sd.items()}, config),
+                            [{rename(k): v for k, v in e.items()} for e in experts], "sa_merging",
+                            exclude=[rename(x) if not x.endswith("*") else x for x in exclude or ()])
+    assert sorted(renamed) == sorted(rename(k) for k in out)
+    changed = [k for k in out if not torch.equal(out[k], sd[k])]
+    assert changed and any("q" in k or "query" in k or "in_proj" in k for k in changed)
+    for k in out:
+        assert torch.equal(out[k], renamed[rename(k)]), k
+
+
 def _with_config(state, config):
     class WithConfig(dict):
         pass

@@ -7,32 +7,25 @@ lists of OpenAI's CLIP evaluation, as Task Arithmetic and FusionBench use them. 
 name.
 
 The built-in CLIP suites (``samerge/evaluation/hub/builtin/clip-vit-*.yaml``) spell out these templates and, where
-the dataset's ClassLabel names are not prompt-ready, the class names by label index; :data:`TEMPLATES` is what a
-user's CLIP suite gets for a task of one of these names that gives no ``templates`` of its own. Class names taken
-from a dataset are cleaned by :func:`clean_classname`.
+the dataset's ClassLabel names are not prompt-ready, the class names by label index. :data:`TEMPLATES` is read from
+one of them: what a user's CLIP suite gets for a task of one of these names that gives no ``templates`` of its own.
+Class names taken from a dataset are cleaned by :func:`clean_classname`.
 """
 
 from __future__ import annotations
 
-_PHOTO = ["a photo of a {}.", "a photo of the {}."]
-_NUMBER = ['a photo of the number: "{}".']
+from pathlib import Path
 
-TEMPLATES: dict[str, list[str]] = {
-    "sun397": _PHOTO,
-    "stanford_cars": [*_PHOTO, "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
-                      "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
-    "resisc45": [f"{view} {kind} of {article}{{}}." for article in ("", "a ", "the ")
-                 for view, kind in (("satellite", "imagery"), ("aerial", "imagery"), ("satellite", "photo"),
-                                    ("aerial", "photo"), ("satellite", "view"), ("aerial", "view"))],
-    "eurosat": ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                "a centered satellite photo of the {}."],
-    "svhn": _NUMBER,
-    "gtsrb": ['a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-              'a close up photo of a "{}" traffic sign.'],
-    "mnist": _NUMBER,
-    "dtd": [f"a photo of {article} {{}} {thing}." for article in ("a", "the")
-            for thing in ("texture", "pattern", "thing", "object")],
-}
+import yaml
+
+
+def _builtin_templates() -> dict[str, list[str]]:
+    """The templates of the eight tasks, read from the built-in CLIP suite that spells them out (one copy of them)."""
+    path = Path(__file__).parent / "hub" / "builtin" / "clip-vit-b32.yaml"
+    return {t["name"]: t["templates"] for t in yaml.safe_load(path.read_text(encoding="utf-8"))["tasks"]}
+
+
+TEMPLATES: dict[str, list[str]] = _builtin_templates()
 
 
 def clean_classname(raw: str) -> str:

@@ -195,9 +195,13 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
     template = FAMILY_TEMPLATES[family]
     anchor = re.compile(template["anchor"])
     layers: dict[str, set[int]] = {}
+    keyset = set(keys)
+    marker, patch = template.get("prefix_filter", ""), template["stacks"][0].get("patch")
     for k in keys:
         m = anchor.match(k)
-        if m and template.get("prefix_filter", "") in m.group("p"):
+        # the tower the filter names: by its wrapper prefix (open_clip's `visual.`), or saved on its own (no prefix)
+        # and told by its patch embedding, which a text tower does not have
+        if m and (marker in m.group("p") or (patch is not None and patch.format(p=m.group("p")) in keyset)):
             layers.setdefault(m.group("p"), set()).add(int(m.group("i")))
     if not layers:
         raise SamergeError(f"connectivity graph: no {family} layers found")

@@ -131,12 +131,12 @@ class OutputLock:
 def claim_output(out: Path, inputs: Iterable[str | os.PathLike[str]], overwrite: bool, *, folder: bool,
                  beside: Iterable[Path] = ()) -> OutputLock:
     """Everything an output must pass before anything is written, in one place: not an input (nor inside or around
-    one), its folder exists, no other writer holds it, an existing output (and each file written ``beside`` it) is
+    one), its folder exists (missing folders on its path are created, after the checks of the inputs), no other
+    writer holds it, an existing output (and each file written ``beside`` it) is
     replaced only with ``overwrite`` and only by the same kind (a ``folder`` or a file). Returns the lock, held;
     what killed writers left beside the output is swept under it."""
     refuse_overlap(out, inputs)
-    if not out.parent.is_dir():
-        raise SamergeError(f"{out.parent}: output folder does not exist")
+    _make_parents(out.parent)  # with its folders missing, the output cannot exist: only the lock is left to check
     lock = OutputLock(out).acquire()
     try:
         for path, kind in ((out, folder), *((b, False) for b in beside)):
@@ -155,6 +155,20 @@ def claim_output(out: Path, inputs: Iterable[str | os.PathLike[str]], overwrite:
         lock.release()
         raise
     return lock
+
+
+def _make_parents(folder: Path) -> None:
+    """Create ``folder`` and its missing parents (an output's path may name new folders); a path that runs through a
+    file, or a folder that cannot be made, is one line."""
+    p = folder
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise SamergeError(f"{p} is a file, not a folder: cannot create {folder} in it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SamergeError(f"cannot create the output folder {folder}: {exc.strerror}") from None
 
 
 def publish(tmp: Path, final: Path, *, replace: bool = True) -> None:

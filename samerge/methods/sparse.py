@@ -13,7 +13,8 @@ from samerge.selection import Workspace, keep_count, topk_mask
 
 class BreadcrumbsParams(MethodParams):
     density: Density = 0.1  # kept fraction after dropping both tails
-    gamma: Density = 0.01  # fraction of the largest |tau| dropped as outliers
+    gamma: float = Field(0.01, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="dropped fraction: the largest |tau| per tensor removed as outliers, in [0, 1]")
     scale: Scale = 0.3
     density_rule: DensityRule = "uniform"
 

@@ -117,6 +117,22 @@ def test_the_model_card_beside_a_single_file_obeys_the_existence_rule(model_dir,
     assert out.is_file() and card.read_text().startswith("---")
 
 
+def test_missing_folders_on_the_output_path_are_created_only_for_a_merge_that_runs(model_dir, tmp_path, capsys):
+    """`--out a/b/merged` creates a/ and b/; a merge refused for its inputs or parameters makes no folder, and a path
+    that runs through a file is one line."""
+    base, experts = model_dir
+    out = tmp_path / "new" / "deeper" / "merged"
+    assert main(merge_args(base, experts, out)) == 0
+    assert (out / "model.safetensors").is_file()
+    one_line_error(capsys, main(merge_args(base, experts, tmp_path / "fresh" / "inner" / "merged", "--set",
+                                           "density=2")), "density")
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "a_file").write_text("x")
+    one_line_error(capsys, main(merge_args(base, experts, tmp_path / "a_file" / "sub" / "merged")),
+                   "is a file, not a folder")
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_a_second_writer_of_the_same_output_fails_at_once(model_dir, tmp_path, capsys):
     base, experts = model_dir
     out = tmp_path / "merged"
