@@ -336,15 +336,11 @@ class LlmLoraSuite(EmbeddedSuite):
                                                  config=self.config_dict, **params))
 
     def merge(self, method: str, params: Mapping[str, Any], experts: Sequence[Expert]) -> dict[str, torch.Tensor]:
-        """A ``lora:<name>`` item of :attr:`merge_methods`: rank-wise merge of the experts' adapters, made dense."""
+        """A ``lora:<name>`` item of :attr:`merge_methods`: rank-wise merge of the experts' adapters, made dense
+        (``params`` checked by merge-lora's own parameter model)."""
         if method not in self.merge_methods:
             raise SamergeError(f"unknown method {method!r} for the llm-lora suite; suite methods: "
                                f"{', '.join(self.merge_methods)}")
-        allowed = ("iterations", "prune_ratio", "scale", "density", "qk_rule", "graph", "rank")
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            raise SamergeError(f"unknown parameter {unknown[0]!r} for {method}; valid parameters: "
-                               f"{', '.join(allowed)}")
         adapters = [e.adapter for e in experts if isinstance(e, LoraExpert)]
         if len(adapters) != len(experts):
             raise SamergeError(f"{method} merges LoRA experts only")

@@ -28,7 +28,7 @@ import torch
 import samerge
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
-from samerge.evaluation.scoring import SPLITS, ScoreCache, score_models
+from samerge.evaluation.scoring import ScoreCache, check_split, score_models
 from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
@@ -115,8 +115,7 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     suites, then ``$SAMERGE_DEVICE``); text and vision run on the CPU and refuse any device but ``auto``/``cpu``.
     """
     seeds = list(dict.fromkeys(seeds)) if seeds else [seed]
-    if split not in SPLITS:
-        raise SamergeError(f"unknown split {split!r}; choose test or val")
+    check_split(split)  # fail fast, before the suite loads
     for s in [*(methods or ()), *([against] if against else [])]:  # fail fast on a typo, before the suite loads
         if ":" not in s.partition("[")[0]:
             parse_method(s)

@@ -25,10 +25,14 @@ SPLITS = ("test", "val")
 State = Mapping[str, torch.Tensor]
 
 
-def on_split(experts: Sequence[Expert], split: str) -> list[Expert]:
-    """The experts with their tasks' ``split`` examples in the place every suite scores (``task.test``)."""
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise SamergeError(f"unknown split {split!r}; choose test or val")
+
+
+def on_split(experts: Sequence[Expert], split: str) -> list[Expert]:
+    """The experts with their tasks' ``split`` examples in the place every suite scores (``task.test``)."""
+    check_split(split)
     if split == "test":
         return list(experts)
     out = []

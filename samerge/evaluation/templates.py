@@ -7,25 +7,26 @@ lists of OpenAI's CLIP evaluation, as Task Arithmetic and FusionBench use them. 
 name.
 
 The built-in CLIP suites (``samerge/evaluation/hub/builtin/clip-vit-*.yaml``) spell out these templates and, where
-the dataset's ClassLabel names are not prompt-ready, the class names by label index. :data:`TEMPLATES` is read from
-one of them: what a user's CLIP suite gets for a task of one of these names that gives no ``templates`` of its own.
+the dataset's ClassLabel names are not prompt-ready, the class names by label index. :func:`builtin_templates` reads
+them from one of those files (once, when first asked): what a user's CLIP suite gets for a task of one of these
+names that gives no ``templates`` of its own.
 Class names taken from a dataset are cleaned by :func:`clean_classname`.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
 
 
-def _builtin_templates() -> dict[str, list[str]]:
-    """The templates of the eight tasks, read from the built-in CLIP suite that spells them out (one copy of them)."""
+@functools.cache
+def builtin_templates() -> dict[str, list[str]]:
+    """The templates of the eight tasks, read from the built-in CLIP suite that spells them out (one copy of them;
+    read on first use, not when samerge is imported)."""
     path = Path(__file__).parent / "hub" / "builtin" / "clip-vit-b32.yaml"
     return {t["name"]: t["templates"] for t in yaml.safe_load(path.read_text(encoding="utf-8"))["tasks"]}
-
-
-TEMPLATES: dict[str, list[str]] = _builtin_templates()
 
 
 def clean_classname(raw: str) -> str:

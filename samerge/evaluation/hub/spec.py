@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from samerge.errors import SamergeError, invalid
 from samerge.evaluation.metrics import METRICS, REGRESSION_METRICS
-from samerge.evaluation.templates import TEMPLATES
+from samerge.evaluation.templates import builtin_templates
 from samerge.io.writer import write_text_atomic
 
 BUILTIN_DIR = Path(__file__).with_name("builtin")
@@ -156,10 +156,10 @@ class SuiteSpec(_Strict):
             if self.kind == "clip":
                 if regression:
                     raise ValueError(f"{where}: a clip task is classification; metric {t.metric!r} does not apply")
-                templates = t.templates if t.templates is not None else TEMPLATES.get(t.name)
+                templates = t.templates if t.templates is not None else builtin_templates().get(t.name)
                 if not templates:
                     raise ValueError(f"{where}: give templates (strings with '{{}}' for the class name); built-in "
-                                     f"templates exist for: {', '.join(TEMPLATES)}")
+                                     f"templates exist for: {', '.join(builtin_templates())}")
                 bad = [s for s in templates if "{}" not in s]
                 if bad:
                     raise ValueError(f"{where}: template {bad[0]!r} has no '{{}}' for the class name")

@@ -27,7 +27,7 @@ from samerge.evaluation.hub.spec import (HUB_SUITES, SUITE_FILE_SUFFIXES, SuiteS
                                         load_spec_file)
 from samerge.evaluation.metrics import REGRESSION_METRICS, get_metric
 from samerge.evaluation.suite import Expert, SuiteBase
-from samerge.evaluation.templates import TEMPLATES, clean_classname, prompts
+from samerge.evaluation.templates import builtin_templates, clean_classname, prompts
 from samerge.lora import load_adapter
 
 SIZES = ("small", "full")
@@ -256,7 +256,7 @@ class ClipSuite(HubSuite):
 
     def head(self, task: HubTask) -> torch.Tensor:
         if task.name not in self._heads:
-            templates = task.spec.templates or TEMPLATES[task.name]
+            templates = task.spec.templates or builtin_templates()[task.name]
             self._heads[task.name] = self.zero_shot_head(task.label_names, templates)
         return self._heads[task.name]
 
