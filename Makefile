@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test repro bench clean
+.PHONY: setup browser demo test repro bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,21 @@ $(VENV)/.installed: pyproject.toml
 	bash scripts/install-data.sh
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Debian's chromium, which tests/test_report_html.py drives through Playwright to render report.html (Playwright's
+# own browser download does not work offline): skipped where it is installed; where apt-get cannot install it,
+# setup goes on and says why that test will skip.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "make setup: installing Debian's chromium (apt-get) for the report.html browser test"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "make setup: apt-get could not install chromium: the report.html browser test will skip"; \
+	else \
+		echo "make setup: no /usr/bin/chromium and no apt-get as root (sudo apt-get install chromium):" \
+			"the report.html browser test will skip"; \
+	fi
 
 demo: setup
 	$(BIN)/samerge demo --out demo

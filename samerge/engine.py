@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from samerge.device import resolve_device
 from samerge.errors import SamergeError, SamergeWarning
-from samerge.io.checkpoint import Checkpoint
+from samerge.io.checkpoint import ACCEPTED_INPUTS, Checkpoint, open_input
 from samerge.io.writer import parse_size
 from samerge.memory import SLACK, process_rss, too_small
 from samerge.methods import get_method, parse_params
@@ -245,11 +245,16 @@ def _context(plan: MergePlan, base: StateDict, **kw: Any) -> MergeContext:
                         aliases=plan.aliases, config=getattr(base, "config", None), dtypes=plan.compute_dtypes, **kw)
 
 
-def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *, force: bool = False,
+def merge(base: Any, experts: Sequence[Any], method: str = "ties", *, force: bool = False,
           exclude: Sequence[str] = (), progress: bool = False, history: list[Any] | None = None,
           max_memory: int | str | None = None, schedule: str = "auto", device: str = "auto", **params: Any
           ) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (full fine-tuned weights, not task vectors) into ``base`` with ``method``.
+
+    ``base`` and each expert are any of: a path (a safetensors or PyTorch file, a sharded index, a Hugging Face
+    model folder), a Hugging Face Hub model ID (``org/name`` or ``org/name@revision``, read through the hub cache;
+    ``HF_HUB_OFFLINE=1`` reads only the cache), a state dict (``Mapping[str, Tensor]``) or a ``torch.nn.Module``
+    (its ``state_dict()``). Files are read lazily, one tensor at a time, and closed on return.
 
     Returns a new state dict with exactly the base's keys, shapes and dtypes. Floating-point tensors are merged in
     float32 (float64 when either side is float64); integer and boolean tensors, and keys matching an ``exclude``
@@ -270,15 +275,28 @@ def merge(base: StateDict, experts: Sequence[StateDict], method: str = "ties", *
     dev = resolve_device(device)
     if schedule not in ("auto", "memory", "streamed"):
         raise SamergeError(f"schedule must be 'auto', 'memory' or 'streamed', got {schedule!r}")
-    experts = list(experts)
-    plan = plan_merge(base, experts, exclude)
-    for note in plan.notes:
-        warnings.warn(note, SamergeWarning, stacklevel=2)
-    out: dict[str, torch.Tensor] = {}
-    for key, t in merge_stream(base, experts, m, p, plan, force=force, fresh=True, progress=progress,
-                               history=history, max_memory=budget, schedule=schedule, device=dev):
-        out[key] = t
-    result: dict[str, torch.Tensor] = {}
-    for k in base.keys():
-        result[k] = out[plan.aliases.get(k, k)]
-    return result
+    if isinstance(experts, (str, bytes, Mapping, torch.nn.Module)) or not isinstance(experts, Sequence):
+        raise SamergeError(f"experts: expected a list of experts, each {ACCEPTED_INPUTS}; got "
+                           f"{type(experts).__name__}")
+    given = [base, *experts]
+    states: list[StateDict] = []
+    try:
+        for i, x in enumerate(given):
+            states.append(open_input(x, "base" if i == 0 else f"expert #{i}"))
+        base_state, expert_states = states[0], states[1:]
+        plan = plan_merge(base_state, expert_states, exclude)
+        for note in plan.notes:
+            warnings.warn(note, SamergeWarning, stacklevel=2)
+        out: dict[str, torch.Tensor] = {}
+        for key, t in merge_stream(base_state, expert_states, m, p, plan, force=force, fresh=True,
+                                   progress=progress, history=history, max_memory=budget, schedule=schedule,
+                                   device=dev):
+            out[key] = t
+        result: dict[str, torch.Tensor] = {}
+        for k in base_state.keys():
+            result[k] = out[plan.aliases.get(k, k)]
+        return result
+    finally:
+        for x, state in zip(given, states):
+            if isinstance(state, Checkpoint) and state is not x:
+                state.close()

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,10 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic.fields import FieldInfo
 
+from samerge.cards import front_matter, recipe_section
 from samerge.device import resolve_device
 from samerge.errors import CheckpointError, SamergeError, invalid
 from samerge.graphs import ChainGraph, LockstepSource, Ref, build_graph, flow_factors, lockstep_flows
-from samerge.io import SafetensorsSink, open_checkpoint, save_safetensors
+from samerge.io import (SafetensorsSink, open_checkpoint, open_input, open_model, parse_hub_id, resolve_model,
+                        save_safetensors)
 from samerge.io.checkpoint import Checkpoint, tensor_info
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import claim_output, publish_dir, refuse_overlap
@@ -80,6 +83,7 @@ class LoraAdapter:
     path: Path
     config: dict[str, Any]
     modules: dict[str, LoraModule] = field(default_factory=dict)
+    ref: str | None = None  # how to name it again: its absolute path, or org/name@<commit> for a Hub ID
 
 
 def _on_device(adapter: LoraAdapter, device: torch.device) -> LoraAdapter:
@@ -109,10 +113,36 @@ LoraMergeParams = create_model(
     **_fields(TiesParams, ["density"]))
 
 
-def lora_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` checked against :class:`LoraMergeParams`: the given ones, converted (one line per mistake)."""
+# the parameters each merge-lora method reads (the others have no meaning for it and are refused)
+LORA_METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "sa_merging": ("iterations", "prune_ratio", "scale", "qk_rule", "graph"),
+    "task_arithmetic": ("scale",), "ties": ("density", "scale"), "cat": ("scale",)}
+
+
+def lora_params(params: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
+    """``params`` checked against :class:`LoraMergeParams`: the given ones, converted (one line per mistake); with
+    ``method``, a parameter that method does not read is refused."""
     p = validate_params(LoraMergeParams, params, "merge-lora")
+    if method is not None:
+        check_lora_method(method)
+        unused = [k for k in params if k not in LORA_METHOD_PARAMS[method]]
+        if unused:
+            takes = ", ".join(LORA_METHOD_PARAMS[method])
+            raise SamergeError(f"merge-lora {method}: {', '.join(unused)} has no meaning for this method "
+                               f"(it takes {takes})")
     return {k: getattr(p, k) for k in params}
+
+
+def resolved_lora_params(params: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """Every parameter ``method`` reads, the given ones over the defaults (what a merge records and reproduces)."""
+    given = lora_params(params, method)
+    defaults = LoraMergeParams()
+    return {k: given.get(k, getattr(defaults, k)) for k in LORA_METHOD_PARAMS[method]}
+
+
+def check_lora_method(method: str) -> None:
+    if method not in LORA_METHODS:
+        raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(LORA_METHODS)}")
 
 
 class _AdapterFields(BaseModel):
@@ -158,8 +188,9 @@ def _module_name(tensor_key: str) -> tuple[str, str]:
 
 
 def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LoraAdapter:
-    """Read and validate a PEFT LoRA adapter directory (``adapter_config.json`` + weights)."""
-    d = Path(path)
+    """Read and validate a PEFT LoRA adapter directory (``adapter_config.json`` + weights), or the Hugging Face Hub
+    adapter ``org/name[@revision]`` (see :func:`samerge.io.open_model`)."""
+    d, snap = resolve_model(path) if parse_hub_id(path) else (Path(path), None)
     cfg_path = d / "adapter_config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{d}: not a PEFT adapter directory (no adapter_config.json)")
@@ -193,7 +224,7 @@ def load_adapter(path: str | os.PathLike[str], dtype: torch.dtype = torch.float3
     alpha_pattern = fields.alpha_pattern or {}
     rslora = fields.use_rslora
     fifo = fields.fan_in_fan_out
-    adapter = LoraAdapter(d, cfg)
+    adapter = LoraAdapter(d, cfg, ref=snap.pinned if snap is not None else os.path.abspath(path))
     factors: dict[str, dict[str, torch.Tensor]] = {}
     with open_checkpoint(weights) as ck:
         for key in ck.keys():
@@ -667,8 +698,7 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraAdapter]
     streaming needs raises the one too-small error before any work. ``device``: where the merge computes (``auto``:
     CUDA when available); the merged factors are on the CPU.
     """
-    if method not in LORA_METHODS:
-        raise SamergeError(f"unknown LoRA merge method {method!r}; available: {', '.join(LORA_METHODS)}")
+    check_lora_method(method)
     checked = lora_params({"iterations": iterations, "prune_ratio": prune_ratio, "scale": scale, "density": density,
                            "qk_rule": qk_rule, "graph": graph})
     iterations, prune_ratio, scale, density = (checked[k] for k in ("iterations", "prune_ratio", "scale", "density"))
@@ -790,9 +820,9 @@ def _ties_module(mods: Sequence[LoraModule], density: float, scale: float, rank:
 
 def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_model_name: str | None,
                  template: Mapping[str, Any], overwrite: bool = False, metadata: Mapping[str, str] | None = None,
-                 inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+                 inputs: Sequence[str | os.PathLike[str]] = (), model_card: str | None = None) -> Path:
     """Write the merged factors as one PEFT adapter (scale 1: ``lora_alpha = r`` per module), atomically; ``out``
-    must not be, contain or lie inside any of ``inputs``."""
+    must not be, contain or lie inside any of ``inputs``. ``model_card``: the README.md written beside it."""
     out = Path(out)
     tensors = result.peft_state_dict()
     ranks = {name: A.shape[0] for name, (_, A) in result.modules.items()}
@@ -810,7 +840,38 @@ def save_adapter(result: LoraMergeResult, out: str | os.PathLike[str], *, base_m
     with claim_output(out, inputs, overwrite, folder=True), publish_dir(out) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **(metadata or {})})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
     return out
+
+
+def lora_card(method: str, params: Mapping[str, Any], base_model: str, adapters: Sequence[LoraAdapter],
+              result: LoraMergeResult, *, output: str, rank: int | None, transformers_base: bool,
+              recipe: Mapping[str, Any]) -> str:
+    """The README.md of a merge-lora output: front matter (``library_name: peft`` for an adapter, ``transformers``
+    for a dense model of a transformers base), the method and every parameter it read, the adapters, SA-Merging's
+    iterations and the recipe (``samerge merge-lora --config``) that merges it again."""
+    import samerge
+
+    library = "peft" if output == "adapter" else ("transformers" if transformers_base else None)
+    ranks = [A.shape[0] for _, A in result.modules.values()]
+    lines = [*front_matter(base_model, ["merge", "samerge", "lora", method], library),
+             f"# Merged {'LoRA adapter' if output == 'adapter' else 'model'} (LoRA {method})", "",
+             f"Merged with [samerge](https://pypi.org/project/samerge/) {samerge.__version__} on "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(adapters)} PEFT LoRA adapters "
+             f"of `{base_model}`; {len(result.modules)} modules, merged rank {min(ranks)}-{max(ranks)}"
+             f"{'' if output == 'adapter' else ', added to the base weights'}.", "",
+             "## Method", "", f"- method: `{method}`", *(f"- {k}: `{v}`" for k, v in params.items()),
+             f"- rank: `{rank}`" + ("" if rank is not None else " (the kept components, not compressed)"), "",
+             "## Adapters", "", "| adapter | path | modules | rank |", "|---|---|---|---|"]
+    for i, ad in enumerate(adapters):
+        r = sorted({m.rank for m in ad.modules.values()})
+        lines.append(f"| {i + 1} | `{ad.path}` | {len(ad.modules)} | {r[0] if len(r) == 1 else f'{r[0]}-{r[-1]}'} |")
+    if result.history:
+        lines += ["", "## Iterations", "", "| t | rank-1 components kept | of |", "|---|---|---|"]
+        lines += [f"| {h.iteration} | {h.components} | {h.initial} |" for h in result.history]
+    lines += [*recipe_section("samerge merge-lora", recipe), ""]
+    return "\n".join(lines)
 
 
 def _dense_tensor(base: Mapping[str, torch.Tensor], key: str, by_key: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -841,14 +902,15 @@ def dense_state(base: Mapping[str, torch.Tensor], result: LoraMergeResult) -> di
     return {k: _dense_tensor(base, k, by_key, result.fan_in_fan_out) for k in base.keys()}
 
 
-def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
+def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str] | torch.nn.Module,
                    adapters: Sequence[LoraAdapter | str | os.PathLike[str]], method: str = "sa_merging", *,
                    output: Literal["adapter", "dense"] = "adapter", rank: int | None = None, iterations: int = 10,
                    prune_ratio: float = 0.2, scale: float = 1.0, max_memory: str | int | None = None,
                    device: str = "auto", **kw: Any) -> LoraMergeResult | dict[str, torch.Tensor]:
     """``samerge.merge_lora``: merge LoRA adapters of one base.
 
-    ``base``: a state dict or a model path; ``adapters``: PEFT adapter directories or :class:`LoraAdapter` objects.
+    ``base``: a path, a Hugging Face Hub model ID, a state dict or an ``nn.Module``; ``adapters``: PEFT adapter
+    directories (or Hub IDs) or :class:`LoraAdapter` objects.
     ``output="adapter"`` returns a :class:`LoraMergeResult` (factors per module; ``peft_state_dict()``);
     ``output="dense"`` returns the merged model's state dict (which is then resident as a whole: to write a dense
     model larger than memory use :func:`merge_lora_checkpoints`). ``max_memory``, ``device``: see
@@ -857,7 +919,7 @@ def merge_lora_api(base: Mapping[str, torch.Tensor] | str | os.PathLike[str],
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
-    state = open_checkpoint(base) if isinstance(base, (str, os.PathLike)) else base
+    state = open_input(base, "base")
     try:
         if output == "dense" and max_memory is not None:
             _check_budget(lora_memory_plan(state, loaded, method, output="state", graph=kw.get("graph", "auto"),
@@ -884,11 +946,13 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
     """
     import samerge
 
-    params = lora_params(params or {})
+    given = dict(params or {})
+    resolved = resolved_lora_params(given, method)
+    params = lora_params(given, method)
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [load_adapter(a) for a in adapters]
-    with open_checkpoint(base) as ck:
+    with open_model(base) as ck:
         inputs = [*ck.sources, *(ad.path for ad in loaded)]
         refuse_overlap(Path(out), inputs)  # before any work
         if output == "dense" and max_memory is not None:
@@ -897,12 +961,16 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
         result = merge_lora(ck, loaded, method, rank=rank, force=force, max_memory=max_memory,  # type: ignore[arg-type]
                             device=device, **params)
         meta = {"samerge.version": samerge.__version__, "samerge.method": f"lora:{method}",
-                "samerge.params": json.dumps({**params, "rank": rank}, sort_keys=True),
+                "samerge.params": json.dumps({**resolved, "rank": rank}, sort_keys=True),
                 "samerge.adapters": json.dumps([str(a) for a in adapters])}
+        name = ck.hub.repo if ck.hub is not None else (ck.config or {}).get("_name_or_path") or str(base)
+        recipe = {"base": ck.ref, "adapters": [ad.ref for ad in loaded], "method": method,
+                  "output": output, **({"rank": rank} if rank is not None else {}), "params": resolved}
+        card = lora_card(method, resolved, name, loaded, result, output=output, rank=rank,
+                         transformers_base=ck.config is not None, recipe=recipe)
         if output == "adapter":
-            name = (ck.config or {}).get("_name_or_path") or str(base)
             path = save_adapter(result, out, base_model_name=name, template=loaded[0].config, overwrite=overwrite,
-                                metadata=meta, inputs=inputs)
+                                metadata=meta, inputs=inputs, model_card=card)
         else:
             by_key = {name + ".weight": ba for name, ba in result.modules.items()}
             # shapes and dtypes from the header: the merged tensor keeps its base tensor's (see _dense_tensor)
@@ -912,6 +980,5 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
                                  overwrite=overwrite, copy_from=ck.directory, inputs=inputs) as sink:
                 for t in plan:
                     sink.write(t.name, _dense_tensor(ck, t.name, by_key, result.fan_in_fan_out, ws))
-                path = sink.finish(model_card=f"# Merged model (LoRA {method})\n\nMerged with samerge "
-                                              f"{samerge.__version__} from {len(adapters)} adapters.\n")
+                path = sink.finish(model_card=card)
     return path, result

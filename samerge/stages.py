@@ -49,6 +49,14 @@ from samerge.params import AcquireParams, PipelineParams, load_params
 from samerge.saliency import saliency
 from samerge.tracking import PENDING, track_pipeline
 
+# the base's config and tokenizer files (work/acquire/hf/), copied next to every merge by the prune stage so that
+# work/prune/METHOD/model is a complete Hugging Face folder (from_pretrained, MLflow's transformers flavour)
+HF_FILES = "hf"
+HF_SIDECARS = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                         "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+                         "chat_template.json", "preprocessor_config.json"})
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -121,6 +129,11 @@ def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False,
             st, data = open_suite(p.suite, p.size, p.seed, tasks=p.tasks or None, add_tasks=p.add_tasks,
                                   progress=not quiet)
             save_safetensors(st.base, out / "base.safetensors", metadata={"samerge.role": "base"})
+            if st.model_dir is not None:  # the base is a whole transformers model: its config and tokenizer
+                (out / HF_FILES).mkdir()
+                for f in sorted(st.model_dir.iterdir()):
+                    if f.name in HF_SIDECARS and f.is_file():
+                        shutil.copy2(f, out / HF_FILES / f.name)
             experts = []
             for task in data:
                 _say(f"acquire: expert for task {task.name}", quiet)
@@ -402,6 +415,11 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
         rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,
                                 exclude=manifest.get("exclude", ()), force=params.extract.force,
                                 progress=not quiet, max_memory=params.prune.max_memory, device=params.prune.device)
+        # merged from base.safetensors (the suite report merges the same state dicts, config-less); the base's config
+        # and tokenizer join the weights afterwards, so the folder loads with from_pretrained
+        hf = acq / HF_FILES
+        for f in sorted(hf.iterdir()) if hf.is_dir() else []:
+            shutil.copy2(f, out / "model" / f.name)
         with open(out / "iterations.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["iteration", "density", "norm_ratio", "conflict"])
@@ -488,7 +506,7 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
     rows = read_rows(ev / "scores.csv")
     histories = {m: h for m in params.prune.methods if (h := read_iterations(layout.merged(m) / "iterations.csv"))}
     with publish_dir(layout.stage("report")) as out:
-        write_report(rows, out, histories)
+        write_report(rows, out, histories, recipes={m: _recipe(layout, m) for m in params.prune.methods})
         avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
         best = max((m for m in avg if m not in ("base", "expert")), key=lambda m: avg[m])
         _write_json(out / "summary.json", {"best_method": best, "best_normalized_average": avg[best],
@@ -503,6 +521,21 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
                 + (" (champion)" if tracked.get("champion") else "") if tracked.get("version") else ""), quiet)
     _say(f"report: {layout.stage('report') / 'report.md'} (best: {best}, normalized {avg[best]:.3f})", quiet)
     return result
+
+
+def _recipe(layout: Layout, method: str) -> dict[str, Any] | None:
+    """The ``samerge merge --config`` mapping of the prune stage's merge with ``method`` (its inputs, as the stage
+    passed them, and its resolved parameters), for report.html; None when that merge left no summary."""
+    summary = layout.merged(method) / "summary.json"
+    if not summary.is_file():
+        return None
+    acq = layout.stage("acquire")
+    manifest = read_manifest(acq)
+    s = json.loads(summary.read_text(encoding="utf-8"))
+    return {"base": str(acq / "base.safetensors"),
+            "experts": [str(acq / "experts" / e["name"] / "expert.safetensors") for e in manifest["experts"]],
+            "method": s["method"], "params": s["params"],
+            **({"exclude": list(manifest["exclude"])} if manifest.get("exclude") else {})}
 
 
 def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:

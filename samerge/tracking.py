@@ -2,9 +2,10 @@
 
 One parent run per execution, one nested child run per stage (named exactly like the stage), holding that stage's
 parameters, timing, metrics (SA-Merging's per-iteration density / norm ratio / conflicts with ``step`` = iteration)
-and plots. The registered method's merged model (safetensors + model card) is logged as an artifact of the ``prune``
-child run and registered as a new version of ``samerge-<suite>``; the alias ``champion`` moves to it only when its
-suite average of normalized scores beats the current champion's (stored as a version tag).
+and plots. The registered method's merged model is logged as an MLflow model of the ``prune`` child run (the
+``transformers`` flavour where it is a complete Hugging Face folder, else a models-from-code pyfunc: see
+:func:`log_merged_model`) and registered as a new version of ``samerge-<suite>``; the alias ``champion`` moves to it
+only when its suite average of normalized scores beats the current champion's (stored as a version tag).
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``; without it, a SQLite store ``mlflow.db`` in the work root.
 """
@@ -19,9 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import samerge
 from samerge.errors import SamergeError
-from samerge.io import open_checkpoint
 from samerge.io.writer import write_text_atomic
 from samerge.layout import STAGES, Layout, read_iterations, read_manifest, read_rows
 from samerge.params import PipelineParams
@@ -156,7 +155,7 @@ def _log_stage(mlflow: Any, stage: str, params: PipelineParams, layout: Layout, 
         mlflow.log_metrics({f"{r['method']}.{r['task']}": r["score"] for r in rows})
         mlflow.log_metrics({f"{r['method']}.{r['task']}.normalized": r["normalized"] for r in rows})
     elif stage == "report":
-        for f in ("report.csv", "report.md", "per_task.png", "sa_iterations.png"):
+        for f in ("report.csv", "report.md", "report.html", "per_task.png", "sa_iterations.png"):
             if (d / f).is_file():
                 mlflow.log_artifact(str(d / f), artifact_path="report")
     elif stage == "acquire":
@@ -168,16 +167,13 @@ def _register(mlflow: Any, client: Any, params: PipelineParams, suite: str, meth
     from mlflow.exceptions import MlflowException
 
     name = params.report.model_name or f"samerge-{suite}"
-    # the merged model (safetensors + model card README.md) as an MLflow model of the prune child run, registered
     with mlflow.start_run(run_id=prune_run, nested=True):
-        info = mlflow.pyfunc.log_model(name="merged_model", python_model=MergedCheckpoint(),
-                                       artifacts={"checkpoint": str(model_dir)},
-                                       pip_requirements=[f"samerge=={samerge.__version__}"],
-                                       registered_model_name=name)
+        info, flavor = log_merged_model(mlflow, model_dir, name)
     v = str(info.registered_model_version)
     client.set_model_version_tag(name, v, SCORE_TAG, f"{score:.6f}")
     client.set_model_version_tag(name, v, "samerge.method", method)
     client.set_model_version_tag(name, v, "samerge.suite", suite)
+    client.set_model_version_tag(name, v, "samerge.flavor", flavor)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
         current_score = float(current.tags.get(SCORE_TAG, "-inf"))
@@ -186,33 +182,64 @@ def _register(mlflow: Any, client: Any, params: PipelineParams, suite: str, meth
     champion = current is None or score > current_score
     if champion:
         client.set_registered_model_alias(name, CHAMPION, v)
-    return {"model_name": name, "version": v, "champion": champion, "normalized_average": score,
+    return {"model_name": name, "version": v, "champion": champion, "normalized_average": score, "flavor": flavor,
             "previous_champion": None if current is None else str(current.version),
             "previous_champion_score": None if current is None else current_score}
 
 
-def _pyfunc_base() -> type:
+# the pipeline task of a transformers architecture, by its class name's ending (a bare encoder: its features)
+TASKS = (("ForCausalLM", "text-generation"), ("ForMaskedLM", "fill-mask"),
+         ("ForSequenceClassification", "text-classification"), ("ForTokenClassification", "token-classification"),
+         ("ForConditionalGeneration", "text2text-generation"), ("Model", "feature-extraction"))
+
+
+def transformers_task(model_dir: Path) -> tuple[str, str] | None:
+    """(architecture, pipeline task) of a complete Hugging Face folder (config.json, a tokenizer, the weights) whose
+    architecture is a class of the installed transformers; None for anything else."""
+    cfg = model_dir / "config.json"
+    if not cfg.is_file() or not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
     try:
-        from mlflow.pyfunc import PythonModel
-    except ImportError:  # the class below is only instantiated where mlflow is installed
-        return object
-    return PythonModel
+        import transformers
+    except ImportError:
+        return None
+    archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    arch = archs[0] if archs else ""
+    cls = getattr(transformers, arch, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return None  # never remote code: the class must be transformers' own
+    return next(((arch, task) for end, task in TASKS if arch.endswith(end)), None)
 
 
-class MergedCheckpoint(_pyfunc_base()):  # type: ignore[misc]
-    """The registered merged model: its artifact ``checkpoint`` is the merged safetensors folder (with the card).
+def log_merged_model(mlflow: Any, model_dir: Path, name: str) -> tuple[Any, str]:
+    """Log the merged model folder as the MLflow model ``merged_model`` of the active run, registered as ``name``.
 
-    ``mlflow.pyfunc.load_model("models:/samerge-text@champion").predict(["encoder.layer.0.attention.self.query.weight"])``
-    returns those tensors as numpy arrays; for the whole model, download the artifact and open it with
-    ``samerge.io.open_checkpoint`` or ``transformers``' ``from_pretrained``.
-    """
+    A complete Hugging Face folder of a transformers architecture (the text and llm-lora suites: the prune stage puts
+    the base's config and tokenizer next to the weights) is logged with the ``transformers`` flavour, so
+    ``mlflow.transformers.load_model`` gives a pipeline and ``from_pretrained`` reads the artifact's ``model/``
+    folder; anything else as a models-from-code pyfunc (:mod:`samerge.mlflow_model`, a tensor lookup; no pickle).
+    Neither requires samerge where it is loaded. Returns (the ModelInfo, the flavour)."""
+    found = transformers_task(model_dir)
+    card = model_dir / "README.md"
+    if found is not None:
+        import transformers
+        from huggingface_hub import ModelCard
 
-    def load_context(self, context: Any) -> None:
-        self.checkpoint = open_checkpoint(context.artifacts["checkpoint"])
-
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> dict[str, Any]:
-        names = list(model_input)
-        unknown = [n for n in names if n not in self.checkpoint]
-        if unknown:
-            raise SamergeError(f"no tensor {unknown[0]!r} in the merged model")
-        return {n: self.checkpoint[n].float().numpy() for n in names}
+        arch, task = found
+        # a pipeline of the loaded model, not the folder's path: MLflow 3's local-checkpoint logging fails on
+        # transformers 5 (pipelines.check_task gives the class as a string); the weights are saved again by
+        # save_pretrained, the same tensors
+        model = getattr(transformers, arch).from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name="merged_model", task=task,
+            model_card=ModelCard.load(card) if card.is_file() else None,
+            pip_requirements=mlflow.transformers.get_default_pip_requirements(model),
+            registered_model_name=name)
+        return info, "transformers"
+    info = mlflow.pyfunc.log_model(
+        name="merged_model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={"checkpoint": str(model_dir)},
+        pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "safetensors", "numpy"],
+        registered_model_name=name)
+    return info, "code"

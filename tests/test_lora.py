@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
+from safetensors import safe_open
 
 import samerge
 from samerge.cli import main
@@ -251,6 +253,64 @@ def test_cli_merge_lora(tiny_llama, tmp_path, capsys):
     assert "merged 3 adapter(s)" in out.out
     code = main([*args[:-2], "--set", "T=3"])
     assert code == 2 and "unknown parameter 'T'" in capsys.readouterr().err
+
+
+def _front_matter_and_recipe(card: str) -> tuple[dict, dict]:
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    recipe = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    return front, recipe
+
+
+def test_merge_lora_card_records_every_parameter_and_its_recipe_merges_again(tiny_llama, tmp_path, capsys):
+    """merge-lora writes a model card (front matter, every parameter the method read, the recipe); the recipe given
+    back as --config merges the same tensors; --quiet prints nothing; a parameter the method does not read is an
+    error, not silently ignored."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    root, _, paths = tiny_llama
+    adapters = [a for p in paths for a in ("--adapter", str(p))]
+    out = tmp_path / "m"
+    code = main(["merge-lora", "--base", str(root / "base"), *adapters, "--out", str(out), "--rank", "3",
+                 "--set", "iterations=2", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out == ""
+    front, recipe = _front_matter_and_recipe((out / "README.md").read_text())
+    assert front["library_name"] == "peft" and front["tags"] == ["merge", "samerge", "lora", "sa_merging"]
+    assert front["base_model"]
+    # every parameter sa_merging reads, the given one and the defaults, in the card, the recipe and the metadata
+    want = {"iterations": 2, "prune_ratio": 0.2, "scale": 1.0, "qk_rule": "bilinear", "graph": "auto"}
+    assert recipe["params"] == want and recipe["rank"] == 3 and recipe["method"] == "sa_merging"
+    assert recipe["adapters"] == [str(p.resolve()) for p in paths]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["samerge.params"]) == {**want, "rank": 3}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code = main(["merge-lora", "--config", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    first, again = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # PEFT loads the folder with its card
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), out)
+    assert sum("lora_A" in n for n, _ in model.named_parameters()) > 0
+    capsys.readouterr()  # transformers' loading bars
+    # the dense output's card names the transformers library
+    code = main(["merge-lora", "--base", str(root / "base"), *adapters, "--method", "ties", "--output", "dense",
+                 "--out", str(tmp_path / "dense"), "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    front, recipe = _front_matter_and_recipe((tmp_path / "dense" / "README.md").read_text())
+    assert front["library_name"] == "transformers" and recipe["params"] == {"density": 0.2, "scale": 1.0}
+    assert recipe["output"] == "dense" and "rank" not in recipe
+    # a parameter ties does not read
+    code = main(["merge-lora", "--base", str(root / "base"), *adapters, "--method", "ties", "--out",
+                 str(tmp_path / "x"), "--set", "iterations=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "merge-lora ties: iterations has no meaning for this method (it takes density, scale)" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_ties_on_lora_equals_dense_ties_of_the_updates(tiny_llama):

@@ -341,16 +341,30 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     champion = client.get_model_version_by_alias("samerge-text", "champion")
     assert champion.version == "2" and champion.tags["samerge.method"] == "sa_merging"
     assert float(champion.tags["samerge.normalized_average"]) == pytest.approx(second["normalized_average"])
-    # the registered artifact is the merged model itself, byte for byte
+    # the champion is a transformers model (issue 16): MLflow's transformers flavour loads it as a pipeline, and
+    # from_pretrained reads the downloaded artifact; both hold the merged tensors exactly and run a forward pass
+    from transformers import AutoModel, AutoTokenizer
+
+    assert champion.tags["samerge.flavor"] == "transformers"
     local = Path(mlflow.artifacts.download_artifacts("models:/samerge-text@champion", dst_path=str(tmp_path / "dl")))
-    got = next(local.rglob("model.safetensors"))
-    run_stage("prune", params, work, method="sa_merging", overrides=SMALL, quiet=True)  # re-merge: same bytes
-    assert got.read_bytes() == (work / "work/prune/sa_merging/model/model.safetensors").read_bytes()
-    assert (got.parent / "README.md").exists()  # the model card travels with it
-    model = mlflow.pyfunc.load_model("models:/samerge-text@champion")
-    key = "encoder.layer.0.attention.self.value.weight"
-    with open_checkpoint(got) as ck:
-        assert (model.unwrap_python_model().predict(None, [key])[key] == ck[key].numpy()).all()
+    assert "samerge" not in (local / "requirements.txt").read_text()  # loads where samerge is not installed
+    assert "# Merged model (sa_merging)" in (local / "model_card.md").read_text()  # the model card travels with it
+    run_stage("prune", params, work, method="sa_merging", overrides=SMALL, quiet=True)  # re-merge: same tensors
+    merged = work / "work/prune/sa_merging/model"
+    assert {"config.json", "tokenizer.json", "model.safetensors", "README.md"} <= {f.name for f in merged.iterdir()}
+    pipe = mlflow.transformers.load_model("models:/samerge-text@champion")
+    hf = AutoModel.from_pretrained(local / "model").eval()
+    tok = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
+    with open_checkpoint(merged) as ck:
+        for model in (pipe.model, hf):
+            state = model.state_dict()
+            assert all(torch.equal(state[k], ck[k]) for k in ck.keys() if k in state)
+            assert {k for k in ck.keys() if k not in state} <= {"embeddings.position_ids"}  # a buffer at most
+    features = torch.tensor(pipe("a merged sentence encoder")[0])
+    with torch.no_grad():
+        hidden = hf(**tok("a merged sentence encoder", return_tensors="pt")).last_hidden_state[0]
+    assert features.shape == hidden.shape == (hidden.shape[0], 384)
+    torch.testing.assert_close(features, hidden, rtol=1e-4, atol=1e-4)
 
     # the server unreachable (issue 14): the report stage fails fast with one line, keeps its report and a note of
     # what is pending; `--resend` sends it once the server is back

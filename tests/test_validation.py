@@ -222,7 +222,8 @@ def test_config_file_supplies_settings_and_flags_override(tmp_path, capsys, pair
     with open_checkpoint(tmp_path / "cfg_out.safetensors") as ck:
         assert torch.equal(ck["layer.0.weight"], expected["layer.0.weight"])
         assert json.loads(ck.metadata["samerge.params"]) == {"density": 0.5, "aggregate": "mean", "scale": 1.0,
-                                                             "scope": "tensor", "density_rule": "uniform"}
+                                                             "scope": "tensor", "density_rule": "uniform",
+                                                             "weights": None}
 
 
 def test_one_parser_reads_key_value_assignments_alike_everywhere():

@@ -244,12 +244,12 @@ class LlmLoraSuite(EmbeddedSuite):
         try:
             from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
         except ImportError:
-            raise SamergeError("the llm-lora suite needs transformers and peft (pip install -e '.[dev]')") from None
+            raise SamergeError("the llm-lora suite needs transformers and peft (pip install 'samerge[suites]')") from None
 
         self.size, self.seed, self.progress = size, seed, progress
         self.device = resolve_device(device)  # fine-tuning and scoring run there; merges run on the CPU
         self.hp = HYPER[size]
-        self.base_dir = smollm2_base_dir()
+        self.base_dir = self.model_dir = smollm2_base_dir()  # a whole LlamaForCausalLM folder
         self.config = LlamaConfig.from_pretrained(self.base_dir)
         self.config_dict = json.loads((self.base_dir / "config.json").read_text(encoding="utf-8"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)

@@ -8,7 +8,8 @@ score (:func:`~samerge.evaluation.scoring.score_models`: splits, normalisation, 
 ``report.csv`` has the columns ``suite,method,task,score,normalized``: one row per method and task plus a row with
 task ``average``; ``method`` is the exact method string asked for (e.g. ``ties[aggregate=mean,scale=1.0]``), and
 the rows ``base`` and ``expert`` give the base with each expert's head and each expert on its own task.
-``normalized`` is score / expert score on that task.
+``normalized`` is score / expert score on that task. ``report.html`` holds the whole report on one static page
+(tables, the plots embedded, SA-Merging's iteration curves and every merge's recipe; :mod:`samerge.evaluation.html`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import torch
 import samerge
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
+from samerge.evaluation.html import render_report
 from samerge.evaluation.scoring import ScoreCache, check_split, score_models
 from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import write_text_atomic
@@ -73,17 +76,27 @@ def split_methods(text: str) -> list[str]:
     return out
 
 
-def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
-    """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
+def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A samerge method's parameters with its defaults filled in (as JSON values); a suite's own method's, or
+    invalid ones (the merge itself reports them), as given."""
     if name in samerge.available_methods():
         try:
-            resolved = get_method(name).Params(**params).model_dump(mode="json")
+            return get_method(name).Params(**params).model_dump(mode="json")
         except Exception:  # invalid parameters are reported by the merge itself
-            resolved = params
-    else:
-        resolved = params
-    return json.dumps({"spec": spec, "name": name, "params": resolved, "version": samerge.__version__},
-                      sort_keys=True, default=str)
+            pass
+    return dict(params)
+
+
+def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
+    """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
+    return json.dumps({"spec": spec, "name": name, "params": resolved_params(name, params),
+                       "version": samerge.__version__}, sort_keys=True, default=str)
+
+
+def method_recipe(name: str, params: Mapping[str, Any], exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``samerge merge --config`` mapping of one merge of a report (its base and experts are the suite's, in
+    memory: ``--base``/``--expert`` name them on the command line)."""
+    return {"method": name, "params": resolved_params(name, params), **({"exclude": list(exclude)} if exclude else {})}
 
 
 def merged_state(suite: Suite, experts: Sequence[Expert], name: str, params: Mapping[str, Any],
@@ -126,6 +139,8 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
              if Path(p).is_file()}  # an added task's file is part of what a stored score depends on
     per_seed: dict[int, list[dict[str, Any]]] = {}
     histories: dict[str, list[Any]] = {}
+    recipes: dict[str, dict[str, Any]] = {}
+    notes: dict[str, str] = {}
     for sd in seeds:
         # acquire: the suite, its tasks and one expert per task (fine-tuned once, then cached)
         st, data = open_suite(suite, size, sd, tasks=tasks, add_tasks=add_tasks, progress=progress, device=device)
@@ -134,6 +149,10 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
         if against and against not in specs:
             specs.append(against)
         parsed = [(s, *parse_method(s, st.merge_methods)) for s in specs]
+        for spec, name, params in parsed:
+            recipes.setdefault(spec, method_recipe(name, params, st.exclude))
+            if name in st.merge_methods:
+                notes[spec] = f"A merge of the {suite} suite's own (not samerge merge): its parameters as given."
         where = json.dumps({"suite": suite, "size": size, "seed": sd, "split": split,
                             "tasks": [d.name for d in data], "files": files}, sort_keys=True)
         keys = {"base": where + "base", "expert": where + "expert",
@@ -149,7 +168,7 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
     # report
     rows = _mean_rows(per_seed)
     write_report(rows, out, histories, per_seed=per_seed if len(seeds) > 1 or split != "test" else None,
-                 split=split, against=against)
+                 split=split, against=against, recipes=recipes, notes=notes)
     return rows
 
 
@@ -191,9 +210,17 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> 
     write_text_atomic(path, buf.getvalue())
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, list[Any]], *,
+def write_report(rows: list[dict[str, Any]], out: Path, histories: Mapping[str, Sequence[Any]], *,
                  per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
-                 against: str | None = None) -> None:
+                 against: str | None = None, recipes: Mapping[str, Mapping[str, Any] | None] | None = None,
+                 notes: Mapping[str, str] | None = None) -> None:
+    """``out``/report.csv, report.md, plots and report.html (the whole report as one page, the plots embedded).
+
+    ``histories``: per method string, SA-Merging's iteration records (``iteration``, ``overall_density``,
+    ``norm_ratio``, ``conflict``); ``recipes``: per method string, the ``samerge merge --config`` mapping of its
+    merge, shown on the page (``notes``: a line under a recipe); ``per_seed``: the rows of each seed (``seeds.csv``,
+    and with ``against`` the paired comparison).
+    """
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "report.csv", ["suite", "method", "task", "score", "normalized"],
                ([r["suite"], r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"] for r in rows))
@@ -206,14 +233,21 @@ def write_report(rows: list[dict[str, Any]], out: Path, histories: dict[str, lis
     for m in methods:
         vals = [f"{cell[(m, t)]['score']:.3f} ({cell[(m, t)]['normalized']:.2f})" for t in tasks + ["average"]]
         lines.append(f"| `{m}` | " + " | ".join(vals) + " |")
+    pairs = None
     if per_seed:
         lines[2] = (f"Accuracy per task on the {split} split, mean over seeds {', '.join(map(str, per_seed))} "
                     "(normalized = merged / expert in parentheses).")
         _write_seeds(per_seed, out, split)
         if against:
-            lines += ["", *_paired_lines(per_seed, against, out)]
+            pairs = paired_differences(per_seed, against)
+            lines += ["", *_paired_lines(pairs, list(per_seed), against, out)]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     _plots(rows, out, tasks, methods, histories)
+    page = render_report(suite=rows[0]["suite"], rows=rows, tasks=tasks, methods=methods, out=out,
+                         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                         version=samerge.__version__, split=split, per_seed=per_seed, pairs=pairs, against=against,
+                         histories=histories, recipes=recipes, notes=notes)
+    write_text_atomic(out / "report.html", page)
 
 
 def _write_seeds(per_seed: dict[int, list[dict[str, Any]]], out: Path, split: str) -> None:
@@ -222,10 +256,9 @@ def _write_seeds(per_seed: dict[int, list[dict[str, Any]]], out: Path, split: st
                 for sd, rows in per_seed.items() for r in rows))
 
 
-def _paired_lines(per_seed: dict[int, list[dict[str, Any]]], against: str, out: Path) -> list[str]:
-    """The paired comparison to ``against``: Markdown lines, ``paired.csv`` and ``paired.png``."""
-    pairs = paired_differences(per_seed, against)
-    seeds = list(per_seed)
+def _paired_lines(pairs: list[dict[str, Any]], seeds: list[int], against: str, out: Path) -> list[str]:
+    """The paired comparison to ``against`` (:func:`paired_differences`): Markdown lines, ``paired.csv`` and
+    ``paired.png``."""
     _write_csv(out / "paired.csv",
                ["method", "mean_normalized", "std", *[f"diff_seed{sd}" for sd in seeds], "diff_mean", "diff_std",
                 "wins"],
@@ -282,13 +315,15 @@ def _plots(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: lis
     fig.savefig(out / "per_task.png", dpi=120, bbox_inches="tight")  # the legend of long method strings included
     plt.close(fig)
     if histories:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6))
         for spec, hist in histories.items():
-            t = [h.iteration for h in hist]
-            a1.plot(t, [h.overall_density for h in hist], marker="o", label=spec)
-            a2.plot(t, [h.conflict for h in hist], marker="o", label=spec)
+            t = [0, *(h.iteration for h in hist)]  # iteration 0: nothing pruned yet (density and norm ratio 1)
+            a1.plot(t, [1.0, *(h.overall_density for h in hist)], marker="o", ms=3, label=spec)
+            a2.plot(t, [1.0, *(h.norm_ratio for h in hist)], marker="o", ms=3, label=spec)
+            a3.plot(t[1:], [h.conflict for h in hist], marker="o", ms=3, label=spec)
         a1.set(xlabel="iteration", ylabel="density (alive / initial)", yscale="log")
-        a2.set(xlabel="iteration", ylabel="sign conflicts among survivors")
+        a2.set(xlabel="iteration", ylabel=r"$\|\Sigma\,\tau^{(t)}\| \;/\; \|\Sigma\,\tau\|$")
+        a3.set(xlabel="iteration", ylabel="sign conflicts among survivors")
         a1.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "sa_iterations.png", dpi=120)

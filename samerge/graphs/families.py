@@ -9,11 +9,12 @@ tensor (``"0/3"`` = the first third of its rows).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from samerge.architecture import guess_architecture
-from samerge.errors import SamergeError
+from samerge.errors import SamergeError, SamergeWarning
 from samerge.graphs.spec import Attention, ChainGraph, ChainLayer, Mlp, Ref, Stack, TransformerGraph
 
 _BERT = {
@@ -169,15 +170,19 @@ class _Resolver:
 
 
 def _heads(template: dict[str, Any], config: Mapping[str, Any] | None, q_rows: int, k_rows: int, width: int
-           ) -> tuple[int, int]:
+           ) -> tuple[int, int, bool]:
+    """The query and key/value head counts, and whether they were guessed (no head count or width in the config
+    and none fixed by the family: heads of width 64 assumed)."""
     cfg = dict(config or {})
     for sub in ("text_config", "vision_config"):
         if isinstance(cfg.get(sub), dict) and "num_attention_heads" not in cfg:
             cfg.update({k: v for k, v in cfg[sub].items() if k not in cfg})
     n_heads = cfg.get(template.get("heads_config", "num_attention_heads")) or cfg.get("n_head")
+    guessed = False
     if not n_heads:
-        head_dim = cfg.get("head_dim") or cfg.get("d_kv") or template.get("head_width", 64)
-        n_heads = max(1, q_rows // int(head_dim))
+        head_dim = cfg.get("head_dim") or cfg.get("d_kv") or template.get("head_width")
+        guessed = head_dim is None
+        n_heads = max(1, q_rows // int(head_dim or 64))
     n_heads = int(n_heads)
     head_dim = q_rows // n_heads
     n_kv = max(1, k_rows // head_dim) if head_dim else n_heads
@@ -187,7 +192,7 @@ def _heads(template: dict[str, Any], config: Mapping[str, Any] | None, q_rows: i
         raise SamergeError(f"connectivity graph: the attention heads cannot be told from the shapes alone (q "
                            f"{q_rows} rows, k/v {k_rows} rows); give the model's config (a model folder with "
                            "config.json, or config= in the Python API)")
-    return n_heads, n_kv
+    return n_heads, n_kv, guessed
 
 
 def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
@@ -215,6 +220,7 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
         if embed is not None:
             embed = Ref(embed.key, transposed=True)  # (V, d) stored; h0 = |E|^T 1 / V
         blocks = []
+        warned = False
         for i in range(n_layers):
             for b in st["blocks"]:
                 extra = {k: b[k] for k in ("ff", "stack") if k in b}
@@ -224,7 +230,13 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
                     q_rows = (q.rows[1] - q.rows[0]) if q.rows else shapes[q.key][0]
                     k_rows = (k_.rows[1] - k_.rows[0]) if k_.rows else shapes[k_.key][0]
                     width = shapes[q.key][1]
-                    nh, nkv = _heads(template, config, q_rows, k_rows, width)
+                    nh, nkv, guessed = _heads(template, config, q_rows, k_rows, width)
+                    if guessed and not warned:
+                        warned = True
+                        warnings.warn(f"connectivity graph: the model's config is not given, so {nh} attention heads "
+                                      f"of width 64 are assumed ({q.key}: {q_rows} rows); if its heads differ, give "
+                                      "the config (a model folder with config.json, or config= in the Python API)",
+                                      SamergeWarning, stacklevel=2)
                     norm = res.ref("?" + b["norm"], i, extra, None) if "norm" in b else None
                     post = res.ref("?" + b["post_norm"], i, extra, None) if "post_norm" in b else None
                     blocks.append(Attention(q, k_, v, o, nh, nkv, norm=norm.key if norm else None,

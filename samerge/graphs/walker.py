@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from samerge.errors import SamergeError
 from samerge.graphs.spec import Attention, ChainGraph, Factor, FlowFactors, Mlp, Ref, Stack, TransformerGraph
 
 Weights = Callable[[Ref], "torch.Tensor | LinearMap"]  # |W| as a 2-D float map in its (out, in) orientation
@@ -199,8 +200,9 @@ class FlowComputer:
                 rep = 1
             else:
                 if w.shape[1] % a.vec.numel():
-                    raise ValueError(f"chain graph: {layer.weight.key} takes {w.shape[1]} inputs, previous layer "
-                                     f"gives {a.vec.numel()}")
+                    raise SamergeError(f"chain graph: {layer.weight.key} takes {w.shape[1]} inputs, the layer "
+                                       f"before it gives {a.vec.numel()}: this model is not one chain of layers "
+                                       f"(use graph=auto)")
                 rep = w.shape[1] // a.vec.numel()
                 a_out = mv(w, LogVec(a.vec.repeat_interleave(rep), a.log) if rep > 1 else a)
             mult = None

@@ -12,6 +12,10 @@
 and returns a :class:`Checkpoint`, a read-only ``Mapping[str, Tensor]`` whose ``__getitem__`` reads the tensor on
 demand. Shapes and dtypes are known without reading data (:meth:`Checkpoint.info`), so structural validation of a
 whole merge costs no IO.
+
+User-given inputs go through :func:`open_model` (a path, or a Hugging Face Hub model ID ``org/name[@revision]``
+resolved by :mod:`samerge.io.hub`) or :func:`open_input` (also a state dict or an ``nn.Module``);
+:func:`open_checkpoint` opens paths only (the pipeline's own files).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from samerge.errors import CheckpointError, SamergeError
 from samerge.io.safetensors_format import TensorEntry, read_header, read_into
+from samerge.io.hub import HubSnapshot, resolve_model
 
 SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -49,8 +54,39 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.metadata = metadata or {}
         self.config = config
         self.directory = directory  # the model directory, when the checkpoint came from one
+        self.hub: HubSnapshot | None = None  # the Hub ID it was resolved from (open_model), if any
+        self.given: str | None = None  # the path or ID as the user gave it (open_model)
         self._handles: dict[Path, BinaryIO] = {}
         self._keys = list(self._entries) + list(self._tensors) + [a for a in self.aliases if a not in self._entries]
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], name: str, *, config: dict[str, Any] | None = None
+                   ) -> Checkpoint:
+        """An in-memory state dict as a Checkpoint named ``name``: no files (nothing to hash or to copy), tied
+        tensors (shared storage) recorded as aliases as for a pickle; the caller's mapping is not changed."""
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise SamergeError(f"{name}: expected a state dict (names to tensors), found "
+                                   f"{type(k).__name__} {k!r} -> {type(v).__name__}")
+            tensors[k] = v.detach()
+        tensors, aliases = _untie(tensors)
+        return cls(Path(name), tensors=tensors, aliases=aliases, files=[], config=config)
+
+    @property
+    def in_memory(self) -> bool:
+        """True for a state dict or module given in memory (no file behind it)."""
+        return not self.files
+
+    @property
+    def ref(self) -> str | None:
+        """How to name this input again: ``org/name@<commit>`` for a Hub ID, the absolute path for a local input,
+        None in memory."""
+        if self.hub is not None:
+            return self.hub.pinned
+        if self.in_memory:
+            return None
+        return os.path.abspath(os.path.expanduser(self.given) if self.given is not None else self.path)
 
     @property
     def sources(self) -> list[Path]:
@@ -148,6 +184,44 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _open_pickle_files(p, [p], directory=None)
     # An unknown suffix: sniff the content rather than guessing from the name.
     return _open_safetensors_files(p, [p], directory=None)
+
+
+def open_model(source: str | os.PathLike[str], what: str | None = None) -> Checkpoint:
+    """Open a user-given model: a path (any layout :func:`open_checkpoint` reads; an existing path always wins) or
+    a Hugging Face Hub model ID ``org/name`` / ``org/name@revision`` (branch, tag or commit), fetched or found in the
+    hub cache (``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_HUB_CACHE``) and opened as its folder; ``.hub`` records the
+    repo and commit. The one opener of models named on the command line or passed to the API."""
+    path, snap = resolve_model(source, what)
+    ckpt = open_checkpoint(path)
+    ckpt.hub, ckpt.given = snap, os.fspath(source)
+    return ckpt
+
+
+ACCEPTED_INPUTS = ("a path, a Hugging Face Hub model ID (org/name[@revision]), a state dict (Mapping[str, Tensor]) "
+                   "or a torch.nn.Module")
+
+
+def open_input(source: Any, what: str) -> Mapping[str, torch.Tensor]:
+    """Any model input the Python API accepts, as a mapping of names to tensors: a path or Hub ID through
+    :func:`open_model` (a new :class:`Checkpoint` the caller closes), a state dict as it is, an ``nn.Module`` as an
+    in-memory Checkpoint of its ``state_dict()`` (with ``config`` when it is a transformers model). ``what`` (e.g.
+    ``base``, ``expert #2``) names the input in errors."""
+    if isinstance(source, Mapping):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return open_model(source)
+    if isinstance(source, torch.nn.Module):
+        config = getattr(source, "config", None)
+        to_dict = getattr(config, "to_dict", None)
+        return Checkpoint.from_state(source.state_dict(), f"{what} ({type(source).__name__})",
+                                     config=to_dict() if callable(to_dict) else None)
+    raise SamergeError(f"{what}: expected {ACCEPTED_INPUTS}, got {type(source).__name__}")
+
+
+def as_checkpoint(source: Any, what: str) -> Checkpoint:
+    """:func:`open_input`, with a plain state dict wrapped as an in-memory :class:`Checkpoint` (no files)."""
+    state = open_input(source, what)
+    return state if isinstance(state, Checkpoint) else Checkpoint.from_state(state, f"{what} (state dict)")
 
 
 def _read_config(directory: Path) -> dict[str, Any] | None:
@@ -280,20 +354,16 @@ def _open_pickle_files(path: Path, files: list[Path], directory: Path | None) ->
             if k in tensors:
                 raise CheckpointError(f"{f}: tensor {k!r} appears in more than one shard")
             tensors[k] = v
-    # Tied weights share storage in a pickle: keep the first name as canonical, the others as aliases.
-    canonical: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
-    aliases: dict[str, str] = {}
-    for k, v in list(tensors.items()):
-        if v.numel() == 0:
-            continue
-        sig = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
-        if sig in canonical:
-            aliases[k] = canonical[sig]
-            del tensors[k]
-        else:
-            canonical[sig] = k
+    tensors, aliases = _untie(tensors)
     config = _read_config(directory) if directory else None
     return Checkpoint(path, tensors=tensors, aliases=aliases, files=list(files), config=config, directory=directory)
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights share storage (in a pickle, in a module's state dict): the first name stays canonical, the
+    others become aliases (alias -> canonical) and leave the returned dict."""
+    aliases = aliases_of(tensors)
+    return {k: v for k, v in tensors.items() if k not in aliases}, aliases
 
 
 def tensor_info(state: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:

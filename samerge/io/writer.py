@@ -261,6 +261,21 @@ class _Shard:
             self.fd = -1
 
 
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """The merged model's dtype in its copied ``config.json`` (``torch_dtype``, and ``dtype`` where transformers 5
+    wrote it), so ``from_pretrained(torch_dtype="auto")`` loads it as it was written; other fields unchanged."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not a config samerge can read: copied as it was
+    if not isinstance(config, dict):
+        return
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "torch_dtype":
+            config[key] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 class SafetensorsSink:
     """Streams named tensors to ``out`` and publishes it atomically on :meth:`finish`.
 
@@ -272,7 +287,7 @@ class SafetensorsSink:
     def __init__(self, out: str | os.PathLike[str], plan: list[PlannedTensor], *, metadata: Mapping[str, str],
                  aliases: Mapping[str, str] | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  overwrite: bool = False, copy_from: Path | None = None,
-                 inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+                 inputs: Iterable[str | os.PathLike[str]] = (), config_dtype: str | None = None) -> None:
         self.out = Path(out)
         self.single_file = self.out.name.endswith(".safetensors")
         self.card = self.out.with_suffix(".md") if self.single_file else None  # written beside a single file
@@ -286,6 +301,7 @@ class SafetensorsSink:
         if self.aliases:
             self.metadata[ALIASES_METADATA_KEY] = json.dumps(self.aliases, sort_keys=True)
         self.copy_from = copy_from
+        self.config_dtype = config_dtype  # the output's dtype, named in the copied config.json (torch_dtype, dtype)
         self.tmp = self.out.parent / f".{self.out.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shards: list[_Shard] = []
         self._by_name: dict[str, _Shard] = {}
@@ -370,6 +386,8 @@ class SafetensorsSink:
                 if (src.is_file() and not src.name.endswith(WEIGHT_FILE_SUFFIXES) and src.name != "README.md"
                         and not src.name.endswith(".index.json") and not src.name.startswith(".")):
                     shutil.copy2(src, self.tmp / src.name)
+            if self.config_dtype is not None and (self.tmp / "config.json").is_file():
+                _set_config_dtype(self.tmp / "config.json", self.config_dtype)
         if model_card is not None:
             (self.tmp / "README.md").write_text(model_card, encoding="utf-8")
         publish(self.tmp, self.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,16 +49,26 @@ def validate_params(model: type[MethodParams], params: Mapping[str, Any], owner:
         raise invalid(owner, exc, model, noun="parameter") from None
 
 
+def _type_name(ann: Any) -> str:
+    """A readable name of a parameter's type: ``float``, ``'sum'|'mean'``, ``list[float] | None``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "|".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def describe_params(method: type[MergeMethod]) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, description) for each parameter, for `samerge methods`."""
-    rows = []
-    for name, field in method.Params.model_fields.items():
-        ann = field.annotation
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        if "Literal" in str(ann):
-            type_name = "|".join(repr(a) for a in getattr(ann, "__args__", ()))
-        rows.append((name, type_name, field.default, field.description or ""))
-    return rows
+    return [(name, _type_name(field.annotation), field.default, field.description or "")
+            for name, field in method.Params.model_fields.items()]
 
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodParams", "TensorGroup", "available_methods", "describe_params",

@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from samerge.errors import SamergeError
 from samerge.selection import keep_count, topk_mask, Workspace
 from samerge.tadrop import plan_tadrop
 
@@ -72,6 +73,10 @@ Scale = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False,
                                description="lambda: the merged task vector is multiplied by this")]
 Density = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
                                  description="kept fraction of entries, in [0, 1]")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Weights = Annotated[list[FiniteFloat] | None, Field(
+    description="per-expert weights, one per expert in order (default: all 1): each task vector is multiplied by "
+                "its weight before merging (mergekit's per-model `weight`)")]
 DensityRule = Annotated[Literal["uniform", "tadrop"], Field(
     description="uniform: the same density for every tensor; tadrop: per-tensor adaptive density (TADrop, "
                 "reconstructed) with the same overall parameter-weighted density")]
@@ -110,6 +115,26 @@ def keep_counts(group: TensorGroup, params: Any, state: Any) -> list[int]:
         return list(state.keep[group.key])
     k = keep_count(group.numel, params.density)
     return [k] * group.n_experts
+
+
+def expert_weights(group: TensorGroup, params: Any, method: str) -> list[float] | None:
+    """``params.weights`` checked against the number of experts (None: no weights, all 1)."""
+    weights = getattr(params, "weights", None)
+    if weights is None:
+        return None
+    if len(weights) != group.n_experts:
+        raise SamergeError(f"{method}: weights has {len(weights)} entries for {group.n_experts} experts "
+                           f"(one weight per expert, in the experts' order)")
+    return list(weights)
+
+
+def weigh_(group: TensorGroup, weights: list[float] | None) -> None:
+    """Multiply each expert's task vector by its weight, in place (nothing to do without weights)."""
+    if weights is None:
+        return
+    for n, w in enumerate(weights):
+        if w != 1.0:
+            group.task_vectors[n].mul_(w)
 
 
 def magnitude_trim_(group: TensorGroup, counts: list[int], ws: Workspace) -> None:

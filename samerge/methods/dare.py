@@ -1,6 +1,9 @@
 """DARE (Yu et al., 2024): drop each task-vector entry with probability 1 - density, rescale survivors by
 1/density, then merge with task arithmetic or TIES.
 
+``rescale="l1"`` rescales each dropped task vector to its L1 norm before the drop instead, as mergekit's
+``dare_ties``/``dare_linear`` do with ``rescale: true`` (``"none"``: no rescale, mergekit's ``rescale: false``).
+
 Randomness is seeded per (seed, tensor name, expert index), so results do not depend on the order tensors are
 processed in, on threads, or on which other tensors are merged.
 """
@@ -14,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from samerge.methods.base import Density, DensityRule, MergeMethod, MethodParams, Scale, TensorGroup, keep_counts
-from samerge.methods.base import magnitude_trim_
+from samerge.methods.base import Weights, expert_weights, magnitude_trim_, weigh_
 from samerge.methods.ties import elect_and_merge
 from samerge.selection import Workspace, keep_count
 
@@ -27,6 +30,10 @@ class DareParams(MethodParams):
     aggregate: Literal["sum", "mean"] = "sum"  # TIES' disjoint merge (base_method="ties")
     seed: int = Field(default=0, ge=0)
     density_rule: DensityRule = "uniform"
+    rescale: Literal["density", "l1", "none"] = Field(
+        default="density", description="survivors' rescale: 1/density (the paper), l1: back to the task vector's L1 "
+                                       "norm (mergekit's rescale: true), none (mergekit's rescale: false)")
+    weights: Weights = None
 
     @model_validator(mode="after")
     def _default_scale(self) -> DareParams:
@@ -40,8 +47,11 @@ def generator_for(seed: int, key: str, expert: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def random_drop_(flat: torch.Tensor, key: str, densities: list[float], seed: int, ws: Workspace) -> None:
-    """Keep each entry of row n with probability densities[n], rescaled by 1/densities[n] (in place)."""
+def random_drop_(flat: torch.Tensor, key: str, densities: list[float], seed: int, ws: Workspace,
+                 rescale: str = "density") -> None:
+    """Keep each entry of row n with probability densities[n], rescaled by 1/densities[n] (in place); ``rescale``
+    "l1": rescaled to the row's L1 norm before the drop (unless either norm is below 1e-7, as mergekit), "none":
+    not rescaled."""
     u = ws.get("dare.u", flat.shape[1], flat.dtype)
     keep = ws.get("dare.keep", flat.shape[1], torch.bool)
     for i, rho in enumerate(densities):
@@ -56,25 +66,37 @@ def random_drop_(flat: torch.Tensor, key: str, densities: list[float], seed: int
         if host is not u:
             u.copy_(host)
         torch.lt(u, rho, out=keep)
-        flat[i].mul_(keep).div_(rho)
+        if rescale == "density":
+            flat[i].mul_(keep).div_(rho)
+        elif rescale == "none":
+            flat[i].mul_(keep)
+        else:
+            before = float(torch.linalg.vector_norm(flat[i], ord=1))
+            after = float(torch.linalg.vector_norm(flat[i].mul_(keep), ord=1))
+            if before >= 1e-7 and after >= 1e-7:
+                flat[i].mul_(before / after)
 
 
 class Dare(MergeMethod):
     name = "dare"
-    description = "DARE: random drop to `density` with 1/density rescale, then task arithmetic or TIES. Seeded."
+    description = ("DARE: random drop to `density`, survivors rescaled (1/density, or L1 as mergekit), then task "
+                   "arithmetic or TIES. Seeded.")
     Params = DareParams
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        weights = expert_weights(group, params, self.name)
         flat = group.task_vectors.view(group.n_experts, -1)
         n = flat.shape[1]
         densities = [k / n if n else 1.0 for k in keep_counts(group, params, state)]
         if params.density_rule == "uniform":
             densities = [params.density] * group.n_experts
-        random_drop_(flat, group.key, densities, params.seed, ws)
+        random_drop_(flat, group.key, densities, params.seed, ws, params.rescale)
         if params.base_method == "ties":
             magnitude_trim_(group, [keep_count(n, params.ties_density)] * group.n_experts, ws)
-            merged = elect_and_merge(flat, params.aggregate, ws)
+            weigh_(group, weights)
+            merged = elect_and_merge(flat, params.aggregate, ws, weights)
         else:
+            weigh_(group, weights)
             merged = ws.get("out", n, flat.dtype)
             torch.sum(flat, dim=0, out=merged)
         return merged.mul_(params.scale).view(group.base.shape)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from samerge.methods.base import Density, DensityRule, MergeMethod, MethodParams, Scale, TensorGroup, keep_counts
+from samerge.methods.base import (Density, DensityRule, MergeMethod, MethodParams, Scale, TensorGroup, Weights,
+                                  expert_weights, keep_counts, weigh_)
+from samerge.methods.ties import elect_and_merge
 from samerge.selection import Workspace, keep_count, topk_mask
 
 
@@ -17,14 +19,27 @@ class BreadcrumbsParams(MethodParams):
                          description="dropped fraction: the largest |tau| per tensor removed as outliers, in [0, 1]")
     scale: Scale = 0.3
     density_rule: DensityRule = "uniform"
+    weights: Weights = None
+    sign_election: bool = Field(default=False, description="elect signs and merge the agreeing entries as TIES does "
+                                                           "(mergekit's breadcrumbs_ties)")
+    aggregate: Literal["sum", "mean"] = Field(default="sum", description="with sign_election: sum or (weighted) "
+                                                                         "mean of the agreeing entries")
+
+    @model_validator(mode="after")
+    def _aggregate_needs_election(self) -> BreadcrumbsParams:
+        if self.aggregate == "mean" and not self.sign_election:
+            raise ValueError("aggregate='mean' needs sign_election=true (the mean is over the agreeing entries)")
+        return self
 
 
 class Breadcrumbs(MergeMethod):
     name = "breadcrumbs"
-    description = "Model Breadcrumbs: per tensor drop the top `gamma` and the smallest |tau|, keep `density`; then TA."
+    description = ("Model Breadcrumbs: per tensor drop the top `gamma` and the smallest |tau|, keep `density`; then TA "
+                   "(or TIES' sign election with sign_election).")
     Params = BreadcrumbsParams
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        weights = expert_weights(group, params, self.name)
         flat = group.task_vectors.view(group.n_experts, -1)
         n = flat.shape[1]
         k_top = keep_count(n, params.gamma)
@@ -36,6 +51,9 @@ class Breadcrumbs(MergeMethod):
             topk_mask(mag, k_top, ws, slot="bc.top", nonnegative=True, out=outliers)
             keep.logical_and_(outliers.logical_not_())
             flat[i].mul_(keep)
+        weigh_(group, weights)
+        if params.sign_election:
+            return elect_and_merge(flat, params.aggregate, ws, weights).mul_(params.scale).view(group.base.shape)
         out = ws.get("out", n, flat.dtype)
         torch.sum(flat, dim=0, out=out)
         return out.mul_(params.scale).view(group.base.shape)

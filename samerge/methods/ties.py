@@ -4,6 +4,9 @@ Trim keeps each expert's top ``density`` fraction by |tau| (per tensor, or over 
 ``scope="global"``, computed exactly in two streamed passes, never by flattening the model). The elected sign of
 each entry is the sign of the sum of the trimmed task vectors (a zero sum elects +, as PEFT does). The disjoint
 merge adds (``aggregate="sum"``) or averages (``"mean"``) the entries that agree with the elected sign.
+With per-expert ``weights`` the trimmed task vectors are weighted before the election and ``"mean"`` divides by the
+sum of the agreeing experts' weights (a zero divisor counts as 1), as mergekit's ``ties`` does (``normalize: true``
+is ``"mean"``, ``false`` is ``"sum"``).
 ``scope="tensor", aggregate="mean", scale=1`` equals ``peft.utils.merge_utils.ties``.
 """
 
@@ -14,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from samerge.methods.base import (Density, DensityRule, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup,
-                                  keep_counts, magnitude_trim_)
+                                  Weights, expert_weights, keep_counts, magnitude_trim_, weigh_)
 from samerge.errors import SamergeError
 from samerge.selection import GlobalThreshold, Workspace, keep_count
 
@@ -25,10 +28,15 @@ class TiesParams(MethodParams):
     aggregate: Literal["sum", "mean"] = "sum"
     scope: Literal["tensor", "global"] = "tensor"
     density_rule: DensityRule = "uniform"
+    weights: Weights = None
 
 
-def elect_and_merge(flat: torch.Tensor, aggregate: str, ws: Workspace) -> torch.Tensor:
-    """Sign election and disjoint merge of trimmed task vectors ``flat`` (N, n); returns a workspace view (n,)."""
+def elect_and_merge(flat: torch.Tensor, aggregate: str, ws: Workspace,
+                    weights: list[float] | None = None) -> torch.Tensor:
+    """Sign election and disjoint merge of trimmed task vectors ``flat`` (N, n); returns a workspace view (n,).
+
+    ``weights``: the rows are already weighted; ``"mean"`` divides by the sum of the agreeing rows' weights
+    instead of their count (a zero divisor counts as 1)."""
     n_experts, n = flat.shape
     elected = ws.get("ties.sign", n, flat.dtype)
     torch.sum(flat, dim=0, out=elected)
@@ -48,9 +56,13 @@ def elect_and_merge(flat: torch.Tensor, aggregate: str, ws: Workspace) -> torch.
         acc.add_(tmp)
         if aggregate == "mean":
             torch.gt(tmp, 0, out=agree)
-            count.add_(agree)
+            if weights is None or weights[i] == 1.0:
+                count.add_(agree)
+            else:
+                count.add_(tmp.copy_(agree).mul_(weights[i]))
     if aggregate == "mean":
-        acc.div_(count.clamp_(min=1))
+        torch.eq(count, 0, out=agree)
+        acc.div_(count.masked_fill_(agree, 1))
     return acc.mul_(elected)
 
 
@@ -71,6 +83,7 @@ class Ties(MergeMethod):
         return super().plan(params, groups, ws, context)
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
+        weights = expert_weights(group, params, self.name)
         flat = group.task_vectors.view(group.n_experts, -1)
         if params.scope == "global":
             keep = ws.get("ties.keep", flat.shape[1], torch.bool)
@@ -80,7 +93,8 @@ class Ties(MergeMethod):
                 flat[i].mul_(keep)
         else:
             magnitude_trim_(group, keep_counts(group, params, state), ws)
-        merged = elect_and_merge(flat, params.aggregate, ws)
+        weigh_(group, weights)
+        merged = elect_and_merge(flat, params.aggregate, ws, weights)
         return merged.mul_(params.scale).view(group.base.shape)
 
 

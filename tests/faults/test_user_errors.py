@@ -220,3 +220,20 @@ def test_one_derived_from_base_check_for_merges_and_the_expert_registry(tmp_path
                                        "(fine-tuning gives")
     assert err.endswith("or pass --force (force=True) to merge anyway")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_chain_graph_asked_of_a_model_that_is_no_chain_is_one_line(tmp_path, capsys):
+    """graph=chain on layers whose widths do not follow one another (an embedding table, then a linear layer):
+    one line naming the layer and the way out, nothing written."""
+    torch.manual_seed(0)
+    base = {"embed.weight": torch.randn(100, 8), "layer.0.weight": torch.randn(8, 16), "layer.1.weight": torch.randn(4, 8)}
+    paths = [save_safetensors(base, tmp_path / "base.safetensors")]
+    for i in range(2):
+        paths.append(save_safetensors({k: v + 0.01 * torch.randn_like(v) for k, v in base.items()},
+                                      tmp_path / f"e{i}.safetensors"))
+    out = tmp_path / "m.safetensors"
+    code = main(["merge", "--base", str(paths[0]), "--expert", str(paths[1]), "--expert", str(paths[2]),
+                 "--method", "sa_merging", "--set", "graph=chain", "--out", str(out), "--quiet"])
+    one_line_error(capsys, code, "chain graph: layer.0.weight takes 16 inputs, the layer before it gives 100: this "
+                                 "model is not one chain of layers (use graph=auto)")
+    assert not out.exists()

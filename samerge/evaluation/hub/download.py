@@ -13,7 +13,6 @@ and name the branch ``main`` for the rest: a hash nobody verified would be worse
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -24,26 +23,11 @@ from typing import Any
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.evaluation.hub.spec import DataSource, ModelSource, SuiteSpec, _first_line, write_spec
 from samerge.evaluation.suite import cache_root
+from samerge.io.hub import COMMIT_RE, MODEL_FILES, MODEL_PICKLES, hub_cache_dir, hub_offline
 from samerge.io.writer import write_text_atomic
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-# What a model snapshot needs: configs, tokenizer and processor files, safetensors weights (PyTorch pickles are
-# fetched only when a repo has no safetensors, and then only the model's own, never training_args.bin).
-MODEL_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
-MODEL_PICKLES = ["pytorch_model*.bin", "adapter_model.bin"]
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, resolved from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` read at call time (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+__all__ = ["COMMIT_RE", "MODEL_FILES", "MODEL_PICKLES", "Acquired", "Provenance", "acquire", "acquire_model",
+           "hub_cache_dir", "hub_offline"]
 
 
 @dataclass
