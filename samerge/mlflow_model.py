@@ -7,7 +7,8 @@ registers the model with ``set_model`` at import.
 
 ``mlflow.pyfunc.load_model("models:/samerge-vision@champion").predict(["_blocks.0._depthwise_conv.weight"])``
 returns those merged tensors as float32 numpy arrays; for the whole state dict, download the artifact
-(``mlflow.artifacts.download_artifacts``) and read its ``artifacts/checkpoint/`` folder with safetensors.
+(``mlflow.artifacts.download_artifacts``) and read the merged folder under its ``artifacts/`` (``artifacts/model/``
+for the pipeline's) with safetensors.
 """
 
 from __future__ import annotations

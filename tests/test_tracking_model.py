@@ -21,6 +21,8 @@ def mlflow_store(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # an experiment of this store: the active one another test left (its own store's id) is not in this one
+    mlflow.set_experiment("samerge-tracking-model")
     yield mlflow
     mlflow.set_tracking_uri(old)
 
