@@ -191,7 +191,7 @@ def _heads(template: dict[str, Any], config: Mapping[str, Any] | None, q_rows: i
     if n_kv * head_dim != k_rows:
         raise SamergeError(f"connectivity graph: the attention heads cannot be told from the shapes alone (q "
                            f"{q_rows} rows, k/v {k_rows} rows); give the model's config (a model folder with "
-                           "config.json, or config= in the Python API)")
+                           "config.json, or the transformers model itself in the Python API)")
     return n_heads, n_kv, guessed
 
 
@@ -235,8 +235,8 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
                         warned = True
                         warnings.warn(f"connectivity graph: the model's config is not given, so {nh} attention heads "
                                       f"of width 64 are assumed ({q.key}: {q_rows} rows); if its heads differ, give "
-                                      "the config (a model folder with config.json, or config= in the Python API)",
-                                      SamergeWarning, stacklevel=2)
+                                      "the config (a model folder with config.json, or the transformers model "
+                                      "itself in the Python API)", SamergeWarning, stacklevel=2)
                     norm = res.ref("?" + b["norm"], i, extra, None) if "norm" in b else None
                     post = res.ref("?" + b["post_norm"], i, extra, None) if "post_norm" in b else None
                     blocks.append(Attention(q, k_, v, o, nh, nkv, norm=norm.key if norm else None,
