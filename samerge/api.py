@@ -57,6 +57,7 @@ class MergeReport:
     history: list[Any]  # per-iteration records of iterative methods (sa_merging)
     schedule: str = "streamed tensor by tensor"  # how the merge held its inputs (sa_merging: in memory / out of core)
     device: str = "cpu"  # where it computed
+    recipe: dict[str, Any] | None = None  # the `samerge merge --config` mapping that merges the same inputs again
 
 
 def _checksum_placeholders(files: list[Path]) -> str:
@@ -206,7 +207,7 @@ def merge_checkpoints(base: Any, experts: Sequence[Any], out: str | os.PathLike[
         describe = getattr(stats.method_state, "describe", None)
         return MergeReport(path, m.name, explicit, time.perf_counter() - t0, stats.relative_norms(),
                            stats.merged_tensors, stats.copied_tensors, checksums, history,
-                           describe() if describe is not None else MergeReport.schedule, str(dev))
+                           describe() if describe is not None else MergeReport.schedule, str(dev), recipe)
     finally:
         base_ckpt.close()
         for e in expert_ckpts:

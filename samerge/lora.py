@@ -948,7 +948,7 @@ def merge_lora_checkpoints(base: str | os.PathLike[str], adapters: Sequence[str 
 
     given = dict(params or {})
     resolved = resolved_lora_params(given, method)
-    params = lora_params(given, method)
+    params = {k: resolved[k] for k in given}  # the given ones, checked and converted
     if output not in ("adapter", "dense"):
         raise SamergeError(f"output must be 'adapter' or 'dense', got {output!r}")
     loaded = [load_adapter(a) for a in adapters]

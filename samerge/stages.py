@@ -428,7 +428,7 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
                 w.writerow([h.iteration, f"{h.overall_density:.6f}", f"{h.norm_ratio:.6f}", f"{h.conflict:.6f}"])
         summary = {"method": method, "params": rep.params, "seconds": round(rep.seconds, 3),
                    "relative_norms": rep.relative_norms, "merged_tensors": rep.merged_tensors,
-                   "copied_tensors": rep.copied_tensors, "device": rep.device}
+                   "copied_tensors": rep.copied_tensors, "device": rep.device, "recipe": rep.recipe}
         if rep.history:
             last = rep.history[-1]
             summary.update(final_density=last.overall_density, final_norm_ratio=last.norm_ratio,
@@ -524,18 +524,10 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
 
 
 def _recipe(layout: Layout, method: str) -> dict[str, Any] | None:
-    """The ``samerge merge --config`` mapping of the prune stage's merge with ``method`` (its inputs, as the stage
-    passed them, and its resolved parameters), for report.html; None when that merge left no summary."""
+    """The ``samerge merge --config`` mapping of the prune stage's merge with ``method`` (as the merge recorded it in
+    its summary), for report.html; None when that merge left no summary."""
     summary = layout.merged(method) / "summary.json"
-    if not summary.is_file():
-        return None
-    acq = layout.stage("acquire")
-    manifest = read_manifest(acq)
-    s = json.loads(summary.read_text(encoding="utf-8"))
-    return {"base": str(acq / "base.safetensors"),
-            "experts": [str(acq / "experts" / e["name"] / "expert.safetensors") for e in manifest["experts"]],
-            "method": s["method"], "params": s["params"],
-            **({"exclude": list(manifest["exclude"])} if manifest.get("exclude") else {})}
+    return json.loads(summary.read_text(encoding="utf-8")).get("recipe") if summary.is_file() else None
 
 
 def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:

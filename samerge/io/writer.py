@@ -270,9 +270,9 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
         return  # not a config samerge can read: copied as it was
     if not isinstance(config, dict):
         return
-    for key in ("torch_dtype", "dtype"):
-        if key in config or key == "torch_dtype":
-            config[key] = dtype
+    config["torch_dtype"] = dtype
+    if "dtype" in config:
+        config["dtype"] = dtype
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
