@@ -121,7 +121,12 @@ class Server:
     log: Path
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        r = httpx.request(method, f"{self.url}{path}", timeout=30, **kw)
+        # 503 is the server's "try again" (its SQLite database busy under load: seen once in a full CI run)
+        for attempt in range(5):
+            r = httpx.request(method, f"{self.url}{path}", timeout=30, **kw)
+            if r.status_code != 503:
+                break
+            time.sleep(1.0 + attempt)
         r.raise_for_status()
         return r.json() if r.content else None
 
