@@ -41,6 +41,14 @@ def accuracy(preds: ArrayLike, labels: ArrayLike) -> float:
     return float((p == y).mean())
 
 
+def balanced_accuracy(preds: ArrayLike, labels: ArrayLike) -> float:
+    """Mean over the classes present in ``labels`` of each class's recall: a classifier that answers one class
+    scores 1 / (number of classes), however imbalanced the examples are."""
+    p, y = _pair(preds, labels, np.int64)
+    classes = np.unique(y)
+    return float(np.mean([(p[y == c] == c).mean() for c in classes]))
+
+
 def f1(preds: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
     """Binary F1 of class ``positive`` (0.0 when it is never predicted nor present)."""
     p, y = _pair(preds, labels, np.int64)
@@ -103,6 +111,7 @@ def accuracy_f1(preds: ArrayLike, labels: ArrayLike) -> float:
 
 METRICS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
     "accuracy": accuracy,
+    "balanced_accuracy": balanced_accuracy,
     "f1": f1,
     "accuracy_f1": accuracy_f1,
     "mcc": mcc,

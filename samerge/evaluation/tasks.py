@@ -20,6 +20,7 @@ import io
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,50 @@ class TaskData:
     source: str
 
 
+def _fill(available: dict[int, int], n: int) -> dict[int, int]:
+    """How many examples of each class a split of ``n`` takes: as equal as the classes' ``available`` counts allow
+    (water filling: a class that runs out leaves its share to the others; the remainder one each, in class order)."""
+    take = {c: 0 for c in available}
+    left = min(n, sum(available.values()))
+    open_ = [c for c in sorted(available) if available[c] > 0]
+    while left > 0 and open_:
+        share = max(1, left // len(open_))
+        for c in list(open_):
+            t = min(share, available[c] - take[c], left)
+            take[c] += t
+            left -= t
+            if take[c] == available[c]:
+                open_.remove(c)
+            if left == 0:
+                break
+    return take
+
+
+def stratified_split(labels: Sequence[int], sizes: tuple[int, int, int], rng: random.Random
+                     ) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the train, val and test splits of examples with these class ``labels``: each split as balanced as
+    the corpus allows (test first, then val, then train from what is left), of the given sizes (train, val, test)
+    where there are enough examples. Each split lists its classes round-robin, so any prefix of it is balanced too.
+    Deterministic for the same ``rng`` seed."""
+    pools: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        pools.setdefault(y, []).append(i)
+    for c in sorted(pools):
+        rng.shuffle(pools[c])
+    n_train, n_val, n_test = sizes
+    out = []
+    for n in (n_test, n_val, n_train):
+        take = _fill({c: len(v) for c, v in pools.items()}, n)
+        picked = {c: pools[c][:take[c]] for c in pools}
+        for c in pools:
+            pools[c] = pools[c][take[c]:]
+        order = [picked[c][j] for j in range(max(take.values(), default=0)) for c in sorted(picked)
+                 if j < len(picked[c])]
+        out.append(order)
+    test, val, train = out
+    return train, val, test
+
+
 def _split(name: str, examples: list[tuple[str, str]], size: str, seed: int, source: str) -> TaskData:
     if size not in SIZES:
         raise SamergeError(f"unknown suite size {size!r}; choose from: {', '.join(SIZES)}")
@@ -51,15 +96,15 @@ def _split(name: str, examples: list[tuple[str, str]], size: str, seed: int, sou
         raise SamergeError(f"task {name!r}: needs at least two labels, found {labels}")
     index = {y: i for i, y in enumerate(labels)}
     items = sorted(set(examples))  # deterministic whatever the file order, duplicates dropped
-    random.Random(f"{name}:{seed}").shuffle(items)
     n_train, n_val, n_test = SIZES[size]
     if len(items) < 20:
         raise SamergeError(f"task {name!r}: only {len(items)} distinct examples; at least 20 are needed")
     n_test = min(n_test, len(items) // 4)
     n_val = min(n_val, len(items) // 8)
-    test, val, train = items[:n_test], items[n_test:n_test + n_val], items[n_test + n_val:][:n_train]
-    conv = [(x, index[y]) for x, y in train], [(x, index[y]) for x, y in val], [(x, index[y]) for x, y in test]
-    return TaskData(name, labels, *conv, source)
+    ys = [index[y] for _, y in items]
+    parts = stratified_split(ys, (n_train, n_val, n_test), random.Random(f"{name}:{seed}"))
+    train, val, test = ([(items[i][0], ys[i]) for i in part] for part in parts)
+    return TaskData(name, labels, train, val, test, source)
 
 
 def _need(path: Path, package: str, task: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from samerge.errors import SamergeError
-from samerge.evaluation.tasks import SIZES
+from samerge.evaluation.tasks import SIZES, stratified_split
 from samerge.evaluation.suite import EmbeddedSuite, Expert, cached_expert, finetune, require_cpu
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -53,13 +53,12 @@ def _to_rgb64(gray: torch.Tensor) -> torch.Tensor:
 def _split(name: str, images: torch.Tensor, labels: list[str], size: str, seed: int, source: str) -> ImageTask:
     names = sorted(set(labels), key=lambda s: (len(s), s))
     index = {y: i for i, y in enumerate(names)}
-    order = list(range(len(labels)))
-    random.Random(f"{name}:{seed}").shuffle(order)
     n_train, n_val, n_test = SIZES[size]
-    n_test, n_val = min(n_test, len(order) // 4), min(n_val, len(order) // 8)
-    parts = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:][:n_train]
-    pick = [[(images[i], index[labels[i]]) for i in part] for part in parts]
-    return ImageTask(name, names, pick[2], pick[1], pick[0], source)
+    n_test, n_val = min(n_test, len(labels) // 4), min(n_val, len(labels) // 8)
+    ys = [index[y] for y in labels]
+    parts = stratified_split(ys, (n_train, n_val, n_test), random.Random(f"{name}:{seed}"))
+    train, val, test = ([(images[i], ys[i]) for i in part] for part in parts)
+    return ImageTask(name, names, train, val, test, source)
 
 
 def _idx(path: Path) -> torch.Tensor:
