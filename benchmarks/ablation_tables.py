@@ -2,7 +2,7 @@
 
     python benchmarks/ablation_tables.py ablation/text-full/candidates [more report folders...]
 
-One table per folder: average normalized accuracy per seed, mean ± std over seeds, and the paired difference to
+One table per folder: average normalized score per seed, mean ± std over seeds, and the paired difference to
 the reference method (TIES, density 0.2, per tensor, disjoint mean, lambda = 1) with its spread and win count.
 """
 
@@ -27,11 +27,11 @@ def table(folder: Path, ref: str = REF) -> str:
     pairs = sorted(paired_differences(per_seed, ref), key=lambda p: -p["mean"])
     head = f"{rows[0]['suite']}, {rows[0]['split']} split"
     if len(seeds) == 1:
-        lines = [f"{head}, seed {seeds[0]} (average normalized accuracy; Δ = difference to `{ref}` on the same experts)",
+        lines = [f"{head}, seed {seeds[0]} (average normalized score; Δ = difference to `{ref}` on the same experts)",
                  "", "| method | normalized | Δ |", "|---|---|---|"]
         lines += [f"| `{p['method']}` | {p['mean']:.3f} | {p['diff_mean']:+.3f} |" for p in pairs if p["method"] != "expert"]
         return "\n".join(lines)
-    lines = [f"{head}, seeds {', '.join(seeds)} (average normalized accuracy; Δ = paired difference to `{ref}`)", "",
+    lines = [f"{head}, seeds {', '.join(seeds)} (average normalized score; Δ = paired difference to `{ref}`)", "",
              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | Δ mean ± std | wins |",
              "|---" * (len(seeds) + 4) + "|"]
     for p in pairs:

@@ -2,9 +2,11 @@
 
 ``samerge-pipeline`` (deployment ``pipeline``, pool ``cpu``, nightly):
   acquire -> extract -> [``samerge-gpu-stages/gpu-stages`` on the ``gpu`` pool: score -> prune x methods ->
-  evaluate] -> report. With ``gpu_deployment=None`` the GPU stages run in this process as a subflow, so the flow
+  search (its trials as mapped ``search-trial`` tasks, a batch at a time) -> evaluate] -> report. With
+  ``gpu_deployment=None`` the GPU stages run in this process as a subflow, so the flow
   also runs without workers (``python -c "from flows.pipeline import pipeline; pipeline(gpu_deployment=None)"``).
-``samerge-gpu-stages`` (deployment ``gpu-stages``, pool ``gpu``): score, prune for each method, evaluate.
+``samerge-gpu-stages`` (deployment ``gpu-stages``, pool ``gpu``): score, prune for each method, search,
+  evaluate.
 ``samerge-remerge`` (deployment ``remerge``, pool ``cpu``): the pipeline over an expert registry; triggered by the
   event ``samerge.expert.added`` (``samerge experts add`` or the ``watch-experts`` flow emits it).
 
@@ -27,7 +29,7 @@ from flows import registry_or_env, write_json_atomic
 from samerge.params import load_params
 from samerge.registry import read_registry_or_empty
 from samerge.layout import Layout
-from tasks.stages import acquire, evaluate, extract, prune, report, score, workdir_or_env
+from tasks.stages import acquire, evaluate, extract, prune, report, score, search, workdir_or_env
 
 GPU_DEPLOYMENT = "samerge-gpu-stages/gpu-stages"
 REMERGED = "remerged.json"  # in a re-merge's workdir: the registry state it merged last (for de-duplication)
@@ -47,7 +49,8 @@ def _with_experts_dir(overrides: dict[str, Any] | None, experts_dir: str | None)
 @flow(name="samerge-gpu-stages", log_prints=True)
 def gpu_stages(params_path: str = "params.yaml", workdir: str | None = None,
                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """score, then prune for every method of ``prune.methods``, then evaluate (the stages that want a GPU).
+    """score, then prune for every method of ``prune.methods``, then search, then evaluate (the stages that want
+    a GPU).
 
     Reads ``work/acquire`` and ``work/extract`` (written by the ``cpu`` pool) and writes ``work/score``,
     ``work/prune/<method>`` and ``work/evaluate``. Returns the stages' summaries.
@@ -55,6 +58,7 @@ def gpu_stages(params_path: str = "params.yaml", workdir: str | None = None,
     params = load_params(params_path, overrides)
     out: dict[str, Any] = {"score": score(params_path, workdir, overrides)}
     out["prune"] = {m: prune(m, params_path, workdir, overrides) for m in params.prune.methods}
+    out["search"] = search(params_path, workdir, overrides, fan_out=True)
     out["evaluate"] = evaluate(params_path, workdir, overrides)
     return out
 

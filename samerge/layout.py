@@ -12,7 +12,9 @@ from typing import Any
 
 from samerge.errors import SamergeError
 
-STAGES = ("acquire", "extract", "score", "prune", "evaluate", "report")
+STAGES = ("acquire", "extract", "score", "prune", "search", "evaluate", "report")
+SEARCH = "search"  # the search stage; its merge's name in the evaluation's rows and in report.register_method
+STUDY = "search-study.db"  # in work/: the search's Optuna study, outside the stage's published folder (resumable)
 MANIFEST = "manifest.json"
 
 
@@ -37,9 +39,16 @@ def read_manifest(d: Path) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+def parse_row(cells: dict[str, str]) -> dict[str, Any]:
+    """A row of scores.csv/report.csv read back (the numbers as floats; an empty accuracy cell, or a file without
+    the accuracy column from an earlier samerge, as None)."""
+    return {**cells, **{k: float(cells[k]) if cells.get(k) not in (None, "") else None
+                        for k in ("score", "accuracy", "normalized")}}
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
-        return [{**r, "score": float(r["score"]), "normalized": float(r["normalized"])} for r in csv.DictReader(f)]
+        return [parse_row(r) for r in csv.DictReader(f)]
 
 
 def read_iterations(path: Path) -> list[SimpleNamespace]:

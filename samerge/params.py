@@ -20,6 +20,7 @@ from samerge.errors import SamergeError, invalid
 from samerge.io.writer import parse_size
 from samerge.methods import REGISTRY
 from samerge.overrides import parse_assignments
+from samerge.space import parse_space
 
 
 class _Section(BaseModel):
@@ -102,6 +103,50 @@ PruneParams = create_model(
        for name, cls in REGISTRY.items()})
 
 
+class SearchParams(_Section):
+    """The validation-guided merge search (:mod:`samerge.evaluation.search`): a seeded Optuna TPE study over the
+    methods of ``space`` and their parameters, each trial's merge scored on the validation split of every task
+    (objective: the mean normalized validation score). Without validation data, or with ``enabled: false``, the
+    stage merges ``fallback`` with its ``prune`` section's parameters instead (data-free)."""
+
+    enabled: bool = Field(True, description="search on the validation split; false: the data-free fallback merge")
+    n_trials: int = Field(40, ge=1, description="finished trials the study ends with (a resumed study counts the "
+                                                "ones it holds)")
+    timeout: float | None = Field(None, gt=0, description="seconds; no new batch of trials starts after it (the "
+                                                          "result then depends on how many trials ran)")
+    seed: int = Field(0, ge=0, description="the sampler's seed")
+    batch: int = Field(1, ge=1, description="trials sampled together and run in parallel: the result depends on "
+                                            "seed, n_trials and batch, never on n_jobs or the workers")
+    n_jobs: int = Field(1, ge=1, description="trials of a batch run at once in this process")
+    warmup_tasks: int = Field(2, ge=1, description="tasks scored before a trial may be pruned")
+    startup_trials: int = Field(5, ge=1, description="finished trials before any trial is pruned")
+    fallback: str = Field("sa_merging", description="the data-free method (with its prune section's parameters) "
+                                                    "when there is no validation data or the search is off")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"task_arithmetic": {"scale": [0.1, 1.0]},
+                                 "ties": {"density": [0.05, 0.6], "scale": [0.3, 1.5],
+                                          "aggregate": {"choices": ["sum", "mean"]}},
+                                 "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5]}},
+        description="per method, its searched parameters: [low, high], {low, high, log}, {choices: [...]} or a "
+                    "fixed value; weights: [low, high] = one weight per expert")
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method {v!r}; available methods: {', '.join(REGISTRY)}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        try:
+            parse_space(v, n_experts=2)  # the methods and parameters; the weights' count is the run's
+        except SamergeError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
 class EvaluateParams(_Section):
     split: Literal["test", "val"] = Field("test", description="which split the merged models are scored on")
     device: Device = Field("auto", description="where llm-lora and hub suites score (auto: CUDA when the worker has "
@@ -110,8 +155,8 @@ class EvaluateParams(_Section):
 
 class ReportParams(_Section):
     track: bool = Field(True, description="log the pipeline to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    register_method: str | None = Field("sa_merging", description="method whose merged model is registered in MLflow; "
-                                                           "null = none")
+    register_method: str | None = Field("search", description="the merge registered in MLflow: search (the search "
+                                                       "stage's merge) or a method of prune.methods; null = none")
     model_name: str | None = Field(None, description="registered model name (default samerge-<suite>)")
     experiment: str = "samerge"
 
@@ -123,6 +168,7 @@ class PipelineParams(_Section):
     extract: ExtractParams = Field(default_factory=ExtractParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     prune: PruneParams = Field(default_factory=PruneParams)  # type: ignore[valid-type]
+    search: SearchParams = Field(default_factory=SearchParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
 

@@ -8,7 +8,10 @@ acquire    the suite (or an expert registry)        ``work/acquire/``: base, exp
 extract    ``work/acquire``                         ``work/extract/``: task vectors, norms and cosines, heat map
 score      ``work/acquire``, ``work/extract``       ``work/score/``: saliency statistics at t = 1, scatter plot
 prune      ``work/acquire``                         ``work/prune/METHOD/``: merged model + card, SA iterations
-evaluate   ``work/acquire``, ``work/prune``         ``work/evaluate/``: per-task scores of base, experts, merges
+search     ``work/acquire`` (validation splits)     ``work/search/``: the validation-selected merge + recipe, trials,
+                                                   history and importance plots (study: ``work/search-study.db``)
+evaluate   ``work/acquire``, ``work/prune``,        ``work/evaluate/``: per-task scores of base, experts, merges
+           ``work/search``
 report     everything above                        ``work/report/``: report.csv/md, plots; MLflow (``tracking``)
 =========  ======================================  ==============================================================
 
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import samerge
 from samerge.api import merge_checkpoints
@@ -39,12 +43,13 @@ from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.report import write_report
-from samerge.evaluation.scoring import score_models
+from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
+from samerge.evaluation.scoring import ROW_FIELDS, row_cells, score_models
 from samerge.evaluation.suite import Expert, Suite
-from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors
+from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors, sha256_file
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import publish_dir
-from samerge.layout import MANIFEST, STAGES, Layout, read_iterations, read_manifest, read_rows
+from samerge.layout import MANIFEST, SEARCH, STAGES, STUDY, Layout, read_iterations, read_manifest, read_rows
 from samerge.params import AcquireParams, PipelineParams, load_params
 from samerge.saliency import saliency
 from samerge.tracking import PENDING, track_pipeline
@@ -402,24 +407,33 @@ def _saliency_plot(path: Path, samples: list[tuple[str, int, torch.Tensor, torch
 # ------------------------------------------------------------------------------------------------ prune
 
 
+def _merge_into(out: Path, params: PipelineParams, layout: Layout, method: str, mp: Mapping[str, Any],
+                quiet: bool) -> Any:
+    """Merge the acquired experts with ``method`` and ``mp`` into ``out``/model, a complete Hugging Face folder
+    where the base is one; the MergeReport."""
+    acq = layout.stage("acquire")
+    manifest = read_manifest(acq)
+    experts = [acq / "experts" / e["name"] / "expert.safetensors" for e in manifest["experts"]]
+    rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=dict(mp),
+                            exclude=manifest.get("exclude", ()), force=params.extract.force,
+                            progress=not quiet, max_memory=params.prune.max_memory, device=params.prune.device)
+    # merged from base.safetensors (the suite report merges the same state dicts, config-less); the base's config
+    # and tokenizer join the weights afterwards, so the folder loads with from_pretrained
+    hf = acq / HF_FILES
+    for f in sorted(hf.iterdir()) if hf.is_dir() else []:
+        shutil.copy2(f, out / "model" / f.name)
+    return rep
+
+
 def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = False) -> dict[str, Any]:
     """Merge the experts with ``method`` (SA-Merging: the iterative pruning loop) into ``work/prune/METHOD/``."""
     if method not in params.prune.methods:
         raise SamergeError(f"method {method!r} is not in prune.methods ({', '.join(params.prune.methods)})")
     t0 = time.perf_counter()
-    acq = layout.stage("acquire")
-    manifest = read_manifest(acq)
+    manifest = read_manifest(layout.stage("acquire"))
     mp = params.prune.method_params(method)
-    experts = [acq / "experts" / e["name"] / "expert.safetensors" for e in manifest["experts"]]
     with publish_dir(layout.merged(method)) as out:
-        rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=mp,
-                                exclude=manifest.get("exclude", ()), force=params.extract.force,
-                                progress=not quiet, max_memory=params.prune.max_memory, device=params.prune.device)
-        # merged from base.safetensors (the suite report merges the same state dicts, config-less); the base's config
-        # and tokenizer join the weights afterwards, so the folder loads with from_pretrained
-        hf = acq / HF_FILES
-        for f in sorted(hf.iterdir()) if hf.is_dir() else []:
-            shutil.copy2(f, out / "model" / f.name)
+        rep = _merge_into(out, params, layout, method, mp, quiet)
         with open(out / "iterations.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["iteration", "density", "norm_ratio", "conflict"])
@@ -436,8 +450,99 @@ def prune(params: PipelineParams, layout: Layout, method: str, *, quiet: bool = 
         _write_json(out / "summary.json", summary)
         _write_json(out / "metrics.json", _numbers(summary))
         _stage_record(out, "prune", {"method": method, **mp}, t0, experts=[e["name"] for e in manifest["experts"]])
-    _say(f"prune: {method} merged {len(experts)} experts in {rep.seconds:.1f} s -> {layout.merged(method)}", quiet)
+    _say(f"prune: {method} merged {len(manifest['experts'])} experts in {rep.seconds:.1f} s -> "
+         f"{layout.merged(method)}", quiet)
     return {"out": str(layout.merged(method)), "method": method, "seconds": rep.seconds}
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+DATA_FREE, SELECTED = "data-free", "validation-selected"  # the two kinds of merge a report row can be
+
+
+def _acquired_experts(layout: Layout, manifest: Mapping[str, Any], data: list[Any]) -> list[Expert]:
+    acq = layout.stage("acquire")
+    out = []
+    for e, task in zip(manifest["experts"], data):
+        d = acq / "experts" / e["name"]
+        out.append(Expert(task, _state(d / "expert.safetensors"), _state(d / "head.safetensors")))
+    return out
+
+
+def _no_validation(data: list[Any]) -> str | None:
+    """Why the tasks cannot guide a search (a task without validation examples), or None."""
+    missing = [t.name for t in data if not getattr(t, "val", None)]
+    return f"task {missing[0]!r} has no validation split" if missing else None
+
+
+def search_evaluator(layout: Layout, *, progress: bool = False, device: str = "auto") -> Any:
+    """The search's :class:`~samerge.evaluation.search.Evaluator` of the acquired experts: their suite's scoring on
+    the validation split, merging from the acquired base (a registry's base is not the suite's). Prefect trial tasks
+    on other workers rebuild it from the same files."""
+    manifest = read_manifest(layout.stage("acquire"))
+    st, data = manifest_suite(manifest, progress=progress, device=device)
+    st.base = _state(layout.stage("acquire") / "base.safetensors")
+    return Evaluator.build(st, _acquired_experts(layout, manifest, data))
+
+
+def search(params: PipelineParams, layout: Layout, *, quiet: bool = False,
+           map_trials: Any = None) -> dict[str, Any]:
+    """The validation-guided merge (``search`` section): an Optuna study over ``search.space`` scored on every task's
+    validation split, then the best trial's merge written to ``work/search/model`` with its recipe, the trials,
+    the history and importance plots. Without validation data (or ``search.enabled: false``) the merge is the
+    data-free ``search.fallback`` with its ``prune`` section's parameters, labelled so. The study lives in
+    ``work/search-study.db``: an interrupted search continues where it stopped. ``map_trials``: runs a batch of
+    trials elsewhere (the Prefect flow's trial tasks); by default here, ``search.n_jobs`` at a time."""
+    t0 = time.perf_counter()
+    sp = params.search
+    acq = layout.stage("acquire")
+    manifest = read_manifest(acq)
+    why = None if sp.enabled else "search.enabled is false"
+    if why is None:
+        _, data = manifest_suite(manifest, device=params.evaluate.device)
+        why = _no_validation(data)
+    found: dict[str, Any] = {}
+    with publish_dir(layout.stage("search")) as out:
+        if why is None:
+            evaluator = search_evaluator(layout, progress=not quiet, device=params.evaluate.device)
+            space = parse_space(sp.space, n_experts=len(manifest["experts"]))
+            # the files' contents too: an expert replaced under the same name is a new search, not the old study
+            files = [acq / "base.safetensors", *(acq / "experts" / e["name"] / f for e in manifest["experts"]
+                                                for f in ("expert.safetensors", "head.safetensors"))]
+            fingerprint = json.dumps({"experts": manifest["experts"], "suite": manifest["suite"],
+                                      "size": manifest["size"], "seed": manifest["seed"],
+                                      "files": {str(f.relative_to(acq)): sha256_file(f) for f in files},
+                                      "samerge": samerge.__version__}, sort_keys=True)
+            res = run_search(evaluator, space, n_trials=sp.n_trials, timeout=sp.timeout, seed=sp.seed,
+                             batch=sp.batch, n_jobs=sp.n_jobs, storage=layout.work / STUDY,
+                             study_name=study_key(space, sp.seed, sp.batch, fingerprint,
+                                                  warmup_tasks=sp.warmup_tasks, startup_trials=sp.startup_trials),
+                             warmup_tasks=sp.warmup_tasks, startup_trials=sp.startup_trials, progress=not quiet,
+                             map_trials=map_trials)
+            res.write_outputs(out)
+            if res.best is None:
+                errors = [r["error"] for r in res.trials if r["error"]]
+                raise SamergeError(f"search: no trial completed ({len(res.trials)} finished"
+                                   + (f"; first error: {errors[0]}" if errors else "") + "); change search.space")
+            method, mp = res.best.method, dict(res.best.params)
+            found = {"kind": SELECTED, "validation_score": res.best.value, "best_trial": res.best.number,
+                     "trials": len(res.trials)}
+        else:
+            method, mp = sp.fallback, params.prune.method_params(sp.fallback)
+            found = {"kind": DATA_FREE, "skipped": why}
+        rep = _merge_into(out, params, layout, method, mp, quiet)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(rep.recipe, sort_keys=False, width=1000), encoding="utf-8")
+        summary = {**found, "method": method, "params": rep.params, "merge_seconds": round(rep.seconds, 3),
+                   "recipe": rep.recipe}
+        _write_json(out / "summary.json", summary)
+        _write_json(out / "metrics.json", _numbers(summary))
+        _stage_record(out, "search", sp.model_dump(), t0)
+    if why is None:
+        _say(f"search: {found['trials']} trials; best #{found['best_trial']} {method} validation "
+             f"{found['validation_score']:.3f} -> {layout.stage('search')}", quiet)
+    else:
+        _say(f"search: skipped ({why}); the data-free {method} merge -> {layout.stage('search')}", quiet)
+    return {"out": str(layout.stage("search")), "method": method, **found}
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -458,19 +563,20 @@ def evaluate(params: PipelineParams, layout: Layout, *, quiet: bool = False) -> 
     if missing:
         raise SamergeError(f"no merged model for {', '.join(missing)}; run `samerge stage prune --method "
                            f"{missing[0]}` first")
-    experts = []
-    for e, task in zip(manifest["experts"], data):
-        d = acq / "experts" / e["name"]
-        experts.append(Expert(task, _state(d / "expert.safetensors"), _state(d / "head.safetensors")))
+    searched = layout.stage("search") / "model"
+    if not searched.is_dir():
+        raise SamergeError("no search merge; run `samerge stage search` first")
+    experts = _acquired_experts(layout, manifest, data)
     models = {m: partial(_state, layout.merged(m) / "model") for m in params.prune.methods}
+    models[SEARCH] = partial(_state, searched)
     rows = score_models(st, experts, models, label=manifest["suite"], split=params.evaluate.split,
                         base=partial(_state, acq / "base.safetensors"), say=lambda m: _say(f"evaluate: {m}", quiet))
     with publish_dir(layout.stage("evaluate")) as out:
         with open(out / "scores.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["suite", "method", "task", "score", "normalized"])
+            w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
             w.writeheader()
             for r in rows:
-                w.writerow({**r, "score": f"{r['score']:.6f}", "normalized": f"{r['normalized']:.6f}"})
+                w.writerow(row_cells(r, 6))
         metrics = {r["method"]: {} for r in rows}
         for r in rows:
             metrics[r["method"]][r["task"]] = round(r["score"], 6)
@@ -505,8 +611,20 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
         raise SamergeError(f"{ev}: no scores; run the evaluate stage first (`samerge stage evaluate`)")
     rows = read_rows(ev / "scores.csv")
     histories = {m: h for m in params.prune.methods if (h := read_iterations(layout.merged(m) / "iterations.csv"))}
+    found = _search_summary(layout)
+    kinds = {m: DATA_FREE for m in params.prune.methods}
+    recipes = {m: _recipe(layout.merged(m)) for m in params.prune.methods}
+    notes = {}
+    if found is not None:
+        kinds[SEARCH] = found["kind"]
+        recipes[SEARCH] = found.get("recipe")
+        notes[SEARCH] = (f"The search's choice: trial #{found['best_trial']} of {found['trials']}, {found['method']}, "
+                         f"mean normalized validation score {found['validation_score']:.4f}."
+                         if found["kind"] == SELECTED else
+                         f"No search ({found['skipped']}): the data-free {found['method']} merge.")
     with publish_dir(layout.stage("report")) as out:
-        write_report(rows, out, histories, recipes={m: _recipe(layout, m) for m in params.prune.methods})
+        write_report(rows, out, histories, recipes=recipes, notes=notes, kinds=kinds,
+                     search=layout.stage("search") if found is not None and found["kind"] == SELECTED else None)
         avg = {r["method"]: r["normalized"] for r in rows if r["task"] == "average"}
         best = max((m for m in avg if m not in ("base", "expert")), key=lambda m: avg[m])
         _write_json(out / "summary.json", {"best_method": best, "best_normalized_average": avg[best],
@@ -523,11 +641,16 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
     return result
 
 
-def _recipe(layout: Layout, method: str) -> dict[str, Any] | None:
-    """The ``samerge merge --config`` mapping of the prune stage's merge with ``method`` (as the merge recorded it in
-    its summary), for report.html; None when that merge left no summary."""
-    summary = layout.merged(method) / "summary.json"
+def _recipe(stage_dir: Path) -> dict[str, Any] | None:
+    """The ``samerge merge --config`` mapping of a stage's merge (as the merge recorded it in the stage's summary),
+    for report.html; None when that merge left no summary."""
+    summary = stage_dir / "summary.json"
     return json.loads(summary.read_text(encoding="utf-8")).get("recipe") if summary.is_file() else None
+
+
+def _search_summary(layout: Layout) -> dict[str, Any] | None:
+    summary = layout.stage("search") / "summary.json"
+    return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
 
 
 def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:
@@ -549,10 +672,11 @@ def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, An
 def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.yaml",
               workdir: str | os.PathLike[str] = ".", *, method: str | None = None,
               overrides: dict[str, Any] | None = None, quiet: bool = False, resend: bool = False,
-              inputs: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+              inputs: str | os.PathLike[str] | None = None, map_trials: Any = None) -> dict[str, Any]:
     """Run one stage by name: the single entry point of the CLI, dvc.yaml and the Prefect tasks. ``resend``
     (report only): send the report already written to MLflow. ``inputs`` (acquire only): the folder the user's
-    files must lie in (see :func:`acquire`)."""
+    files must lie in (see :func:`acquire`). ``map_trials`` (search only): runs each batch of trials elsewhere
+    (see :func:`search`)."""
     if stage not in STAGES:
         raise SamergeError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_path, overrides)
@@ -571,6 +695,8 @@ def run_stage(stage: str, params_path: str | os.PathLike[str] | None = "params.y
         return report(params, layout, quiet=quiet, resend=resend)
     if resend:
         raise SamergeError(f"--resend applies to the report stage only, not {stage}")
+    if stage == "search":
+        return search(params, layout, quiet=quiet, map_trials=map_trials)
     fn = {"extract": extract, "score": score, "evaluate": evaluate}[stage]
     return fn(params, layout, quiet=quiet)
 

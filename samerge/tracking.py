@@ -12,6 +12,7 @@ The tracking URI comes from ``MLFLOW_TRACKING_URI``; without it, a SQLite store 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import urllib.error
@@ -22,11 +23,12 @@ from typing import Any
 
 from samerge.errors import SamergeError
 from samerge.io.writer import write_text_atomic
-from samerge.layout import STAGES, Layout, read_iterations, read_manifest, read_rows
+from samerge.layout import SEARCH, STAGES, Layout, read_iterations, read_manifest, read_rows
 from samerge.params import PipelineParams
 
 CHAMPION = "champion"
 SCORE_TAG = "samerge.normalized_average"
+VALIDATION_TAG = "samerge.validation_score"  # the search's mean normalized validation score of a registered merge
 PENDING = "mlflow-pending.json"  # in work/report: a report MLflow has not received (`samerge stage report --resend`)
 PROBE_TIMEOUT_S = 5.0  # an unreachable tracking server is reported after this, not after minutes of retries
 
@@ -111,12 +113,61 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
         result["children"] = children
         method = params.report.register_method
         if method:
-            if method not in params.prune.methods:
-                raise SamergeError(f"report.register_method: {method!r} is not in prune.methods "
+            if method == SEARCH:
+                found = _search_summary(layout)
+                val = found.get("validation_score") if found else None
+                result.update(_register(mlflow, client, params, suite, method, children[SEARCH], avg[method],
+                                        layout.stage(SEARCH) / "model", val))
+            elif method in params.prune.methods:
+                result.update(_register(mlflow, client, params, suite, method, children["prune"], avg[method],
+                                        layout.merged(method) / "model", None))
+            else:
+                raise SamergeError(f"report.register_method: {method!r} is neither search nor in prune.methods "
                                    f"({', '.join(params.prune.methods)})")
-            result.update(_register(mlflow, client, params, suite, method, children["prune"], avg[method],
-                                    layout.merged(method) / "model"))
     return result
+
+
+def _search_summary(layout: Layout) -> dict[str, Any] | None:
+    p = layout.stage(SEARCH) / "summary.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+def _log_search(mlflow: Any, layout: Layout) -> None:
+    """The search stage's child run: its choice, its plots and recipe, and one nested run per trial (its parameters,
+    its validation scores, its state)."""
+    d = layout.stage(SEARCH)
+    found = _search_summary(layout) or {}
+    mlflow.set_tags({"samerge.search.kind": found.get("kind", ""), "samerge.search.method": found.get("method", "")})
+    mlflow.log_metrics({k: float(found[k]) for k in ("validation_score", "best_trial", "trials") if k in found})
+    for f in ("history.png", "importances.png"):
+        if (d / f).is_file():
+            mlflow.log_artifact(str(d / f), artifact_path="plots")
+    for f in ("trials.csv", "best.json", "recipe.yaml", "importances.csv"):
+        if (d / f).is_file():
+            mlflow.log_artifact(str(d / f))
+    if not (d / "trials.csv").is_file():
+        return
+    with open(d / "trials.csv", newline="") as f:
+        trials = list(csv.DictReader(f))
+    for t in trials:
+        with mlflow.start_run(run_name=f"trial {t['number']}", nested=True):
+            mlflow.set_tags({"samerge.stage": "search-trial", "samerge.trial.state": t.get("state", ""),
+                             "samerge.trial.method": t.get("method", "")})
+            try:
+                trial_params = json.loads(t.get("params") or "{}")
+            except json.JSONDecodeError:
+                trial_params = {}
+            mlflow.log_params(_flat("", {"method": t.get("method"), **trial_params}, {}))
+            numbers = {}
+            for k, v in t.items():
+                if k in ("number", "params", "state", "method") or v in (None, ""):
+                    continue
+                try:
+                    numbers[k] = float(v)
+                except ValueError:
+                    continue
+            if numbers:
+                mlflow.log_metrics(numbers)
 
 
 def _log_stage(mlflow: Any, stage: str, params: PipelineParams, layout: Layout, rows: list[dict[str, Any]]) -> None:
@@ -153,6 +204,8 @@ def _log_stage(mlflow: Any, stage: str, params: PipelineParams, layout: Layout, 
         mlflow.log_artifact(str(d / "saliency.csv"))
     elif stage == "evaluate":
         mlflow.log_metrics({f"{r['method']}.{r['task']}": r["score"] for r in rows})
+        mlflow.log_metrics({f"{r['method']}.{r['task']}.accuracy": r["accuracy"] for r in rows
+                            if r.get("accuracy") is not None})
         mlflow.log_metrics({f"{r['method']}.{r['task']}.normalized": r["normalized"] for r in rows})
     elif stage == "report":
         for f in ("report.csv", "report.md", "report.html", "per_task.png", "sa_iterations.png"):
@@ -160,29 +213,41 @@ def _log_stage(mlflow: Any, stage: str, params: PipelineParams, layout: Layout, 
                 mlflow.log_artifact(str(d / f), artifact_path="report")
     elif stage == "acquire":
         mlflow.log_dict(read_manifest(d), "manifest.json")
+    elif stage == SEARCH:
+        _log_search(mlflow, layout)
 
 
-def _register(mlflow: Any, client: Any, params: PipelineParams, suite: str, method: str, prune_run: str,
-              score: float, model_dir: Path) -> dict[str, Any]:
+def _register(mlflow: Any, client: Any, params: PipelineParams, suite: str, method: str, stage_run: str,
+              score: float, model_dir: Path, validation: float | None) -> dict[str, Any]:
+    """Register the merge in ``model_dir`` (logged in the stage's child run ``stage_run``) and move ``champion`` to
+    it when it beats the current champion: on the validation score when this merge has one (the search's choice),
+    so a re-merge promotes only a real improvement and the test split stays out of the decision; else on the
+    evaluation's normalized average, as before the search existed. A champion without the tag compared counts as
+    -inf."""
     from mlflow.exceptions import MlflowException
 
     name = params.report.model_name or f"samerge-{suite}"
-    with mlflow.start_run(run_id=prune_run, nested=True):
+    with mlflow.start_run(run_id=stage_run, nested=True):
         info, flavor = log_merged_model(mlflow, model_dir, name)
     v = str(info.registered_model_version)
-    client.set_model_version_tag(name, v, SCORE_TAG, f"{score:.6f}")
+    # exact (repr): a tag rounded to 6 decimals would lose to the same merge registered again
+    client.set_model_version_tag(name, v, SCORE_TAG, repr(float(score)))
+    if validation is not None:
+        client.set_model_version_tag(name, v, VALIDATION_TAG, repr(float(validation)))
     client.set_model_version_tag(name, v, "samerge.method", method)
     client.set_model_version_tag(name, v, "samerge.suite", suite)
     client.set_model_version_tag(name, v, "samerge.flavor", flavor)
+    tag, mine = (VALIDATION_TAG, validation) if validation is not None else (SCORE_TAG, score)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        current_score = float(current.tags.get(SCORE_TAG, "-inf"))
+        current_score = float(current.tags.get(tag, "-inf"))
     except MlflowException:
         current, current_score = None, float("-inf")
-    champion = current is None or score > current_score
+    champion = current is None or mine > current_score
     if champion:
         client.set_registered_model_alias(name, CHAMPION, v)
-    return {"model_name": name, "version": v, "champion": champion, "normalized_average": score, "flavor": flavor,
+    return {"model_name": name, "version": v, "champion": champion, "normalized_average": score,
+            "validation_score": validation, "compared_on": tag, "flavor": flavor,
             "previous_champion": None if current is None else str(current.version),
             "previous_champion_score": None if current is None else current_score}
 

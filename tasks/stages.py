@@ -20,16 +20,19 @@ a broken connection, a timeout or a hiccup of the shared file system (see :func:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from samerge.errors import SamergeError
-from samerge.stages import run_stage
+from samerge.layout import MANIFEST, Layout
+from samerge.params import load_params
+from samerge.stages import run_stage, search_evaluator
 
 RETRIES = 2
 RETRY_DELAYS_S = [10, 60]
@@ -104,6 +107,39 @@ def prune(method: str, params_path: str = "params.yaml", workdir: str | None = N
     return _run("prune", params_path, workdir, overrides, method=method)
 
 
+@task(name="search", task_run_name="search", **_OPTIONS)
+def search(params_path: str = "params.yaml", workdir: str | None = None, overrides: dict[str, Any] | None = None,
+           fan_out: bool = False) -> dict[str, Any]:
+    """The validation-guided merge -> ``work/search`` (a GPU stage). ``fan_out``: each batch of trials
+    (``search.batch`` of them) runs as ``search-trial`` task runs, one per trial, instead of ``search.n_jobs``
+    threads in this task; the result is the same (it depends on the seed, ``n_trials`` and ``batch`` only)."""
+    wd = workdir_or_env(workdir)
+    if not fan_out:
+        return run_stage("search", params_path, wd, overrides=overrides)
+    device = load_params(params_path, overrides).evaluate.device
+    return run_stage("search", params_path, wd, overrides=overrides,
+                     map_trials=lambda specs: [f.result() for f in search_trial.map(
+                         specs, workdir=unmapped(wd), device=unmapped(device))])
+
+
+@task(name="search-trial", task_run_name="search-trial-{spec.number}", **_OPTIONS)
+def search_trial(spec: Any, workdir: str, device: str = "auto") -> Any:
+    """One trial of the search: its merge scored on every task's validation split (a GPU each, on the worker that
+    runs it; the worker builds the evaluator from ``workdir`` once)."""
+    from samerge.evaluation.search import evaluate_trial
+
+    layout = Layout(workdir)
+    manifest = (layout.stage("acquire") / MANIFEST).stat()
+    return evaluate_trial(_evaluator(str(layout.root), device, (manifest.st_mtime_ns, manifest.st_size)), spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _evaluator(root: str, device: str, acquired: tuple[int, int]) -> Any:
+    """The worker's evaluator of the experts acquired under ``root`` (``acquired``: the manifest's stamp, so a new
+    acquisition is never scored with the experts of an earlier one)."""
+    return search_evaluator(Layout(root), device=device)
+
+
 @task(name="evaluate", task_run_name="evaluate", **_OPTIONS)
 def evaluate(params_path: str = "params.yaml", workdir: str | None = None,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -119,4 +155,4 @@ def report(params_path: str = "params.yaml", workdir: str | None = None,
 
 
 STAGE_TASKS: dict[str, Task[..., dict[str, Any]]] = {
-    t.name: t for t in (acquire, extract, score, prune, evaluate, report)}
+    t.name: t for t in (acquire, extract, score, prune, search, evaluate, report)}

@@ -131,3 +131,35 @@ def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path):
     r = run("demo", "--out", str(mine), "--experts", "1", "--overwrite")
     assert r.returncode == 0 and not (mine / "notes.txt").exists() and (mine / "base" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "mine"]  # no temporaries left
+
+
+def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_path):
+    """`samerge search` on the real text suite (two tasks, experts from the session's suite cache): the trials, the
+    best trial and its recipe; run again with a larger budget it continues the same study (the earlier trials kept
+    as they were, one more run)."""
+    import csv
+
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}}))
+    out = tmp_path / "search"
+    args = ["search", "--suite", "text", "--tasks", "sentiment,language_id", "--space", str(space), "--out", str(out),
+            "--quiet"]
+    r = run(*args, "--trials", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("best: trial ") and "mean normalized validation score" in r.stdout
+    assert {"trials.csv", "best.json", "recipe.yaml", "history.png", "importances.png", "importances.csv",
+            "study.db"} <= {p.name for p in out.iterdir()}
+    first = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["slot"] for r in first] == ["0", "1"] and all(r["state"] == "COMPLETE" for r in first)
+    best = json.loads((out / "best.json").read_text())["best"]
+    assert best["value"] == max(float(r["value"]) for r in first) and best["method"] in ("task_arithmetic", "ties")
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["method"] == best["method"] and recipe == best["recipe"]
+    assert all(recipe["params"][k] == v for k, v in best["params"].items())  # plus the method's defaults
+
+    r = run(*args, "--trials", "3")
+    assert r.returncode == 0, r.stderr
+    again = list(csv.DictReader((out / "trials.csv").open()))
+    assert again[:2] == first and [r["slot"] for r in again] == ["0", "1", "2"]  # resumed, not run again

@@ -76,12 +76,20 @@ def test_report_rows_normalize_each_task_by_its_expert_and_average_the_ratios():
     scores 0."""
     from samerge.evaluation.scoring import score_rows
 
-    rows = score_rows("s", "m", {"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9, "c": 0.3})
+    def sc(**kw):
+        return {t: {"score": v, "accuracy": v + 0.1} for t, v in kw.items()}
+
+    rows = score_rows("s", "m", sc(a=0.5, b=0.9), sc(a=1.0, b=0.9, c=0.3))
     got = {r["task"]: (r["score"], r["normalized"]) for r in rows}
     assert got["a"] == (0.5, 0.5) and got["b"] == (0.9, 1.0)
     assert got["average"][0] == pytest.approx(0.7) and got["average"][1] == pytest.approx(0.75)
-    zero = {r["task"]: r["normalized"] for r in score_rows("s", "m", {"a": 0.2, "b": 0.4}, {"a": 0.0, "b": 0.8})}
+    acc = {r["task"]: r["accuracy"] for r in rows}  # accuracy is carried beside, never normalized
+    assert acc["a"] == pytest.approx(0.6) and acc["average"] == pytest.approx(0.8)
+    zero = {r["task"]: r["normalized"] for r in score_rows("s", "m", sc(a=0.2, b=0.4), sc(a=0.0, b=0.8))}
     assert math.isnan(zero["a"]) and zero["b"] == 0.5 and math.isnan(zero["average"])
+    # a task without accuracy (regression): the average has none either
+    mixed = score_rows("s", "m", {"a": {"score": 0.5}, "b": {"score": 0.9, "accuracy": 0.9}}, sc(a=1.0, b=0.9))
+    assert [r["accuracy"] for r in mixed] == [None, 0.9, None]
     with pytest.raises(SamergeError, match="unknown metric 'auc'; valid metrics: accuracy"):
         metrics.get_metric("auc")
 
@@ -437,8 +445,8 @@ def test_flan_t5_lora_experts_are_dense_and_scored_like_peft(t5_files, tmp_path)
     generated = np.mean([words.index(t.strip()) == y if t.strip() in words else False for t, y in zip(texts, gold)])
     ranked = np.mean((torch.stack(nll, -1).argmax(-1).numpy() == np.array(gold)))
     scores = st.scores(expert.encoder, [expert, st.expert(tasks[1])])
-    assert scores["sst2"] == pytest.approx(float(generated))
-    assert scores["sst2_scored"] == pytest.approx(float(ranked))
+    assert scores["sst2"]["score"] == pytest.approx(float(generated))
+    assert scores["sst2_scored"]["score"] == pytest.approx(float(ranked))
     assert ranked > 0.5  # the adapter learned its label words
 
     rows = run_report(str(t5_files["suite"]), "full", tmp_path / "t5", methods=["task_arithmetic"])
@@ -574,7 +582,7 @@ def test_suite_files_are_validated_with_clear_messages(tmp_path):
           r"tasks\[0\]\.expert: missing revision for repo 'JeremiahZ/roberta-base-cola'")
     check(lambda d: d["base"].pop("revision"), r"base: missing revision for repo 'FacebookAI/roberta-base'")
     check(lambda d: d["tasks"][2].update(metric="auroc"),
-          r"tasks\[2\]\.metric: unknown metric 'auroc'; valid metrics: accuracy, f1")
+          r"tasks\[2\]\.metric: unknown metric 'auroc'; valid metrics: accuracy, balanced_accuracy, f1")
     check(lambda d: d.update(kind="vision"), r"kind: .*'clip', 'seq-cls' or 'seq2seq-lora'.*got 'vision'")
     check(lambda d: d.pop("tasks"), r"missing key 'tasks'")
     check(lambda d: d["tasks"][0].pop("text_fields"), r"task 'cola': give text_fields")

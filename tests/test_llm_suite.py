@@ -113,7 +113,9 @@ def test_small_llm_lora_suite_report_with_a_bring_your_own_task(suite_cache, tmp
     cell = {(r["method"], r["task"]): float(r["score"]) for r in rows}
     for task in ("language_id", "mine"):  # each LoRA expert learned its own task
         assert cell[("expert", task)] > cell[("base", task)] + 0.05, task
-    assert cell[("expert", "mine")] >= 0.9
+    # the balanced two-class split (since issue 17): the small expert reaches 0.82 against the base's 0.47 (it was
+    # >= 0.9 on the earlier random split; the bar was set on that split)
+    assert cell[("expert", "mine")] >= 0.75
     for m in methods:  # every merge keeps part of what the experts added (the base is far below them)
         assert cell[(m, "average")] > cell[("base", "average")], m
     assert (out / "report.md").exists() and (out / "per_task.png").exists()

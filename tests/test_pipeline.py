@@ -22,13 +22,15 @@ import yaml
 import samerge
 from samerge.cli import main
 from samerge.io import open_checkpoint
-from samerge.layout import read_rows
+from samerge.layout import STUDY, read_rows
 from samerge.params import load_params
 from samerge.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL = {"acquire.tasks": ["sentiment", "language_id"], "prune.methods": ["task_arithmetic", "sa_merging"]}
+# the search stage kept cheap: three trials over task arithmetic's scale and TIES' density (~2 s each)
+SMALL = {"acquire.tasks": ["sentiment", "language_id"], "prune.methods": ["task_arithmetic", "sa_merging"],
+         "search.n_trials": 3, "search.space": {"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}}}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -65,7 +67,12 @@ def test_params_file_is_valid_and_names_the_stages():
     ({"prune.methods": ["task_arithmetic", "dare"]}, "prune.methods lists 'dare' but there is no prune.dare section"),
     ({"prune.methods": ["tie"]}, "unknown method 'tie'"),
     ({"acquire.size": "huge"}, "parameters: acquire.size: input should be 'small' or 'full' (got 'huge')"),
-    ({"bogus.x": 1}, "unknown parameter 'bogus'; valid parameters: acquire, extract, score, prune, evaluate, report"),
+    ({"bogus.x": 1}, "unknown parameter 'bogus'; valid parameters: acquire, extract, score, prune, search, evaluate, "
+                     "report"),
+    ({"search.space": {"ties": {"densty": [0.1, 0.5]}}}, "parameters: search.space: search space ties: unknown "
+                                                         "parameter 'densty'; valid parameters: density, scale"),
+    ({"search.fallback": "tie"}, "parameters: search.fallback: unknown method 'tie'; available methods: "),
+    ({"search.n_trials": 0}, "parameters: search.n_trials: input should be greater than or equal to 1 (got 0)"),
 ])
 def test_bad_parameters_are_refused_with_the_valid_options(override, message):
     with pytest.raises(samerge.SamergeError, match=re.escape(message)):
@@ -78,6 +85,11 @@ def test_stage_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("samerge: error: parameters: prune.sa_merging.prune_ratio")
     assert main(["stage", "extract", "--params", str(REPO / "params.yaml"), "--workdir", str(tmp_path)]) == 2
     assert "run the acquire stage first" in capsys.readouterr().err
+    assert main(["stage", "search", "--params", str(REPO / "params.yaml"), "--workdir", str(tmp_path)]) == 2
+    assert "run the acquire stage first" in capsys.readouterr().err
+    assert main(["stage", "search", "--params", str(REPO / "params.yaml"), "--workdir", str(tmp_path),
+                 "--method", "ties"]) == 2
+    assert "--method applies to the prune stage only, not search" in capsys.readouterr().err
     assert main(["stage", "prune", "--params", str(REPO / "params.yaml"), "--workdir", str(tmp_path),
                  "--method", "dare"]) == 2
     assert "not in prune.methods" in capsys.readouterr().err
@@ -124,19 +136,34 @@ def _dvc(repo: Path, *args: str) -> str:
     return r.stdout + r.stderr
 
 
+def _undeclared(repo: Path) -> list[str]:
+    """Files under work/ that git would take in but no stage of dvc.lock declares (an out, metric or plot): a
+    stage's file DVC does not restore with its other outputs (`dvc checkout`, `dvc exp apply`), so it can belong to
+    another run than they do."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    declared = [o["path"].rstrip("/") for st in lock["stages"].values() for o in st.get("outs", [])]
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "work"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in untracked if Path(f).name != ".gitignore"
+            and not any(f == d or f.startswith(d + "/") for d in declared)]
+
+
 def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, tmp_path):
     repo = _make_repo(tmp_path / "repo", {**SMALL, "report.track": False})
     out = _dvc(repo, "repro")
-    for stage in ("acquire", "extract", "score", "prune@task_arithmetic", "prune@sa_merging", "evaluate", "report"):
+    undeclared = _undeclared(repo)  # asserted last, so that everything else is checked whatever it holds
+    for stage in ("acquire", "extract", "score", "prune@task_arithmetic", "prune@sa_merging", "search", "evaluate",
+                  "report"):
         assert f"Running stage '{stage}'" in out
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"acquire", "extract", "score", "prune@task_arithmetic", "prune@sa_merging",
-                                   "evaluate", "report"}
+                                   "search", "evaluate", "report"}
+    assert lock["stages"]["search"]["params"]["params.yaml"]["search"]["n_trials"] == 3
     assert lock["stages"]["prune@sa_merging"]["params"]["params.yaml"]["prune.sa_merging"]["prune_ratio"] == 0.15
     assert any(d["path"] == "samerge/saliency.py" for d in lock["stages"]["score"]["deps"])
     # metrics and plots the stages declare
     metrics = json.loads((repo / "work/evaluate/metrics.json").read_text())
-    assert set(metrics) == {"base", "expert", "task_arithmetic", "sa_merging"}
+    assert set(metrics) == {"base", "expert", "task_arithmetic", "sa_merging", "search"}
     per_task = list(csv.DictReader((repo / "work/evaluate/scores.csv").read_text().splitlines()))
     score = {(r["method"], r["task"]): float(r["score"]) for r in per_task}
     tasks = sorted({t for _, t in score if t != "average"})
@@ -144,19 +171,23 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
     assert metrics["sa_merging"]["normalized_average"] == pytest.approx(want, abs=2e-6)
     assert metrics["sa_merging"]["average"] > metrics["base"]["average"]
     shown = _dvc(repo, "metrics", "show", "--json")
-    assert "normalized_average" in shown and "final_density" in shown
+    assert "normalized_average" in shown and "final_density" in shown and "validation_score" in shown
+    searched = json.loads((repo / "work/search/summary.json").read_text())
+    assert searched["kind"] == "validation-selected" and searched["trials"] == 3
+    assert "| `search` | validation-selected |" in (repo / "work/report/report.md").read_text()
 
     def leaves(x):
         return [v for y in x.values() for v in leaves(y)] if isinstance(x, dict) else [x]
 
     for f in ("work/prune/sa_merging/metrics.json", "work/prune/task_arithmetic/metrics.json",
-              "work/score/metrics.json", "work/evaluate/metrics.json", "work/extract/summary.json"):
+              "work/score/metrics.json", "work/search/metrics.json", "work/evaluate/metrics.json",
+              "work/extract/summary.json"):
         got = leaves(json.loads((repo / f).read_text()))  # dvc metrics: numbers only, no copies of params
         assert got and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in got), f
     iters = (repo / "work/prune/sa_merging/iterations.csv").read_text().splitlines()
     assert len(iters) == 1 + 1 + 10  # header, t = 0, ten iterations
     for png in ("work/report/per_task.png", "work/report/sa_iterations.png", "work/score/saliency_vs_magnitude.png",
-                "work/extract/task_vector_cosine.png"):
+                "work/extract/task_vector_cosine.png", "work/report/search_history.png", "work/search/history.png"):
         assert (repo / png).stat().st_size > 5000, png
     # the merged artifact: the base's tensors, finite, different from the base
     with open_checkpoint(repo / "work/prune/sa_merging/model") as merged, \
@@ -178,9 +209,9 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
         f.write("\n# touched\n")
     assert set(json.loads(_dvc(repo, "status", "--json"))) == {"report"}
     assert set(re.findall(r"Running stage '([^']+)'", _dvc(repo, "repro"))) == {"report"}
-    with open(repo / "samerge/api.py", "a") as f:  # the merge API: the merges only
+    with open(repo / "samerge/api.py", "a") as f:  # the merge API: the merges only (the search writes one too)
         f.write("\n# touched\n")
-    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"prune@task_arithmetic", "prune@sa_merging"}
+    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"prune@task_arithmetic", "prune@sa_merging", "search"}
     with open(repo / "samerge/io/checkpoint.py", "a") as f:  # every stage reads checkpoints
         f.write("\n# touched\n")
     assert set(json.loads(_dvc(repo, "status", "--json"))) == set(lock["stages"])
@@ -193,10 +224,18 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
                    cwd=repo, check=True)
     exp = _dvc(repo, "exp", "run", "-S", "prune.sa_merging.prune_ratio=0.3")
     ran = set(re.findall(r"Running stage '([^']+)'", exp))
-    assert ran == {"prune@sa_merging", "evaluate", "report"}, ran  # not score, not the other merges
+    # not score, not the other merges; the search, since its data-free fallback is SA-Merging with these parameters
+    # (its study is complete: it runs no trial again)
+    assert ran == {"prune@sa_merging", "search", "evaluate", "report"}, ran
     summary = json.loads((repo / "work/prune/sa_merging/summary.json").read_text())
     assert summary["params"]["prune_ratio"] == 0.3
     assert summary["final_density"] == pytest.approx(0.7 ** 10, rel=0.02)
+    import optuna
+
+    url = f"sqlite:///{repo / 'work' / STUDY}"
+    (study,) = optuna.study.get_all_study_names(storage=url)
+    assert len(optuna.load_study(study_name=study, storage=url).trials) == 3  # the search resumed, ran nothing new
+    assert json.loads((repo / "work/search/summary.json").read_text())["best_trial"] == searched["best_trial"]
 
     # an expert registry under inputs/: the pipeline merges its experts, and adding one re-runs from acquire
     from samerge.registry import add_expert, init_registry
@@ -225,6 +264,12 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
     r = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode != 0 and "is outside inputs/" in r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+    # every file the stages write is an output dvc.yaml declares, or a record of this workspace git ignores (stage.json,
+    # the search's study)
+    assert undeclared == [], (
+        f"files the stages wrote that dvc.yaml does not declare and git does not ignore: {undeclared}; declare each "
+        f"as an out (cache: false) or plot of its stage, or ignore it in .gitignore if it is a record of the workspace "
+        f"(the search's study: /work/{STUDY})")
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
@@ -265,9 +310,9 @@ def mlflow_server(tmp_path):
 
 
 def test_the_stages_and_the_suite_report_score_alike(suite_cache, tmp_path):
-    """One pipeline: the stages (acquire -> prune -> evaluate, files between them, merges streamed from disk) and
-    `samerge suite report` (the same steps in memory) give the same scores for the same methods with the same
-    parameters, row for row."""
+    """One pipeline: the stages (acquire -> prune, search -> evaluate, files between them, merges streamed from disk)
+    and `samerge suite report` (the same steps in memory) give the same scores for the same methods with the same
+    parameters, row for row; the search's merge is scored like its recipe's method and parameters."""
     from samerge.evaluation.report import run_report
     from samerge.stages import run_stage
 
@@ -276,18 +321,25 @@ def test_the_stages_and_the_suite_report_score_alike(suite_cache, tmp_path):
     run_stage("acquire", params, tmp_path / "run", overrides=over, quiet=True)
     for m in SMALL["prune.methods"]:
         run_stage("prune", params, tmp_path / "run", method=m, overrides=over, quiet=True)
+    run_stage("search", params, tmp_path / "run", overrides=over, quiet=True)
     run_stage("evaluate", params, tmp_path / "run", overrides=over, quiet=True)
     staged = {(r["method"], r["task"]): r for r in read_rows(tmp_path / "run" / "work" / "evaluate" / "scores.csv")}
     p = load_params(params, over)
-    spec = {m: m + "[" + ",".join(f"{k}={v}" for k, v in p.prune.method_params(m).items() if v is not None) + "]"
-            for m in p.prune.methods}
+
+    def spec_of(method, mp):
+        return method + "[" + ",".join(f"{k}={v!r}" for k, v in mp.items() if v is not None) + "]"
+
+    spec = {m: spec_of(m, p.prune.method_params(m)) for m in p.prune.methods}
+    found = json.loads((tmp_path / "run" / "work" / "search" / "summary.json").read_text())
+    spec["search"] = spec_of(found["method"], found["params"])
     rows = run_report("text", "small", tmp_path / "report", methods=list(spec.values()), tasks=SMALL["acquire.tasks"])
     reported = {(r["method"], r["task"]): r for r in rows}
     assert len(staged) == len(reported) == (2 + len(spec)) * 3  # base, expert, the merges; two tasks + average
+    assert {m for m, _ in staged} == {"base", "expert", "task_arithmetic", "sa_merging", "search"}
     for (method, task), r in staged.items():
         got = reported[(spec.get(method, method), task)]
-        assert float(r["score"]) == pytest.approx(got["score"], abs=1e-6), (method, task)  # scores.csv: 6 decimals
-        assert float(r["normalized"]) == pytest.approx(got["normalized"], abs=1e-6), (method, task)
+        for col in ("score", "accuracy", "normalized"):  # scores.csv: 6 decimals
+            assert float(r[col]) == pytest.approx(got[col], abs=1e-6), (method, task, col)
     assert float(staged[("sa_merging", "average")]["normalized"]) > float(staged[("base", "average")]["normalized"])
 
 
@@ -300,7 +352,10 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     params = REPO / "params.yaml"
     work = tmp_path / "run"
-    weak = {**SMALL, "prune.sa_merging.scale": 0.02}  # barely moves from the base
+    # the registered merge: SA-Merging's (prune.methods), whose champion is decided on the evaluation's normalized
+    # average (the search's, decided on its validation score: tests/test_search_stage.py)
+    small = {**SMALL, "report.register_method": "sa_merging"}
+    weak = {**small, "prune.sa_merging.scale": 0.02}  # barely moves from the base
 
     def remerge(overrides):
         for m in SMALL["prune.methods"]:
@@ -310,7 +365,8 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
 
     first = run_pipeline(params, work, overrides=weak, quiet=True)["report"]["mlflow"]
     assert first["version"] == "1" and first["champion"]  # the first merge becomes champion
-    second = remerge(SMALL)  # the real SA-Merging beats it: champion moves
+    assert first["compared_on"] == "samerge.normalized_average" and first["validation_score"] is None
+    second = remerge(small)  # the real SA-Merging beats it: champion moves
     assert second["version"] == "2" and second["champion"]
     third = remerge(weak)  # worse again: champion stays
     assert third["version"] == "3" and not third["champion"]
@@ -349,7 +405,7 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     local = Path(mlflow.artifacts.download_artifacts("models:/samerge-text@champion", dst_path=str(tmp_path / "dl")))
     assert "samerge" not in (local / "requirements.txt").read_text()  # loads where samerge is not installed
     assert "# Merged model (sa_merging)" in (local / "model_card.md").read_text()  # the model card travels with it
-    run_stage("prune", params, work, method="sa_merging", overrides=SMALL, quiet=True)  # re-merge: same tensors
+    run_stage("prune", params, work, method="sa_merging", overrides=small, quiet=True)  # re-merge: same tensors
     merged = work / "work/prune/sa_merging/model"
     assert {"config.json", "tokenizer.json", "model.safetensors", "README.md"} <= {f.name for f in merged.iterdir()}
     pipe = mlflow.transformers.load_model("models:/samerge-text@champion")
@@ -373,11 +429,11 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     t0 = time.time()
     with pytest.raises(SamergeError, match=r"is unreachable .*samerge stage report --resend") as info:
-        run_stage("report", params, work, overrides=SMALL, quiet=True)
+        run_stage("report", params, work, overrides=small, quiet=True)
     assert time.time() - t0 < 30 and "\n" not in str(info.value)
     assert (work / "work/report/report.md").is_file() and (work / "work/report/mlflow-pending.json").is_file()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    resent = run_stage("report", params, work, overrides=SMALL, quiet=True, resend=True)["mlflow"]
+    resent = run_stage("report", params, work, overrides=small, quiet=True, resend=True)["mlflow"]
     assert resent["version"] == "4" and not (work / "work/report/mlflow-pending.json").exists()
     assert len(client.search_runs([exp.experiment_id], "tags.`samerge.kind` = 'pipeline'")) == 4
 

@@ -40,9 +40,11 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 SAMERGE = str(BIN / "samerge")
 TASKS = ["sentiment", "language_id"]
-# Small but real: two experts, two methods (one of them SA-Merging's iterative loop), no MLflow.
+# Small but real: two experts, two methods (one of them SA-Merging's iterative loop), a search of one batch of two
+# trials (two search-trial tasks) over a cheap space, no MLflow.
 SMALL = {"acquire.tasks": TASKS, "prune.methods": ["task_arithmetic", "sa_merging"], "prune.sa_merging.iterations": 2,
-         "score.sample": 1000, "report.track": False}
+         "score.sample": 1000, "report.track": False, "search.n_trials": 2, "search.batch": 2,
+         "search.space": {"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}}}
 RUN_TIMEOUT_S = 600
 
 
@@ -372,7 +374,15 @@ def test_pipeline_deployment_runs_on_the_cpu_and_gpu_pools(deployed: Deployed, e
     # (the other task run is the placeholder linking the gpu-stages run to this one as its subflow)
     names = sorted(t["name"] for t in task_runs if t["state_type"] == "COMPLETED" and t["name"].startswith(STAGES))
     assert names == sorted(["acquire", "extract", "report", "score", "prune-task_arithmetic", "prune-sa_merging",
-                            "evaluate"]), names
+                            "search", "search-trial-0", "search-trial-1", "evaluate"]), names
+    # the search ran on the gpu pool, its batch of two trials mapped over search-trial tasks of that flow run
+    on_gpu = sorted(t["name"] for t in task_runs if t["flow_run_id"] == gpu["id"] and t["state_type"] == "COMPLETED")
+    assert {"search", "search-trial-0", "search-trial-1"} <= set(on_gpu), on_gpu
+    found = json.loads((wd / "work" / "search" / "summary.json").read_text())
+    assert found["kind"] == "validation-selected" and found["trials"] == 2
+    trials = (wd / "work" / "search" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 3 and all(",COMPLETE," in t for t in trials[1:])
+    assert "search" in json.loads((wd / "work" / "evaluate" / "metrics.json").read_text())
 
 
 def test_new_expert_event_triggers_a_remerge(deployed: Deployed, expert_folders: Path, tmp_path: Path) -> None:

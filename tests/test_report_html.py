@@ -230,3 +230,61 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
         region = im.crop((int(x), int(y), int(x + w), int(y + h)))
         colours = region.getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 8, f"{tag} at ({x}, {y}) is blank in the screenshot"
+
+
+def test_search_rows_are_labelled_and_its_plots_join_the_page(tmp_path):
+    """The pipeline's report with a search (issue 17): each row labelled data-free or validation-selected (report.md's
+    kind column, a label on the page), the search's history and importance plots embedded in a Search section and
+    its trials beside the page, plain accuracy in its own table, and the search's recipe merging its state again. A
+    real search: the tiny suite of tests/test_search.py, scored for real."""
+    from samerge.evaluation.scoring import score_models
+    from samerge.evaluation.search import Evaluator, run_search
+    from tests.test_search import one_thread, tiny
+
+    with one_thread():
+        suite, experts = tiny()
+        result = run_search(Evaluator.build(suite, experts), {"task_arithmetic": {"scale": [0.1, 1.5]},
+                                                              "ties": {"density": [0.1, 0.9]}}, n_trials=6, seed=0,
+                            startup_trials=3)
+        searched = result.write_outputs(tmp_path / "search")
+        rows = score_models(suite, experts, {"task_arithmetic": lambda: samerge.merge(
+            suite.base, [e.encoder for e in experts], "task_arithmetic"), "search": result.best_state}, label="tiny")
+    kinds = {"task_arithmetic": "data-free", "search": "validation-selected"}
+    recipes = {"task_arithmetic": method_recipe("task_arithmetic", {}), "search": result.recipe()}
+    out = tmp_path / "report"
+    write_report(rows, out, {}, recipes=recipes, kinds=kinds, search=searched,
+                 notes={"search": "The search's choice."})
+    for name in ("history.png", "importances.png", "trials.csv"):  # the search's files beside the page
+        assert (out / f"search_{name}").read_bytes() == (searched / name).read_bytes()
+    tasks = [t.name for t in suite.tasks]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert f"| method | kind | {' | '.join(tasks)} | average |" in md
+    labelled = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines()
+                if line.startswith("| `")}
+    assert labelled == {"`base`": "", "`expert`": "", "`task_arithmetic`": "data-free",
+                        "`search`": "validation-selected"}
+
+    text = (out / "report.html").read_text(encoding="utf-8")
+    page = Page(text)
+    embedded = [base64.b64decode(i["src"].removeprefix("data:image/png;base64,")) for i in page.images]
+    assert embedded == [(out / f).read_bytes() for f in ("per_task.png", "search_history.png",
+                                                          "search_importances.png")]
+    assert '<section id="search"><h2>Search</h2>' in text and "search_trials.csv" in page.links
+    cell = {(r["method"], r["task"]): r for r in rows}
+    for table, key in (("normalized-table", "normalized"), ("accuracy-table", "accuracy")):
+        head, *body = page.tables[table]
+        assert head == ["method", *tasks, "average"]
+        names = ["base", "expert", "task_arithmetic", "search"]
+        labels = [n + (f" {kinds[n]}" if n in kinds and table == "normalized-table" else "") for n in names]
+        assert [b[0] for b in body] == labels
+        for n, b in zip(names, body):
+            for t, v in zip([*tasks, "average"], b[1:]):
+                assert float(v) == pytest.approx(cell[(n, t)][key], abs=5e-4)
+    assert any(r["accuracy"] != r["score"] for r in rows)  # two metrics: the table above is not the score's
+    assert "The search&#x27;s choice." in text or "The search's choice." in text
+    # the search's recipe, read back from the page, merges the state its best trial scored
+    cfg = MergeConfig(**yaml.safe_load(page.pres[1]))
+    assert cfg.method == result.best.method
+    again = samerge.merge(suite.base, [e.encoder for e in experts], cfg.method, **cfg.params)
+    best = result.best_state()
+    assert again.keys() == best.keys() and all(torch.equal(again[k], best[k]) for k in best)

@@ -6,6 +6,7 @@ import csv
 import random
 
 import pytest
+import torch
 
 import samerge
 from samerge.cli import main
@@ -94,7 +95,7 @@ def test_bring_your_own_csv_task_runs_through_suite_and_report(suite_cache, tmp_
                  "task_arithmetic,ties[aggregate=mean,scale=1.0]", "--out", str(out), "--quiet"])
     assert code == 0
     rows = read_rows(out / "report.csv")
-    assert set(rows[0]) == {"suite", "method", "task", "score", "normalized"}
+    assert set(rows[0]) == {"suite", "method", "task", "score", "accuracy", "normalized"}
     methods = {r["method"] for r in rows}
     assert methods == {"base", "expert", "task_arithmetic", "ties[aggregate=mean,scale=1.0]"}
     assert {r["task"] for r in rows} == {"sentiment", "mine", "average"}
@@ -182,13 +183,17 @@ def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache,
     seeds = read_rows(out / "seeds.csv")
     assert {r["seed"] for r in seeds} == {"0", "1"} and {r["split"] for r in seeds} == {"val"}
     assert {r["method"] for r in seeds} == {"base", "expert", "task_arithmetic", ref}
-    # the expert rows are each expert's accuracy on its task's validation examples, computed here independently
+    # the expert rows are each expert's balanced accuracy (and accuracy) on its task's validation examples, computed
+    # here from its predictions independently (the mean of the classes' recalls)
     st = TextSuite("small", 1)
     task = load_builtin("language_id", "small", 1)
     e = st.expert(task)
-    val_acc = st.accuracy(e.encoder, e.head, task.val)
-    cell = {(r["seed"], r["method"], r["task"]): float(r["score"]) for r in seeds}
-    assert cell[("1", "expert", "language_id")] == pytest.approx(val_acc, abs=1e-4)
+    pred, gold = st.predict(e.encoder, e.head, task.val), torch.tensor([y for _, y in task.val])
+    recalls = [float((pred[gold == c] == c).float().mean()) for c in gold.unique()]
+    cell = {(r["seed"], r["method"], r["task"]): r for r in seeds}
+    assert float(cell[("1", "expert", "language_id")]["score"]) == pytest.approx(sum(recalls) / len(recalls), abs=1e-4)
+    assert float(cell[("1", "expert", "language_id")]["accuracy"]) == pytest.approx(
+        float((pred == gold).float().mean()), abs=1e-4)
     # report.csv: the mean over seeds, with the usual columns
     mean = {(r["method"], r["task"]): float(r["normalized"]) for r in read_rows(out / "report.csv")}
     for m in ("task_arithmetic", ref):

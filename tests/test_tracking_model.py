@@ -76,3 +76,45 @@ def test_a_merge_that_is_no_transformers_model_is_a_models_from_code_pyfunc(tmp_
     assert "artifacts/merged/README.md" in files  # the card travels with the weights
     reqs = (local / "requirements.txt").read_text().split()
     assert not any(r.startswith("samerge") for r in reqs) and {"torch", "safetensors"} <= set(reqs)
+
+
+def test_the_champion_moves_only_on_a_strictly_better_score(tmp_path, mlflow_store):
+    """The alias rule of a registration (tracking._register, what the report stage calls): a merge with a validation
+    score (the search's) is compared on the champion's validation score only, never on the test score; the same
+    score again does not move the alias; a merge without one (a prune method) is compared on the normalized average.
+    0.6453373015873016 is a real search's validation score (text suite, task arithmetic at scale 0.1) whose 6-decimal
+    form is below it: a comparison with a rounded tag would see it beat itself."""
+    from mlflow import MlflowClient
+
+    from samerge.params import PipelineParams
+    from samerge.tracking import SCORE_TAG, VALIDATION_TAG, _register
+
+    mlflow = mlflow_store
+    client = MlflowClient()
+    d = tmp_path / "merged"
+    save_safetensors({"fc.weight": torch.ones(2, 3)}, d / "model.safetensors")
+    with mlflow.start_run() as run:
+        pass
+    params = PipelineParams()
+
+    def register(method, score, validation):
+        return _register(mlflow, client, params, "tiny", method, run.info.run_id, score, d, validation)
+
+    first = register("search", 0.90, 0.6453373015873016)
+    same = register("search", 0.95, 0.6453373015873016)  # a better test score does not count
+    better = register("search", 0.10, 0.70)  # a better validation score does, whatever the test score
+    worse = register("search", 0.99, 0.69)
+    prune = register("ties", 0.50, None)  # compared on the normalized average (the champion's: 0.10)
+    assert [r["version"] for r in (first, same, better, worse, prune)] == ["1", "2", "3", "4", "5"]
+    assert [r["compared_on"] for r in (first, same, better, worse, prune)] == [VALIDATION_TAG] * 4 + [SCORE_TAG]
+    assert first["champion"] and better["champion"] and not worse["champion"] and prune["champion"]
+    assert worse["previous_champion"] == "3" and prune["previous_champion"] == "3"
+    assert str(client.get_model_version_by_alias("samerge-tiny", "champion").version) == "5"
+    tags = client.get_model_version("samerge-tiny", "3").tags
+    assert float(tags[VALIDATION_TAG]) == pytest.approx(0.70) and float(tags[SCORE_TAG]) == pytest.approx(0.10)
+    assert VALIDATION_TAG not in client.get_model_version("samerge-tiny", "5").tags
+    # last, so that everything above is checked whatever happens here
+    assert not same["champion"] and same["previous_champion"] == "1", (
+        "the same validation score moved the champion alias: tracking._register compares the new score at full "
+        "precision with the champion's tag, written with 6 decimals (float('0.645337') < 0.6453373015873016); "
+        "write the score tags exactly (repr) or compare the rounded values")

@@ -27,7 +27,8 @@ h1 { font-size: 24px; margin: 0 0 4px; }
 h2 { font-size: 18px; margin: 36px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 h3 { font-size: 15px; margin: 20px 0 6px; }
 p { margin: 6px 0 10px; }
-.meta, .note, figcaption, footer { color: var(--muted); }
+.meta, .note, .kind, figcaption, footer { color: var(--muted); }
+.kind { font-weight: normal; font-size: 12px; }
 .meta span + span::before { content: " \\00b7  "; }
 nav { margin: 14px 0 0; padding: 8px 0; border-top: 1px solid var(--line); border-bottom: 1px solid var(--line); }
 nav a { margin-right: 16px; }
@@ -84,8 +85,9 @@ def _table(head: Sequence[str], body: Sequence[str], caption_id: str) -> str:
             f'<tbody>\n{"".join(body)}</tbody></table></div>\n')
 
 
-def _method_cell(m: str) -> str:
-    return f'<th scope="row"><code>{esc(m)}</code></th>'
+def _method_cell(m: str, kind: str | None = None) -> str:
+    label = f' <span class="kind">{esc(kind)}</span>' if kind else ""
+    return f'<th scope="row"><code>{esc(m)}</code>{label}</th>'
 
 
 def _row_class(reference: bool) -> str:
@@ -94,7 +96,7 @@ def _row_class(reference: bool) -> str:
 
 
 def _task_table(key: str, tasks: Sequence[str], methods: Sequence[str], cell: Mapping[tuple[str, str], Any],
-                heat: bool, table_id: str) -> str:
+                heat: bool, table_id: str, kinds: Mapping[str, str] | None = None) -> str:
     """Methods x (tasks, average): ``key`` of each row, the best merge of each column in bold."""
     cols = [*tasks, "average"]
     merges = [m for m in methods if m not in REFERENCE_ROWS]
@@ -112,7 +114,8 @@ def _task_table(key: str, tasks: Sequence[str], methods: Sequence[str], cell: Ma
             style = f' style="background:{_heat(cell[(m, t)]["normalized"])}"' if shade else ""
             cls_attr = f' class="{" ".join(cls)}"' if cls else ""
             tds.append(f"<td{cls_attr}{style}>{v:.3f}</td>")
-        body.append(f"<tr{_row_class(m in REFERENCE_ROWS)}>{_method_cell(m)}{''.join(tds)}</tr>\n")
+        body.append(f"<tr{_row_class(m in REFERENCE_ROWS)}>{_method_cell(m, (kinds or {}).get(m))}"
+                    f"{''.join(tds)}</tr>\n")
     return _table(head, body, table_id)
 
 
@@ -159,12 +162,14 @@ def render_report(*, suite: str, rows: Sequence[Mapping[str, Any]], tasks: Seque
                   pairs: Sequence[Mapping[str, Any]] | None = None, against: str | None = None,
                   histories: Mapping[str, Sequence[Any]] | None = None,
                   recipes: Mapping[str, Mapping[str, Any] | None] | None = None,
-                  notes: Mapping[str, str] | None = None) -> str:
+                  notes: Mapping[str, str] | None = None, kinds: Mapping[str, str] | None = None) -> str:
     """The page of one report, its plots read from ``out`` (``per_task.png``, ``paired.png``,
-    ``sa_iterations.png`` where they exist) and embedded; the other files of ``out`` are linked relatively.
+    ``sa_iterations.png``, ``search_history.png``, ``search_importances.png`` where they exist) and embedded; the
+    other files of ``out`` are linked relatively.
 
     ``recipes``: per method string, the ``samerge merge --config`` mapping that reproduces its merge (``None`` where
-    there is none); ``notes``: per method string, a line shown under its recipe.
+    there is none); ``notes``: per method string, a line shown under its recipe; ``kinds``: per method string, which
+    kind of merge it is (data-free / validation-selected), shown next to its name.
     """
     cell = {(r["method"], r["task"]): r for r in rows}
     histories = histories or {}
@@ -190,11 +195,15 @@ def render_report(*, suite: str, rows: Sequence[Mapping[str, Any]], tasks: Seque
     sections.append(("normalized", "Normalized score (merged / expert)",
                      "<p>Each merged model's score on a task divided by that task's expert on its own task; "
                      "the best merge of each column in bold.</p>\n"
-                     + _task_table("normalized", tasks, methods, cell, True, "normalized-table")))
+                     + _task_table("normalized", tasks, methods, cell, True, "normalized-table", kinds)))
     sections.append(("scores", "Score per task",
-                     "<p>The task's metric (accuracy unless the suite says otherwise) of the base with each expert's "
-                     "head, each expert on its own task, and every merge.</p>\n"
-                     + _task_table("score", tasks, methods, cell, False, "scores-table")))
+                     "<p>The task's metric (balanced accuracy: the mean of the classes' recalls; a hub suite task: "
+                     "its own metric) of the base with each expert's head, each expert on its own task, and every "
+                     "merge.</p>\n" + _task_table("score", tasks, methods, cell, False, "scores-table")))
+    if all(r.get("accuracy") is not None for r in rows):
+        sections.append(("accuracy", "Accuracy per task",
+                         "<p>Plain accuracy (the fraction of examples right), beside the balanced score above.</p>\n"
+                         + _task_table("accuracy", tasks, methods, cell, False, "accuracy-table")))
     if per_seed:
         if pairs is not None and against is not None:
             text = (f"<p>Average normalized score per seed of experts, and the paired difference to "
@@ -214,6 +223,15 @@ def render_report(*, suite: str, rows: Sequence[Mapping[str, Any]], tasks: Seque
                          "seeds, dots each seed.")
     if plots:
         sections.append(("plots", "Plots", plots))
+
+    if (out / "search_history.png").is_file():
+        body = ("<p>The validation-guided search: each trial's mean normalized validation score (pruned trials "
+                "stopped after their first tasks) with the best so far, and how much each parameter decided the "
+                "score (Optuna's importance over the completed trials).</p>\n"
+                + _figure(out / "search_history.png", "search history", "Objective per trial and best so far."))
+        if (out / "search_importances.png").is_file():
+            body += _figure(out / "search_importances.png", "parameter importances", "Parameter importances.")
+        sections.append(("search", "Search", body))
 
     if histories:
         body = ("<p>SA-Merging's pruning, iteration by iteration: the density (entries alive / initially non-zero, "
@@ -240,7 +258,8 @@ def render_report(*, suite: str, rows: Sequence[Mapping[str, Any]], tasks: Seque
 
     written = ["report.csv", "report.md", *(["seeds.csv"] if per_seed else []),
                *(["paired.csv"] if pairs is not None else []), "per_task.png",
-               *(["paired.png"] if pairs is not None else []), *(["sa_iterations.png"] if histories else [])]
+               *(["paired.png"] if pairs is not None else []), *(["sa_iterations.png"] if histories else []),
+               "search_history.png", "search_importances.png", "search_trials.csv"]
     files = [f for f in written if (out / f).is_file()]  # this report's files (not an older report's in ``out``)
     sections.append(("files", "Files", "<p>Next to this page: "
                      + ", ".join(f'<a href="{esc(f)}">{esc(f)}</a>' for f in files) + ".</p>\n"))

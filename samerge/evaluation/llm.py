@@ -36,6 +36,7 @@ import torch
 
 from samerge.device import resolve_device
 from samerge.errors import SamergeError
+from samerge.evaluation.metrics import class_scores
 from samerge.evaluation.suite import EmbeddedSuite, Expert, cache_root, finetune, standard_methods
 from samerge.evaluation.tasks import TaskData, load_builtin, load_file_task
 from samerge.io import open_checkpoint
@@ -293,14 +294,12 @@ class LlmLoraSuite(EmbeddedSuite):
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
 
-    def accuracy(self, model: torch.nn.Module, task: TaskData, examples: Sequence[tuple[str, int]]) -> float:
-        pred = self.predict(model, task, examples)
-        return float((pred == torch.tensor([y for _, y in examples])).double().mean())
-
-    def scores(self, state: Mapping[str, torch.Tensor], experts: Sequence[Expert]) -> dict[str, float]:
-        """Test accuracy (label log-likelihood) of one model state on every expert's task."""
+    def scores(self, state: Mapping[str, torch.Tensor], experts: Sequence[Expert]) -> dict[str, dict[str, float]]:
+        """Balanced accuracy (``score``) and accuracy (label log-likelihood) of one model state on every expert's
+        task."""
         self._load(self._model, state)
-        return {e.task.name: self.accuracy(self._model, e.task, e.task.test) for e in experts}
+        return {e.task.name: class_scores(self.predict(self._model, e.task, e.task.test).tolist(),
+                                          [y for _, y in e.task.test]) for e in experts}
 
     # ------------------------------------------------------------------------------------------------ experts
     def _key(self, task: TaskData) -> str:

@@ -5,9 +5,10 @@
 score (:func:`~samerge.evaluation.scoring.score_models`: splits, normalisation, the score cache) and report
 (:func:`write_report`, which the pipeline's ``report`` stage also writes with).
 
-``report.csv`` has the columns ``suite,method,task,score,normalized``: one row per method and task plus a row with
-task ``average``; ``method`` is the exact method string asked for (e.g. ``ties[aggregate=mean,scale=1.0]``), and
-the rows ``base`` and ``expert`` give the base with each expert's head and each expert on its own task.
+``report.csv`` has the columns ``suite,method,task,score,accuracy,normalized``: one row per method and task plus a
+row with task ``average``; ``method`` is the exact method string asked for (e.g. ``ties[aggregate=mean,scale=1.0]``),
+and the rows ``base`` and ``expert`` give the base with each expert's head and each expert on its own task.
+``score`` is the task's metric (balanced accuracy on the built-in suites), ``accuracy`` plain accuracy beside it, and
 ``normalized`` is score / expert score on that task. ``report.html`` holds the whole report on one static page
 (tables, the plots embedded, SA-Merging's iteration curves and every merge's recipe; :mod:`samerge.evaluation.html`).
 """
@@ -19,6 +20,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import partial
@@ -31,11 +33,14 @@ import samerge
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.html import render_report
-from samerge.evaluation.scoring import ScoreCache, check_split, score_models
+from samerge.evaluation.scoring import ROW_FIELDS, ScoreCache, check_split, row_cells, score_models
 from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
 from samerge.overrides import parse_assignments
+
+# what the score columns of report.md hold (report.csv has plain accuracy beside it)
+_METRIC = "Score (balanced accuracy; a hub suite task: its own metric)"
 
 
 def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
@@ -178,7 +183,9 @@ def _mean_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]
     out = []
     for i, r in enumerate(first):
         group = [rows[i] for rows in per_seed.values()]
+        accs = [g.get("accuracy") for g in group]
         out.append({**r, "score": sum(g["score"] for g in group) / len(group),
+                    "accuracy": sum(accs) / len(accs) if None not in accs else None,
                     "normalized": sum(g["normalized"] for g in group) / len(group)})
     return out
 
@@ -213,47 +220,59 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> 
 def write_report(rows: list[dict[str, Any]], out: Path, histories: Mapping[str, Sequence[Any]], *,
                  per_seed: dict[int, list[dict[str, Any]]] | None = None, split: str = "test",
                  against: str | None = None, recipes: Mapping[str, Mapping[str, Any] | None] | None = None,
-                 notes: Mapping[str, str] | None = None) -> None:
+                 notes: Mapping[str, str] | None = None, kinds: Mapping[str, str] | None = None,
+                 search: Path | None = None) -> None:
     """``out``/report.csv, report.md, plots and report.html (the whole report as one page, the plots embedded).
 
     ``histories``: per method string, SA-Merging's iteration records (``iteration``, ``overall_density``,
     ``norm_ratio``, ``conflict``); ``recipes``: per method string, the ``samerge merge --config`` mapping of its
     merge, shown on the page (``notes``: a line under a recipe); ``per_seed``: the rows of each seed (``seeds.csv``,
-    and with ``against`` the paired comparison).
+    and with ``against`` the paired comparison); ``kinds``: per method string, data-free or validation-selected
+    (a column of report.md, a label on the page); ``search``: a search's output folder, whose history and importance
+    plots and trials join the report (``search_*``).
     """
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "report.csv", ["suite", "method", "task", "score", "normalized"],
-               ([r["suite"], r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"] for r in rows))
+    if search is not None:
+        for name in ("history.png", "importances.png", "trials.csv"):
+            if (search / name).is_file():
+                shutil.copyfile(search / name, out / f"search_{name}")
+    _write_csv(out / "report.csv", list(ROW_FIELDS), ([row_cells(r)[k] for k in ROW_FIELDS] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "average"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["task"]): r for r in rows}
     lines = [f"# samerge suite report: {rows[0]['suite']}", "",
-             "Accuracy per task (normalized = merged / expert in parentheses).", "",
-             "| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+             f"{_METRIC} per task (normalized = merged / expert in parentheses).", "",
+             "| method | " + ("kind | " if kinds else "") + " | ".join(tasks) + " | average |",
+             "|---" * (len(tasks) + 2 + bool(kinds)) + "|"]
     for m in methods:
         vals = [f"{cell[(m, t)]['score']:.3f} ({cell[(m, t)]['normalized']:.2f})" for t in tasks + ["average"]]
-        lines.append(f"| `{m}` | " + " | ".join(vals) + " |")
+        kind = [kinds.get(m, "")] if kinds else []
+        lines.append(f"| `{m}` | " + " | ".join(kind + vals) + " |")
     pairs = None
     if per_seed:
-        lines[2] = (f"Accuracy per task on the {split} split, mean over seeds {', '.join(map(str, per_seed))} "
+        lines[2] = (f"{_METRIC} per task on the {split} split, mean over seeds {', '.join(map(str, per_seed))} "
                     "(normalized = merged / expert in parentheses).")
         _write_seeds(per_seed, out, split)
         if against:
             pairs = paired_differences(per_seed, against)
             lines += ["", *_paired_lines(pairs, list(per_seed), against, out)]
+    if search is not None and (out / "search_history.png").is_file():
+        lines += ["", "## Search", "", "Each trial's mean normalized validation score and the best so far; how much "
+                  "each parameter decided it (`search_trials.csv`: every trial).", "",
+                  "![search history](search_history.png)", "![parameter importances](search_importances.png)"]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     _plots(rows, out, tasks, methods, histories)
     page = render_report(suite=rows[0]["suite"], rows=rows, tasks=tasks, methods=methods, out=out,
                          generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                          version=samerge.__version__, split=split, per_seed=per_seed, pairs=pairs, against=against,
-                         histories=histories, recipes=recipes, notes=notes)
+                         histories=histories, recipes=recipes, notes=notes, kinds=kinds)
     write_text_atomic(out / "report.html", page)
 
 
 def _write_seeds(per_seed: dict[int, list[dict[str, Any]]], out: Path, split: str) -> None:
-    _write_csv(out / "seeds.csv", ["suite", "seed", "split", "method", "task", "score", "normalized"],
-               ([r["suite"], sd, split, r["method"], r["task"], f"{r['score']:.4f}", f"{r['normalized']:.4f}"]
-                for sd, rows in per_seed.items() for r in rows))
+    fields = ["suite", "seed", "split", *ROW_FIELDS[1:]]
+    _write_csv(out / "seeds.csv", fields, ([row_cells({**r, "seed": sd, "split": split})[k] for k in fields]
+                                           for sd, rows in per_seed.items() for r in rows))
 
 
 def _paired_lines(pairs: list[dict[str, Any]], seeds: list[int], against: str, out: Path) -> list[str]:
@@ -264,7 +283,7 @@ def _paired_lines(pairs: list[dict[str, Any]], seeds: list[int], against: str, o
                 "wins"],
                ([p["method"], f"{p['mean']:.4f}", f"{p['std']:.4f}", *[f"{p['diffs'][sd]:+.4f}" for sd in seeds],
                  f"{p['diff_mean']:+.4f}", f"{p['diff_std']:.4f}", p["wins"]] for p in pairs))
-    lines = [f"Average normalized accuracy per seed of experts, and the paired difference to `{against}` "
+    lines = [f"Average normalized score per seed of experts, and the paired difference to `{against}` "
              "(same experts for every method).", "",
              "| method | mean ± std | " + " | ".join(f"Δ seed {sd}" for sd in seeds) + " | Δ mean ± std | wins |",
              "|---" * (len(seeds) + 4) + "|"]
@@ -286,7 +305,7 @@ def _paired_lines(pairs: list[dict[str, Any]], seeds: list[int], against: str, o
         ax.plot(list(p["diffs"].values()), [y] * len(seeds), "k.", ms=5)
     ax.set_yticks(ys, [p["method"] for p in shown], fontsize=7)
     ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_xlabel(f"Δ normalized accuracy vs {against}\n(bars: mean over seeds {', '.join(map(str, seeds))}; "
+    ax.set_xlabel(f"Δ normalized score vs {against}\n(bars: mean over seeds {', '.join(map(str, seeds))}; "
                   "dots: each seed)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "paired.png", dpi=120)
@@ -309,7 +328,7 @@ def _plots(rows: list[dict[str, Any]], out: Path, tasks: list[str], methods: lis
         ax.bar([t + i * width for t in range(len(tasks) + 1)], [cell[(m, t)] for t in tasks + ["average"]],
                width, label=m, color=colors(i % 20))
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks) + 1)], tasks + ["average"], rotation=20)
-    ax.set_ylabel("normalized accuracy (merged / expert)")
+    ax.set_ylabel("normalized score (merged / expert)")
     ax.axhline(1.0, color="k", lw=0.6)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "per_task.png", dpi=120, bbox_inches="tight")  # the legend of long method strings included

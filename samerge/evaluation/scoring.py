@@ -1,9 +1,11 @@
 """The score step every driver uses (the pipeline's ``evaluate`` stage, ``samerge suite report``): which split is
 scored, how each expert is scored, how a score is normalised, and the score cache that lets a report resume.
 
-Rows are ``{suite, method, task, score, normalized}``: one per method and task plus the ``average`` row, with the
-methods ``base`` (the base with each expert's head) and ``expert`` (each expert on its own task) first;
-``normalized`` is score / expert score on that task (:func:`~samerge.evaluation.metrics.normalized`).
+Rows are ``{suite, method, task, score, accuracy, normalized}``: one per method and task plus the ``average`` row,
+with the methods ``base`` (the base with each expert's head) and ``expert`` (each expert on its own task) first.
+``score`` is the task's metric (balanced accuracy for the built-in suites' classification tasks, the suite file's
+metric for the hub suites), ``accuracy`` plain accuracy beside it (None where the task has none, e.g. regression),
+and ``normalized`` is score / expert score on that task (:func:`~samerge.evaluation.metrics.normalized`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from statistics import fmean as mean
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from samerge.evaluation.suite import Expert, Suite
 
 SPLITS = ("test", "val")
 State = Mapping[str, torch.Tensor]
+TaskScores = Mapping[str, Mapping[str, float]]  # task -> {"score": ..., "accuracy": ...} (Suite.scores)
 
 
 def check_split(split: str) -> None:
@@ -46,23 +50,25 @@ def on_split(experts: Sequence[Expert], split: str) -> list[Expert]:
 
 class ScoreCache:
     """A JSON-lines file of scores, each appended and synced as soon as it is computed, so an interrupted run
-    resumes where it stopped; a line cut by an interruption is ignored."""
+    resumes where it stopped; a line cut by an interruption is ignored, and so is a line in the format of an earlier
+    samerge (one number per task, before ``score`` became balanced accuracy): that score is computed again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done: dict[str, dict[str, float]] = {}
+        self.done: dict[str, dict[str, dict[str, float]]] = {}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    self.done[rec["key"]] = rec["scores"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if all(isinstance(v, dict) and "score" in v for v in rec["scores"].values()):
+                        self.done[rec["key"]] = rec["scores"]
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
 
-    def get(self, key: str) -> dict[str, float] | None:
+    def get(self, key: str) -> dict[str, dict[str, float]] | None:
         return self.done.get(key)
 
-    def put(self, key: str, scores: dict[str, float]) -> None:
+    def put(self, key: str, scores: dict[str, dict[str, float]]) -> None:
         self.done[key] = scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -86,7 +92,7 @@ def score_models(suite: Suite, experts: Sequence[Expert], models: Mapping[str, C
     """
     experts = on_split(experts, split)
 
-    def scored(name: str, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    def scored(name: str, compute: Callable[[], TaskScores]) -> TaskScores:
         key = (keys or {}).get(name, name)
         got = cache.get(key) if cache is not None else None
         if got is None:
@@ -107,11 +113,23 @@ def score_models(suite: Suite, experts: Sequence[Expert], models: Mapping[str, C
     return rows
 
 
-def score_rows(suite: str, method: str, scores: Mapping[str, float],
-               expert_scores: Mapping[str, float]) -> list[dict[str, Any]]:
-    """The rows of one method: one per task plus the ``average`` row (normalized = merged / expert)."""
-    rows = [{"suite": suite, "method": method, "task": t, "score": v, "normalized": normalized(v, expert_scores[t])}
-            for t, v in scores.items()]
-    rows.append({"suite": suite, "method": method, "task": "average", "score": sum(scores.values()) / len(scores),
-                 "normalized": sum(r["normalized"] for r in rows) / len(rows)})
+def score_rows(suite: str, method: str, scores: TaskScores, expert_scores: TaskScores) -> list[dict[str, Any]]:
+    """The rows of one method: one per task plus the ``average`` row (normalized = merged score / expert score; the
+    average's accuracy only when every task has one)."""
+    rows = [{"suite": suite, "method": method, "task": t, "score": v["score"], "accuracy": v.get("accuracy"),
+             "normalized": normalized(v["score"], expert_scores[t]["score"])} for t, v in scores.items()]
+    accs = [r["accuracy"] for r in rows]
+    rows.append({"suite": suite, "method": method, "task": "average", "score": mean(r["score"] for r in rows),
+                 "accuracy": mean(accs) if None not in accs else None,
+                 "normalized": mean(r["normalized"] for r in rows)})
     return rows
+
+
+ROW_FIELDS = ("suite", "method", "task", "score", "accuracy", "normalized")
+_NUMBERS = ("score", "accuracy", "normalized")
+
+
+def row_cells(row: Mapping[str, Any], digits: int = 4) -> dict[str, Any]:
+    """A row as CSV cells: the numbers with ``digits`` decimals, a missing accuracy as an empty cell."""
+    return {**row, **{k: "" if row.get(k) is None else f"{row[k]:.{digits}f}" for k in _NUMBERS}}
+

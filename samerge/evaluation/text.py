@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from samerge.errors import SamergeError
+from samerge.evaluation.metrics import class_scores
 from samerge.evaluation.suite import EmbeddedSuite, Expert, cached_expert, finetune, require_cpu
 from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, TaskData, load_builtin, load_file_task
 from samerge.io import open_checkpoint
@@ -89,22 +90,23 @@ class TextSuite(EmbeddedSuite):
         mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
         return (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def accuracy(self, encoder_state: Mapping[str, torch.Tensor] | torch.nn.Module, head: Mapping[str, torch.Tensor],
-                 examples: list[tuple[str, int]]) -> float:
+    def predict(self, encoder_state: Mapping[str, torch.Tensor] | torch.nn.Module, head: Mapping[str, torch.Tensor],
+                examples: list[tuple[str, int]]) -> torch.Tensor:
+        """The predicted class of every example: the encoder's mean-pooled embedding through ``head``."""
         model = encoder_state if isinstance(encoder_state, torch.nn.Module) else self.encoder(encoder_state)
         model.eval()
-        labels = torch.tensor([y for _, y in examples])
         preds = torch.empty(len(examples), dtype=torch.long)
         with torch.inference_mode():
             for idx, enc in self._batches(examples):
                 logits = self._pool(model, enc) @ head["weight"].t() + head["bias"]
                 preds[idx] = logits.argmax(-1)
-        return int((preds == labels).sum()) / len(examples)
+        return preds
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
-        """Test accuracy of one encoder on every task, each with its expert's head."""
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
+        """Balanced accuracy (``score``) and accuracy of one encoder on every task, each with its expert's head."""
         model = self.encoder(state)
-        return {e.task.name: self.accuracy(model, e.head, e.task.test) for e in experts}
+        return {e.task.name: class_scores(self.predict(model, e.head, e.task.test), [y for _, y in e.task.test])
+                for e in experts}
 
     # ------------------------------------------------------------------------------------------------ experts
     def _key(self, task: TaskData) -> str:

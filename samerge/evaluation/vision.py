@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from samerge.errors import SamergeError
+from samerge.evaluation.metrics import class_scores
 from samerge.evaluation.tasks import SIZES, stratified_split
 from samerge.evaluation.suite import EmbeddedSuite, Expert, cached_expert, finetune, require_cpu
 
@@ -163,18 +164,21 @@ class VisionSuite(EmbeddedSuite):
         x = torch.stack([im for im, _ in items]).to(torch.float32) / 127.5 - 1.0
         return x, torch.tensor([y for _, y in items])
 
-    def accuracy(self, state: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
-                 examples: list[tuple[torch.Tensor, int]]) -> float:
+    def predict(self, state: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
+                examples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """The predicted class of every image."""
         m = self.model(state, head)
-        correct = 0
+        out = []
         with torch.no_grad():
             for i in range(0, len(examples), 128):
-                x, y = self._batch(examples[i:i + 128])
-                correct += int((m(x).argmax(-1) == y).sum())
-        return correct / len(examples)
+                x, _ = self._batch(examples[i:i + 128])
+                out.append(m(x).argmax(-1))
+        return torch.cat(out)
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
-        return {e.task.name: self.accuracy(state, e.head, e.task.test) for e in experts}
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
+        """Balanced accuracy (``score``) and accuracy of one model on every task, each with its expert's head."""
+        return {e.task.name: class_scores(self.predict(state, e.head, e.task.test), [y for _, y in e.task.test])
+                for e in experts}
 
     def _key(self, task: ImageTask) -> str:
         h = hashlib.sha256(json.dumps({"task": task.name, "labels": task.labels, "size": self.size,

@@ -467,13 +467,14 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through an fsync'ed temporary sibling and a rename (never a half-written file;
-    the temporary is removed on any failure, and those of killed writers of ``path`` on the next write)."""
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes: a PNG) to ``path`` through an fsync'ed temporary sibling and a rename (never a
+    half-written file; the temporary is removed on any failure, and those of killed writers of ``path`` on the next
+    write)."""
     remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with (open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8")) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

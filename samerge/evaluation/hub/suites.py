@@ -25,7 +25,7 @@ from samerge.evaluation.hub.download import Acquired, Provenance, acquire, acqui
 from samerge.evaluation.hub.readers import _subsample, _to_class_ids, read_columns
 from samerge.evaluation.hub.spec import (HUB_SUITES, SUITE_FILE_SUFFIXES, SuiteSpec, TaskSpec, builtin_spec,
                                         load_spec_file)
-from samerge.evaluation.metrics import REGRESSION_METRICS, get_metric
+from samerge.evaluation.metrics import REGRESSION_METRICS, accuracy, get_metric
 from samerge.evaluation.suite import Expert, SuiteBase
 from samerge.evaluation.templates import builtin_templates, clean_classname, prompts
 from samerge.lora import load_adapter
@@ -150,8 +150,13 @@ class HubSuite(SuiteBase):
         self.provenance.record(f"expert:{t.name}", acq)
         return acq
 
-    def score_task(self, task: HubTask, preds: Sequence[float]) -> float:
-        return get_metric(task.spec.metric)(list(preds), task.labels)
+    def score_task(self, task: HubTask, preds: Sequence[float]) -> dict[str, float]:
+        """The task's metric as its ``score`` (what ``normalized`` divides: the paper's per-task number), and, for
+        a classification task, plain ``accuracy`` beside it."""
+        out = {"score": get_metric(task.spec.metric)(list(preds), task.labels)}
+        if task.spec.metric not in REGRESSION_METRICS:
+            out["accuracy"] = accuracy(list(preds), task.labels)
+        return out
 
     def load_task(self, t: TaskSpec) -> HubTask:
         """The task's evaluation examples (every kind implements it)."""
@@ -161,7 +166,7 @@ class HubSuite(SuiteBase):
         """The task's expert: ``encoder`` with exactly ``base``'s keys, ``head`` what scoring needs."""
         raise NotImplementedError
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
         """One model state (base, expert or merge) scored on every expert's task."""
         raise NotImplementedError
 
@@ -290,7 +295,7 @@ class ClipSuite(HubSuite):
             out.append((emb / emb.norm(dim=-1, keepdim=True)).float().cpu())
         return torch.cat(out)
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
         """Zero-shot accuracy (or the task's metric) of one vision tower on every expert's task."""
         out = {}
         for e in experts:
@@ -375,7 +380,7 @@ class SeqClsSuite(HubSuite):
             out += (logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1).float()).tolist()
         return out
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
         """Each task's metric with one encoder and that task's expert head."""
         return {e.task.name: self.score_task(e.task, self.predict(state, e)) for e in experts}
 
@@ -464,7 +469,7 @@ class Seq2SeqLoraSuite(HubSuite):
             scores.append((logp * (labels != -100)).sum(-1))
         return torch.stack(scores, dim=-1).argmax(-1).float().tolist()
 
-    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, float]:
+    def scores(self, state: Mapping[str, torch.Tensor], experts: list[Expert]) -> dict[str, dict[str, float]]:
         """Each task's metric for one model (the base, an expert, or a merge)."""
         return {e.task.name: self.score_task(e.task, self.predict(state, e.task)) for e in experts}
 

@@ -1,0 +1,175 @@
+"""The validation-guided merge search against the baselines, paired per seed of experts (issue 17's measurement).
+
+Per seed: open the suite and its experts, search ``--trials`` trials on the VALIDATION split
+(:func:`samerge.evaluation.search.run_search`, seeded with the seed), then score on TEST, once each: the searched
+best configuration, every baseline of :func:`samerge.evaluation.suite.standard_methods` at its defaults, and among
+those the "best default" (the baseline with the highest mean normalized validation score: what a user picks without
+a search). The table gives the mean normalized test score per seed, the paired difference searched − each row, and
+the cost of the search (trials × seconds).
+
+    SAMERGE_CACHE=DIR python benchmarks/search_suites.py --suite text --size full --seeds 0-2 --trials 40 \\
+        --out bench/search-text
+    python benchmarks/search_suites.py --suite text --size small --seeds 0 --trials 3 \\
+        --tasks sentiment,language_id --out /tmp/search-smoke                  # a smoke run: minutes on 2 cores
+
+Resumable: each seed's results are ``OUT/seed<N>.json`` (written whole when the seed is done; a seed with one is
+skipped), its search's outputs ``OUT/seed<N>-search/`` and the studies live in ``OUT/studies.sqlite`` (an
+interrupted search continues where it stopped). ``table.md`` is rewritten from the seeds present at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import samerge
+from samerge.errors import SamergeError
+from samerge.evaluation.catalog import open_suite
+from samerge.evaluation.report import parse_method
+from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
+from samerge.evaluation.suite import standard_methods
+from samerge.io.writer import write_text_atomic
+
+# The space searched unless --space names a YAML/JSON file: the three families the suites' leaders come from
+# (task arithmetic, TIES, SA-Merging), each with its step λ, and per-expert weights where the method takes them.
+SPACE: dict[str, Any] = {
+    "task_arithmetic": {"scale": {"low": 0.1, "high": 1.5, "log": True}, "weights": [0.5, 1.5]},
+    "ties": {"density": [0.05, 0.6], "scale": {"low": 0.2, "high": 2.0, "log": True},
+             "aggregate": {"choices": ["sum", "mean"]}, "weights": [0.5, 1.5]},
+    "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5]},
+}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-2`` or ``0,1,2`` (or a mix: ``0-2,5``)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise SamergeError(f"--seeds {text!r}: expected e.g. 0-2 or 0,1,2") from None
+    return list(dict.fromkeys(out))
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], out: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    tasks = args.tasks.split(",") if args.tasks else None
+    suite, data = open_suite(args.suite, args.size, seed, tasks=tasks, progress=args.progress, device=args.device)
+    experts = [suite.expert(t) for t in data]
+    val = Evaluator.build(suite, experts)
+    test = Evaluator.build(suite, experts, split="test")
+    space = parse_space(space_decl, len(experts))
+    fingerprint = json.dumps({"suite": args.suite, "size": args.size, "seed": seed, "tasks": val.tasks,
+                              "version": samerge.__version__}, sort_keys=True)
+    result = run_search(val, space, n_trials=args.trials, seed=seed, batch=args.batch, n_jobs=args.n_jobs,
+                        storage=out / "studies.sqlite", study_name=study_key(space, seed, args.batch, fingerprint),
+                        progress=args.progress)
+    result.write_outputs(out / f"seed{seed}-search")
+    best = result.best
+    if best is None:
+        raise SamergeError(f"seed {seed}: no trial of the search completed")
+
+    def on_test(state: Any) -> dict[str, Any]:
+        normalized = test.normalized(test.scores(state))
+        return {"test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
+
+    searched = {"method": best.method, "params": best.params, "val": best.value, **on_test(result.best_state()),
+                "recipe": result.recipe()}
+    baselines = {}
+    for spec in standard_methods(args.size):
+        name, params = parse_method(spec, suite.merge_methods)
+        state = val.merge(name, params)
+        baselines[spec] = {"val": mean(val.normalized(val.scores(state))), **on_test(state)}
+        print(f"  seed {seed} {spec}: val {baselines[spec]['val']:.4f} test {baselines[spec]['test']:.4f}",
+              flush=True)
+    trial_seconds = [r["seconds"] for r in result.trials]
+    return {"suite": args.suite, "size": args.size, "seed": seed, "tasks": val.tasks, "trials": args.trials,
+            "batch": args.batch, "searched": searched, "baselines": baselines,
+            "best_default": max(baselines, key=lambda s: baselines[s]["val"]),
+            "cost": {"trials": len(trial_seconds), "trial_seconds_total": sum(trial_seconds),
+                     "trial_seconds_mean": mean(trial_seconds),
+                     "states": {s: sum(r["state"] == s for r in result.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                     "seed_wall_seconds": time.monotonic() - t0}}
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Mean normalized test score per seed, and the paired difference of the searched merge to each row."""
+    seeds = [r["seed"] for r in records]
+    rows: dict[str, list[float]] = {"searched (validation-selected)": [r["searched"]["test"] for r in records],
+                                    "best default (by validation)": [r["baselines"][r["best_default"]]["test"]
+                                                                     for r in records],
+                                    "best baseline on test (oracle)": [max(b["test"] for b in r["baselines"].values())
+                                                                       for r in records]}
+    for spec in records[0]["baselines"]:
+        rows[f"`{spec}`"] = [r["baselines"][spec]["test"] for r in records]
+    searched = rows["searched (validation-selected)"]
+    lines = [f"Suite `{records[0]['suite']}` ({records[0]['size']}), tasks {', '.join(records[0]['tasks'])}: mean "
+             f"normalized TEST score (balanced metric) per seed of experts; Δ = searched − row, paired per seed.", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | Δ mean ± sd | searched ≥ row |",
+             "|---" * (len(seeds) + 4) + "|"]
+    for label, vals in rows.items():
+        diffs = [a - b for a, b in zip(searched, vals)]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {mean(vals):.4f} | "
+                     f"{mean(diffs):+.4f} ± {sd:.4f} | {sum(d >= 0 for d in diffs)}/{len(diffs)} |")
+    lines += ["", "Chosen per seed: " + "; ".join(
+        f"seed {r['seed']}: searched `{r['searched']['method']}` {json.dumps(r['searched']['params'])}, best default "
+        f"`{r['best_default']}`" for r in records), ""]
+    for r in records:
+        c = r["cost"]
+        lines.append(f"Cost, seed {r['seed']}: {c['trials']} trials × {c['trial_seconds_mean']:.1f} s = "
+                     f"{c['trial_seconds_total']:.0f} s of trials ({c['states']['PRUNED']} pruned, "
+                     f"{c['states']['FAIL']} failed); the whole seed {c['seed_wall_seconds']:.0f} s wall.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", required=True, help="text, vision or llm-lora")
+    p.add_argument("--size", default="full")
+    p.add_argument("--seeds", default="0-2")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks (default: all)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--n-jobs", type=int, default=1)
+    p.add_argument("--space", default=None, help="a YAML/JSON file {method: {param: spec}} (default: SPACE above)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        space = yaml.safe_load(Path(args.space).read_text(encoding="utf-8")) if args.space else SPACE
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for seed in parse_seeds(args.seeds):
+            path = out / f"seed{seed}.json"
+            if path.exists():
+                print(f"seed {seed}: done before ({path}), skipped", flush=True)
+            else:
+                record = run_seed(args, seed, space, out)
+                write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        text = table(records)
+        write_text_atomic(out / "table.md", text)
+        print(text)
+    except SamergeError as exc:
+        print(f"search_suites: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
