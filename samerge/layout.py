@@ -39,6 +39,12 @@ def read_manifest(d: Path) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+def read_search_summary(layout: Layout) -> dict[str, Any] | None:
+    """The search stage's ``summary.json`` (its kind, choice, validation score and recipe), None before it ran."""
+    p = layout.stage(SEARCH) / "summary.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
 def parse_row(cells: dict[str, str]) -> dict[str, Any]:
     """A row of scores.csv/report.csv read back (the numbers as floats; an empty accuracy cell, or a file without
     the accuracy column from an earlier samerge, as None)."""

@@ -62,6 +62,12 @@ class ScoreParams(_Section):
     device: Device = Field("auto", description=_DEVICE)
 
 
+def _known_method(name: str) -> str:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(REGISTRY)}")
+    return name
+
+
 class _PruneSettings(_Section):
     """The merges to compare (a DVC matrix over ``methods``) and where they run; each method's parameters are its
     own section, validated by the method's parameter model (`samerge methods` lists them)."""
@@ -84,8 +90,7 @@ class _PruneSettings(_Section):
         if not v:
             raise ValueError("at least one method is needed")
         for m in v:
-            if m not in REGISTRY:
-                raise ValueError(f"unknown method {m!r}; available methods: {', '.join(REGISTRY)}")
+            _known_method(m)
         if len(set(v)) != len(v):
             raise ValueError("a method is listed twice")
         return v
@@ -133,9 +138,7 @@ class SearchParams(_Section):
     @field_validator("fallback")
     @classmethod
     def _fallback(cls, v: str) -> str:
-        if v not in REGISTRY:
-            raise ValueError(f"unknown method {v!r}; available methods: {', '.join(REGISTRY)}")
-        return v
+        return _known_method(v)
 
     @field_validator("space")
     @classmethod

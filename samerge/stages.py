@@ -49,7 +49,8 @@ from samerge.evaluation.suite import Expert, Suite
 from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors, sha256_file
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import publish_dir
-from samerge.layout import MANIFEST, SEARCH, STAGES, STUDY, Layout, read_iterations, read_manifest, read_rows
+from samerge.layout import (MANIFEST, SEARCH, STAGES, STUDY, Layout, read_iterations, read_manifest, read_rows,
+                            read_search_summary)
 from samerge.params import AcquireParams, PipelineParams, load_params
 from samerge.saliency import saliency
 from samerge.tracking import PENDING, track_pipeline
@@ -480,7 +481,10 @@ def search_evaluator(layout: Layout, *, progress: bool = False, device: str = "a
     the validation split, merging from the acquired base (a registry's base is not the suite's). Prefect trial tasks
     on other workers rebuild it from the same files."""
     manifest = read_manifest(layout.stage("acquire"))
-    st, data = manifest_suite(manifest, progress=progress, device=device)
+    return _evaluator(layout, manifest, *manifest_suite(manifest, progress=progress, device=device))
+
+
+def _evaluator(layout: Layout, manifest: Mapping[str, Any], st: Suite, data: list[Any]) -> Any:
     st.base = _state(layout.stage("acquire") / "base.safetensors")
     return Evaluator.build(st, _acquired_experts(layout, manifest, data))
 
@@ -498,13 +502,13 @@ def search(params: PipelineParams, layout: Layout, *, quiet: bool = False,
     acq = layout.stage("acquire")
     manifest = read_manifest(acq)
     why = None if sp.enabled else "search.enabled is false"
-    if why is None:
-        _, data = manifest_suite(manifest, device=params.evaluate.device)
+    if why is None:  # the suite is opened once: its tasks say whether there is validation data
+        st, data = manifest_suite(manifest, progress=not quiet, device=params.evaluate.device)
         why = _no_validation(data)
     found: dict[str, Any] = {}
     with publish_dir(layout.stage("search")) as out:
         if why is None:
-            evaluator = search_evaluator(layout, progress=not quiet, device=params.evaluate.device)
+            evaluator = _evaluator(layout, manifest, st, data)
             space = parse_space(sp.space, n_experts=len(manifest["experts"]))
             # the files' contents too: an expert replaced under the same name is a new search, not the old study
             files = [acq / "base.safetensors", *(acq / "experts" / e["name"] / f for e in manifest["experts"]
@@ -611,7 +615,7 @@ def report(params: PipelineParams, layout: Layout, *, quiet: bool = False, resen
         raise SamergeError(f"{ev}: no scores; run the evaluate stage first (`samerge stage evaluate`)")
     rows = read_rows(ev / "scores.csv")
     histories = {m: h for m in params.prune.methods if (h := read_iterations(layout.merged(m) / "iterations.csv"))}
-    found = _search_summary(layout)
+    found = read_search_summary(layout)
     kinds = {m: DATA_FREE for m in params.prune.methods}
     recipes = {m: _recipe(layout.merged(m)) for m in params.prune.methods}
     notes = {}
@@ -646,11 +650,6 @@ def _recipe(stage_dir: Path) -> dict[str, Any] | None:
     for report.html; None when that merge left no summary."""
     summary = stage_dir / "summary.json"
     return json.loads(summary.read_text(encoding="utf-8")).get("recipe") if summary.is_file() else None
-
-
-def _search_summary(layout: Layout) -> dict[str, Any] | None:
-    summary = layout.stage("search") / "summary.json"
-    return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
 
 
 def _resend(params: PipelineParams, layout: Layout, quiet: bool) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from typing import Any
 
 from samerge.errors import SamergeError
 from samerge.io.writer import write_text_atomic
-from samerge.layout import SEARCH, STAGES, Layout, read_iterations, read_manifest, read_rows
+from samerge.layout import (SEARCH, STAGES, Layout, read_iterations, read_manifest, read_rows,
+                            read_search_summary)
 from samerge.params import PipelineParams
 
 CHAMPION = "champion"
@@ -114,7 +115,7 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
         method = params.report.register_method
         if method:
             if method == SEARCH:
-                found = _search_summary(layout)
+                found = read_search_summary(layout)
                 val = found.get("validation_score") if found else None
                 result.update(_register(mlflow, client, params, suite, method, children[SEARCH], avg[method],
                                         layout.stage(SEARCH) / "model", val))
@@ -127,16 +128,11 @@ def track_pipeline(params: PipelineParams, layout: Layout) -> dict[str, Any]:
     return result
 
 
-def _search_summary(layout: Layout) -> dict[str, Any] | None:
-    p = layout.stage(SEARCH) / "summary.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
-
-
 def _log_search(mlflow: Any, layout: Layout) -> None:
     """The search stage's child run: its choice, its plots and recipe, and one nested run per trial (its parameters,
     its validation scores, its state)."""
     d = layout.stage(SEARCH)
-    found = _search_summary(layout) or {}
+    found = read_search_summary(layout) or {}
     mlflow.set_tags({"samerge.search.kind": found.get("kind", ""), "samerge.search.method": found.get("method", "")})
     mlflow.log_metrics({k: float(found[k]) for k in ("validation_score", "best_trial", "trials") if k in found})
     for f in ("history.png", "importances.png"):
