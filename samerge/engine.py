@@ -178,6 +178,7 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
         stats.method_state = m.plan(params, groups, ws, context)
     groups.stats = None if once else stats
     bar = tqdm(plan.keys, desc=f"merging ({m.name})", unit="tensor", disable=not progress, leave=False)
+    changed = False
     for key in bar:
         dtype, shape = plan.dtypes[key], plan.shapes[key]
         if key not in plan.merged_keys:
@@ -189,6 +190,8 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
             continue
         group = groups.group(key, with_experts=not once)
         delta = m.merge_tensor(group, params, stats.method_state, ws).view(shape)
+        if not changed:  # until the first tensor the method moves: one pass over a zero delta
+            changed = bool(delta.any())
         cdt = group.base.dtype
         on_cpu = dev.type == "cpu"
         if on_cpu and (fresh or dtype != cdt):
@@ -209,8 +212,12 @@ def merge_stream(base: StateDict, experts: Sequence[StateDict], method: str | Me
         stats.merged_tensors += 1
         yield key, out
     bar.close()
-    for i, r in enumerate(stats.relative_norms()):
+    norms = stats.relative_norms()
+    for i, r in enumerate(norms):
         check_derived(_name(experts[i], i), r, force)
+    if not changed and stats.merged_tensors and any(norms):
+        warnings.warn(f"{m.name} changed no tensor of this model: the merge is the base, although the experts differ "
+                      f"from it ({m.unchanged_hint(params)})", SamergeWarning, stacklevel=3)
 
 
 def check_derived(who: str, relative_norm: float, force: bool = False, *, base: str = "this base",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -214,6 +215,45 @@ def test_wudi_objective_decreases_and_others_rule():
     assert not torch.equal(kept["layer.0.weight"], base["layer.0.weight"])
 
 
+def _wudi_oracle(tvs: torch.Tensor, iterations: int, lr: float) -> torch.Tensor:
+    """The literal objective on the task vectors read as ``out x rest`` matrices, minimised by autograd and
+    torch's Adam in float64 from the sum of the task vectors."""
+    mats = tvs.double().reshape(tvs.shape[0], tvs.shape[1], -1)
+    tau = mats.sum(0).clone().requires_grad_(True)
+    opt = torch.optim.Adam([tau], lr=lr)
+    for _ in range(iterations):
+        opt.zero_grad()
+        wudi_objective(tau, mats).backward()
+        opt.step()
+    return tau.detach().reshape(tvs.shape[1:])
+
+
+def test_wudi_merges_convolutions_as_unfolded_matrices():
+    """Issue 18: WUDI on a convolutional network (a full and a depthwise convolution, BatchNorm, a linear head)
+    moves every weight of two or more dimensions, each equal to the literal objective's autograd/Adam minimiser on
+    the ``out x (in/groups * kh * kw)`` matrix; 1-D tensors stay at the base (others='base')."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
+                        nn.Flatten(), nn.Linear(16, 4))
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    experts = [{k: (v + 0.05 * v.std() * torch.randn(v.shape, generator=g)) if v.is_floating_point() and v.numel() > 1
+                else v.clone() for k, v in base.items()} for _ in range(3)]
+    out = samerge.merge(base, experts, "wudi", iterations=8, lr=1e-3)
+    weights = [k for k, v in base.items() if v.dim() >= 2]
+    assert {base[k].dim() for k in weights} == {2, 4}
+    for k in weights:
+        assert not torch.equal(out[k], base[k]), k
+        tvs = torch.stack([e[k] - base[k] for e in experts])
+        want = base[k].double() + _wudi_oracle(tvs, 8, 1e-3)
+        torch.testing.assert_close(out[k].double(), want, rtol=0, atol=2e-6, msg=k)
+    for k, v in base.items():
+        if v.dim() < 2:
+            assert torch.equal(out[k], v), k
+
+
 @pytest.mark.parametrize("method,extra", [("ties", {}), ("task_arithmetic", {"density": 0.3}),
                                           ("dare", {"scale": 1.0}), ("breadcrumbs", {"gamma": 0.0})])
 def test_tadrop_hits_target_parameter_weighted_density(method, extra):
@@ -301,9 +341,23 @@ def test_exclude_copies_from_base_and_allows_task_heads(base, experts):
 
 
 def test_zero_density_returns_the_base_and_full_density_ties_is_sign_merge(base, experts):
-    out = samerge.merge(base, experts, "ties", density=0.0)
+    with pytest.warns(samerge.SamergeWarning, match="ties changed no tensor of this model: the merge is the base"):
+        out = samerge.merge(base, experts, "ties", density=0.0)
     for k in FLOAT_KEYS:
         assert torch.equal(out[k], base[k])
+
+
+def test_only_a_merge_that_moves_no_tensor_warns(base, experts):
+    """The engine's warning for a merge equal to the base although the experts differ from it; none otherwise."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        samerge.merge(base, experts, "ties", density=0.01)  # one entry of the smallest tensor moves
+        samerge.merge(base, [dict(base)], "task_arithmetic")  # the expert is the base: that warning, not this one
+    assert not [w for w in seen if "changed no tensor" in str(w.message)]
+    one_d = {"norm.weight": base["norm.weight"], "layer.0.bias": base["layer.0.bias"]}
+    with pytest.warns(samerge.SamergeWarning, match=r"wudi changed no tensor .*others='mean'"):
+        out = samerge.merge(one_d, [{k: e[k] for k in one_d} for e in experts], "wudi", iterations=2)
+    assert all(torch.equal(out[k], one_d[k]) for k in one_d)
 
 
 def test_zero_task_vector_warns(base, experts):

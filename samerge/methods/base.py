@@ -108,6 +108,10 @@ class MergeMethod:
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
         raise NotImplementedError
 
+    def unchanged_hint(self, params: Any) -> str:
+        """Why a merge may have moved no tensor off the base: the end of the engine's warning."""
+        return "check its parameters: a scale, density or weights of 0 keep nothing of the task vectors"
+
 
 def keep_counts(group: TensorGroup, params: Any, state: Any) -> list[int]:
     """Entries to keep per expert for this tensor: uniform ``density``, or TADrop's planned per-tensor counts."""

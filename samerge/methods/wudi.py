@@ -1,13 +1,16 @@
 """WUDI-Merging (Cheng et al., 2025, "Whoever Started the Interference Should End It"), data-free.
 
-For every 2-D weight, find the merged task vector ``tau_m`` minimising the interference each task's own inputs
-would see, with the task vector's rows standing in for those inputs:
+For every weight of two or more dimensions, find the merged task vector ``tau_m`` minimising the interference
+each task's own inputs would see, with the task vector's rows standing in for those inputs:
 
     L(tau_m) = sum_i || (tau_m - tau_i) tau_i^T ||_F^2 / || tau_i ||_F^2
 
-initialised at ``sum_i tau_i``, optimised with Adam (lr 1e-5, 300 steps, float32), no extra scaling. Other
-parameters keep the base (``others="base"``, the official code) or take the mean task vector (``"mean"``,
-FusionBench). Heavy on a CPU for large models: merge with ``device="cuda"`` (``--device cuda``) where one is
+initialised at ``sum_i tau_i``, optimised with Adam (lr 1e-5, 300 steps, float32), no extra scaling. The paper
+and its code optimise the 2-D weights of linear layers; a convolution's weight ``(out, in/groups, kh, kw)`` is
+read here the way that linear-layer objective reads a weight, as the ``out x (in/groups * kh * kw)`` matrix of its
+unfolded form (each output channel's row acting on one input patch), and merged back in its own shape; without
+it, WUDI would leave a convolutional network at its base. Other (1-D) parameters keep the base (``others="base"``,
+the official code) or take the mean task vector (``"mean"``, FusionBench). Heavy on a CPU for large models: merge with ``device="cuda"`` (``--device cuda``) where one is
 available (the engine's device, as for every method).
 """
 
@@ -86,15 +89,23 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[
 
 class Wudi(MergeMethod):
     name = "wudi"
-    description = "WUDI: per 2-D weight, Adam on the data-free interference objective from sum(tau); others base|mean."
+    description = ("WUDI: per weight of >= 2 dims (a convolution as out x in*k*k), Adam on the data-free interference "
+                   "objective from sum(tau); others base|mean.")
     Params = WudiParams
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: Any, ws: Workspace) -> torch.Tensor:
-        if group.base.dim() == 2 and group.numel > 0:
-            merged, _ = wudi_solve(group.task_vectors, params.iterations, params.lr)
-            return merged.to(group.base.dtype)
+        if group.base.dim() >= 2 and group.numel > 0:
+            rows = group.task_vectors.reshape(group.n_experts, group.base.shape[0], -1)  # a view: out x (in*k*k)
+            merged, _ = wudi_solve(rows, params.iterations, params.lr)
+            return merged.to(group.base.dtype).view(group.base.shape)
         out = ws.get("out", group.base.shape, group.base.dtype)
         if params.others == "mean":
             torch.sum(group.task_vectors, dim=0, out=out)
             return out.div_(group.n_experts)
         return out.zero_()
+
+    def unchanged_hint(self, params: Any) -> str:
+        if params.others == "base":
+            return ("WUDI optimises the weights of two or more dimensions and keeps every other tensor at the base "
+                    "(others='base'); others='mean' merges those as the mean task vector")
+        return super().unchanged_hint(params)
