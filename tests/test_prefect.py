@@ -158,15 +158,20 @@ def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subpro
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process group this fixture started (the worker and the flow-run processes it spawned)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process groups this module started (a worker and the flow-run processes it spawned), all at
+    once; a group still running after 10 s is killed (a Prefect worker may take longer to shut down gracefully, and
+    nothing of it is needed once the tests are done)."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in running:
         try:
-            proc.wait(timeout=30)
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
 
 
 def _tail(path: Path, n: int = 6000) -> str:
@@ -248,8 +253,7 @@ def deployed(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                                 logs[f"worker-{pool}"], server.home))
         yield Deployed(server, workdir, logs)
     finally:
-        for p in procs:
-            _stop(p)
+        _stop(*procs)
 
 
 def _wait_final(d: Deployed, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:

@@ -99,10 +99,11 @@ def test_streamed_equals_in_memory_when_units_are_held_sparsely(monkeypatch):
     assert _bytes(got) == _bytes(want)
 
 def test_text_suite_minilm_experts_streamed_equals_in_memory(suite_cache):
-    """The text suite's fine-tuned MiniLM experts (post-LN BERT graph), the same experts the suite tests use."""
+    """The text suite's fine-tuned MiniLM experts (post-LN BERT graph), the same experts the suite tests use (two
+    tasks, whose experts the other suite and pipeline tests fine-tune too)."""
     from samerge.evaluation.catalog import open_suite
 
-    st, data = open_suite("text", "small", 0)
+    st, data = open_suite("text", "small", 0, tasks=["sentiment", "language_id"])
     experts = [st.expert(t).encoder for t in data]
     want = samerge.merge(st.base, experts, "sa_merging", exclude=st.exclude, schedule="memory")
     got, state, _ = _streamed(st.base, experts, st.exclude)
