@@ -598,8 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
+    shown: set[str] = set()
+
     def show(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
-        if issubclass(category, SamergeWarning):
+        """Each distinct warning once per command (a report or a search merges many times with the same model)."""
+        if issubclass(category, SamergeWarning) and str(message) not in shown:
+            shown.add(str(message))
             print(f"samerge: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():

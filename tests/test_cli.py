@@ -163,3 +163,11 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
     assert r.returncode == 0, r.stderr
     again = list(csv.DictReader((out / "trials.csv").open()))
     assert again[:2] == first and [r["slot"] for r in again] == ["0", "1", "2"]  # resumed, not run again
+
+
+def test_a_warning_a_command_repeats_is_shown_once(suite_cache, tmp_path):
+    """A report merges once per method: a warning each merge raises alike is printed once, not once per merge."""
+    r = run("suite", "report", "--suite", "text", "--size", "small", "--tasks", "sentiment", "--methods",
+            "ties[density=0.0],ties[density=0.0,scale=1.0]", "--out", str(tmp_path / "r"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("samerge: warning: ties changed no tensor of this model") == 1, r.stderr
