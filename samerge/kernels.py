@@ -40,7 +40,7 @@ from samerge.graphs.spec import Factor
 from samerge.selection import Workspace
 
 DEAD = np.float32(-3.0e38)  # the score of a dead entry (samerge.saliency.DEAD): below every real saliency
-RULES = {"literal": 0, "own_sign": 1, "own_value": 2}
+RULES = {"literal": 0, "own_sign": 1, "own_value": 2, "own_flow": 3}
 SAMPLE = 1 << 14  # keys sampled to bracket the threshold
 RUN = 16  # the sample of the dense path: SAMPLE / RUN runs of RUN consecutive entries
 AHEAD = 16  # runs prefetched ahead by each thread of the sample
@@ -108,14 +108,15 @@ def _score(t, b, m, us, vs, scales, rule, r, c):
         s = s * scales[0]
     for f in range(1, us.shape[0]):
         s = s + scales[f] * us[f, r] * vs[f, c]
-    s = s * m
-    if rule == 2:
-        s = s * t
+    if rule == 3:  # |tau| ⊙ F: no consensus factor M
+        s = s * abs(t)
+    elif rule == 2:
+        s = s * m * t
     elif rule == 1:
-        s = s * (np.float32(t > 0) - np.float32(t < 0))
+        s = s * m * (np.float32(t > 0) - np.float32(t < 0))
     else:
         w = b + t
-        s = s * (np.float32(w > 0) - np.float32(w < 0))
+        s = s * m * (np.float32(w > 0) - np.float32(w < 0))
     return s + np.float32(0.0)
 
 
@@ -163,14 +164,15 @@ def _keys_rows(tau, base, merged, us, vs, scales, rule, r0, r1, keys, scratch, l
             t = tr[c]
             m = mr[c]
             conflicts += ((t > 0) & (m < 0)) | ((t < 0) & (m > 0))
-            s = scratch[c] * m
-            if rule == 2:
-                s = s * t
+            if rule == 3:  # |tau| ⊙ F: no consensus factor M
+                s = scratch[c] * abs(t)
+            elif rule == 2:
+                s = scratch[c] * m * t
             elif rule == 1:
-                s = s * (np.float32(t > 0) - np.float32(t < 0))
+                s = scratch[c] * m * (np.float32(t > 0) - np.float32(t < 0))
             else:
                 w = br[c] + t
-                s = s * (np.float32(w > 0) - np.float32(w < 0))
+                s = scratch[c] * m * (np.float32(w > 0) - np.float32(w < 0))
             s = s + np.float32(0.0)  # -0.0 -> +0.0
             scratch[c] = s if t != 0 else DEAD
         for c in range(C):

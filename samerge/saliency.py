@@ -192,6 +192,8 @@ def saliency_into(out: torch.Tensor, factors: list[Factor], rows: tuple[int, int
                   tau_u: torch.Tensor, merged_u: torch.Tensor, sign_rule: str, ws: Workspace) -> torch.Tensor:
     """S = sg ⊙ F ⊙ M for one unit (2-D views), written into ``out``."""
     flow_block(factors, rows, tuple(out.shape), out)
+    if sign_rule == "own_flow":  # |tau| ⊙ F: the expert's own flow, no consensus factor M
+        return out.mul_(torch.abs(tau_u, out=ws.get("sal.sg", tau_u.shape, tau_u.dtype)))
     out.mul_(merged_u)
     if sign_rule == "own_value":
         out.mul_(tau_u)
@@ -231,18 +233,21 @@ def saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: list[Facto
                     s.mul_(scale)
             else:
                 s.addr_(u[r0:r1], v, alpha=scale)
-        s.mul_(merged_u[r0:r1])
         t = tau_u[r0:r1]
         alive = ws.get("salk.alive", s.shape, s.dtype)
         torch.sign(t, out=alive)
-        if sign_rule == "own_value":
-            s.mul_(t)
-        elif sign_rule == "own_sign":
-            s.mul_(alive)
+        if sign_rule == "own_flow":  # |tau| ⊙ F: no consensus factor M
+            s.mul_(torch.abs(t, out=ws.get("salk.sg", s.shape, s.dtype)))
         else:
-            sg = ws.get("salk.sg", s.shape, s.dtype)
-            torch.add(base_u[r0:r1], t, out=sg).sign_()
-            s.mul_(sg)
+            s.mul_(merged_u[r0:r1])
+            if sign_rule == "own_value":
+                s.mul_(t)
+            elif sign_rule == "own_sign":
+                s.mul_(alive)
+            else:
+                sg = ws.get("salk.sg", s.shape, s.dtype)
+                torch.add(base_u[r0:r1], t, out=sg).sign_()
+                s.mul_(sg)
         # dead entries (tau = 0) -> -DEAD, below any alive score; alive scores unchanged (-0.0 becomes +0.0).
         # Float arithmetic here is ~2x cheaper than a boolean mask and masked_fill.
         alive.abs_()
@@ -279,14 +284,17 @@ def sparse_saliency_keys_into(keys: torch.Tensor, hi: torch.Tensor, factors: lis
                 s.mul_(scale)
         else:
             s.add_(u.mul_(v), alpha=scale)
-    s.mul_(torch.index_select(merged_flat, 0, idx, out=tmp))
-    if sign_rule == "own_value":
-        s.mul_(val)
-    elif sign_rule == "own_sign":
-        s.mul_(torch.sign(val, out=tmp))
+    if sign_rule == "own_flow":
+        s.mul_(torch.abs(val, out=tmp))
     else:
-        torch.index_select(base_flat, 0, idx, out=tmp)
-        s.mul_(tmp.add_(val).sign_())
+        s.mul_(torch.index_select(merged_flat, 0, idx, out=tmp))
+        if sign_rule == "own_value":
+            s.mul_(val)
+        elif sign_rule == "own_sign":
+            s.mul_(torch.sign(val, out=tmp))
+        else:
+            torch.index_select(base_flat, 0, idx, out=tmp)
+            s.mul_(tmp.add_(val).sign_())
     s.add_(0.0)  # -0.0 -> +0.0, as the dense path does
     signed_keys_into(s, keys, hi)
 
@@ -364,14 +372,17 @@ def topk_steps_(taus_u: torch.Tensor, base_u: torch.Tensor, merged_u: torch.Tens
             s.mul_(sc.unsqueeze(2))
         else:  # s + (scale u) v, as addr_ computes it
             s.add_(u.mul_(sc).unsqueeze(2) * v.unsqueeze(1))
-    s.mul_(merged_u)
     alive = torch.sign(taus_u)
-    if sign_rule == "own_value":
-        s.mul_(taus_u)
-    elif sign_rule == "own_sign":
-        s.mul_(alive)
+    if sign_rule == "own_flow":
+        s.mul_(torch.abs(taus_u))
     else:
-        s.mul_(torch.add(base_u, taus_u).sign_())
+        s.mul_(merged_u)
+        if sign_rule == "own_value":
+            s.mul_(taus_u)
+        elif sign_rule == "own_sign":
+            s.mul_(alive)
+        else:
+            s.mul_(torch.add(base_u, taus_u).sign_())
     alive.abs_()
     s.mul_(alive)
     s.add_(alive.sub_(1.0).mul_(DEAD))

@@ -71,7 +71,7 @@ CASES = [  # rows, cols, alive fraction, factors, ties, all-negative S
 
 
 @pytest.mark.parametrize("rows,cols,alive,nf,ties,negative", CASES)
-@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value", "own_flow"])
 def test_topk_step_keeps_exactly_what_the_torch_path_keeps(rows, cols, alive, nf, ties, negative, rule):
     base, tau, merged = unit(rows, cols, alive, seed=rows + cols, ties=ties, negative=negative)
     fs = factors(rows, cols, nf, seed=rows, ties=ties)
@@ -110,7 +110,7 @@ def test_a_missed_bracket_falls_back_to_every_key_and_stays_exact(monkeypatch):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value", "own_flow"])
 def test_sparse_step_equals_the_dense_step_and_the_torch_sparse_path(rule):
     for rows, cols, nf in [(40, 30, 2), (600, 520, 1)]:
         base, tau, merged = unit(rows, cols, 0.15, seed=rows)
@@ -262,7 +262,7 @@ def test_row_selection_keeps_each_rows_k_largest_ties_by_lowest_index():
                 assert torch.equal(got[i], want), (i, k)
 
 
-@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value"])
+@pytest.mark.parametrize("rule", ["literal", "own_sign", "own_value", "own_flow"])
 def test_batched_step_keeps_for_every_expert_what_its_own_step_keeps(rule):
     """topk_steps_ (all experts of a unit at once) against topk_step_ per expert, which the kernels and the torch
     path agree on: experts with 0, 1 and 3 flow factors, a factor of -inf log, ties, an all-zero expert and an

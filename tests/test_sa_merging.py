@@ -133,7 +133,7 @@ def test_masks_invariant_under_positive_rescaling_of_flow_factors_and_merged_upd
     f = [Factor(None, torch.rand(20, generator=g, dtype=torch.float64), torch.rand(30, generator=g, dtype=torch.float64),
                 0.0)]
     ws = Workspace()
-    for rule in ["literal", "own_sign", "own_value"]:
+    for rule in ["literal", "own_sign", "own_value", "own_flow"]:
         s1 = saliency_into(torch.empty(shape), f, None, base_t, tau, merged, rule, ws).clone()
         f2 = [Factor(None, f[0].u, f[0].v, 123.4)]
         # |W| = |theta0 + tau| scaled by 4 (both parts), M by 8: powers of two keep the arithmetic exact
@@ -172,6 +172,45 @@ def test_rerun_gives_identical_bytes():
     a = samerge.merge(base, experts, "sa_merging", saliency_sign="own_sign")
     b = samerge.merge(base, experts, "sa_merging", saliency_sign="own_sign")
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+def test_own_flow_trim_is_ties_ranked_by_each_experts_own_flow():
+    """Issue 18's first hypothesis as one configuration: one step keeping 20% of each task vector ranked by
+    |tau_n| ⊙ F_n (F_n: the gradient of the chain's SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights, by
+    autograd here), then TIES' sign election and disjoint mean at scale 1, biases at the base."""
+    base = mlp_base(9)
+    experts = perturb(base, 3)
+    out = samerge.merge(base, experts, "sa_merging", saliency_sign="own_flow", iterations=1, prune_ratio=0.8,
+                        aggregate="disjoint_mean", scale=1.0, outside_rule="base", graph="chain")
+    weights = [k for k in base if k.endswith(".weight")]
+    trimmed: list[dict[str, torch.Tensor]] = []
+    for e in experts:
+        leaves = {k: e[k].double().abs().requires_grad_(True) for k in weights}
+        a = torch.ones(base[weights[0]].shape[1], dtype=torch.float64)
+        for k in weights:
+            a = leaves[k] @ a
+        a.sum().backward()
+        mine = {}
+        for k in weights:
+            tau = e[k] - base[k]
+            score = (tau.abs().double() * leaves[k].grad).reshape(-1)
+            keep = max(1, round(0.2 * int(torch.count_nonzero(tau))))
+            kept = torch.zeros(tau.numel(), dtype=torch.bool)
+            kept[torch.topk(score, keep).indices] = True
+            mine[k] = tau * kept.view(tau.shape)
+        trimmed.append(mine)
+    for k in weights:
+        t = torch.stack([m[k] for m in trimmed])
+        elected = torch.sign(t.sum(0))
+        agree = (torch.sign(t) == elected) & (t != 0)
+        want = base[k] + (t * agree).sum(0) / agree.sum(0).clamp(min=1)
+        torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6, msg=k)
+    for k in base:
+        if k.endswith(".bias"):
+            assert torch.equal(out[k], base[k])
+    # the ranking is not magnitude alone: the flow moves the kept entries away from TIES' plain |tau| trim
+    ties = samerge.merge(base, experts, "ties", density=0.2, aggregate="mean", scale=1.0)
+    assert any(not torch.equal(out[k], ties[k]) for k in weights)
 
 
 @pytest.mark.parametrize("kw", [{"saliency_sign": "own_value"}, {"outside_rule": "mean"},

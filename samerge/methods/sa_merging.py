@@ -55,8 +55,9 @@ class SaMergingParams(MethodParams):
                                description="p: fraction of alive entries pruned per iteration (0.85^10 = 0.197 "
                                            "survive; the paper: 0.2, 0.107 survive)")
     scale: Scale = Field(default=0.75, description="lambda on the merged update (the paper: 1.0)")
-    saliency_sign: Literal["literal", "own_sign", "own_value"] = Field(
-        default="literal", description="sg in S = sg ⊙ F ⊙ M: sign(theta0+tau) (Eq. 4 as printed), sign(tau), tau")
+    saliency_sign: Literal["literal", "own_sign", "own_value", "own_flow"] = Field(
+        default="literal", description="sg in S = sg ⊙ F ⊙ M: sign(theta0+tau) (Eq. 4 as printed), sign(tau), tau; "
+                                       "own_flow: S = |tau| ⊙ F, the expert's own flow without M (not in the paper)")
     qk_rule: Literal["bilinear", "value_proxy", "uniform"] = "bilinear"
     graph: Literal["auto", "chain", "residual_ln", "residual_linear"] = "auto"
     outside_rule: Literal["sum", "mean", "base"] = Field(
