@@ -20,8 +20,11 @@ def samerge_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [shutil.which("samerge") or "samerge"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*samerge_cmd(), *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*samerge_cmd(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+SUITE_TIMEOUT = 1200  # a suite command may fine-tune the session's first experts (about a minute each on 2 idle cores)
 
 
 def test_merge_through_entry_point_and_user_error_exit_code(tmp_path):
@@ -146,7 +149,7 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
     out = tmp_path / "search"
     args = ["search", "--suite", "text", "--tasks", "sentiment,language_id", "--space", str(space), "--out", str(out),
             "--quiet"]
-    r = run(*args, "--trials", "2")
+    r = run(*args, "--trials", "2", timeout=SUITE_TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("best: trial ") and "mean normalized validation score" in r.stdout
     assert {"trials.csv", "best.json", "recipe.yaml", "history.png", "importances.png", "importances.csv",
@@ -159,7 +162,7 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
     assert recipe["method"] == best["method"] and recipe == best["recipe"]
     assert all(recipe["params"][k] == v for k, v in best["params"].items())  # plus the method's defaults
 
-    r = run(*args, "--trials", "3")
+    r = run(*args, "--trials", "3", timeout=SUITE_TIMEOUT)
     assert r.returncode == 0, r.stderr
     again = list(csv.DictReader((out / "trials.csv").open()))
     assert again[:2] == first and [r["slot"] for r in again] == ["0", "1", "2"]  # resumed, not run again
@@ -168,6 +171,7 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
 def test_a_warning_a_command_repeats_is_shown_once(suite_cache, tmp_path):
     """A report merges once per method: a warning each merge raises alike is printed once, not once per merge."""
     r = run("suite", "report", "--suite", "text", "--size", "small", "--tasks", "sentiment", "--methods",
-            "ties[density=0.0],ties[density=0.0,scale=1.0]", "--out", str(tmp_path / "r"), "--quiet")
+            "ties[density=0.0],ties[density=0.0,scale=1.0]", "--out", str(tmp_path / "r"), "--quiet",
+            timeout=SUITE_TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("samerge: warning: ties changed no tensor of this model") == 1, r.stderr
