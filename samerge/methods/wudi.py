@@ -10,8 +10,8 @@ and its code optimise the 2-D weights of linear layers; a convolution's weight `
 read here the way that linear-layer objective reads a weight, as the ``out x (in/groups * kh * kw)`` matrix of its
 unfolded form (each output channel's row acting on one input patch), and merged back in its own shape; without
 it, WUDI would leave a convolutional network at its base. Other (1-D) parameters keep the base (``others="base"``,
-the official code) or take the mean task vector (``"mean"``, FusionBench). Heavy on a CPU for large models: merge with ``device="cuda"`` (``--device cuda``) where one is
-available (the engine's device, as for every method).
+the official code) or take the mean task vector (``"mean"``, FusionBench). Heavy on a CPU for large models: merge
+with ``device="cuda"`` (``--device cuda``) where one is available (the engine's device, as for every method).
 """
 
 from __future__ import annotations
