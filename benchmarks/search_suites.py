@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 import samerge
+from samerge.cli import _seed_list
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.report import parse_method
@@ -45,18 +46,6 @@ SPACE: dict[str, Any] = {
              "aggregate": {"choices": ["sum", "mean"]}, "weights": [0.5, 1.5]},
     "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5]},
 }
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``0-2`` or ``0,1,2`` (or a mix: ``0-2,5``)."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise SamergeError(f"--seeds {text!r}: expected e.g. 0-2 or 0,1,2") from None
-    return list(dict.fromkeys(out))
 
 
 def mean(xs: list[float]) -> float:
@@ -151,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         space = yaml.safe_load(Path(args.space).read_text(encoding="utf-8")) if args.space else SPACE
+        seeds = dict.fromkeys(_seed_list(args.seeds))  # the CLI's parser of --seeds, repeats dropped
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         records = []
-        for seed in parse_seeds(args.seeds):
+        for seed in seeds:
             path = out / f"seed{seed}.json"
             if path.exists():
                 print(f"seed {seed}: done before ({path}), skipped", flush=True)
