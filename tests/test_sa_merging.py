@@ -174,15 +174,9 @@ def test_rerun_gives_identical_bytes():
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
 
 
-def test_own_flow_trim_is_ties_ranked_by_each_experts_own_flow():
-    """Issue 18's first hypothesis as one configuration: one step keeping 20% of each task vector ranked by
-    |tau_n| ⊙ F_n (F_n: the gradient of the chain's SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights, by
-    autograd here), then TIES' sign election and disjoint mean at scale 1, biases at the base."""
-    base = mlp_base(9)
-    experts = perturb(base, 3)
-    out = samerge.merge(base, experts, "sa_merging", saliency_sign="own_flow", iterations=1, prune_ratio=0.8,
-                        aggregate="disjoint_mean", scale=1.0, outside_rule="base", graph="chain")
-    weights = [k for k in base if k.endswith(".weight")]
+def _own_flow_trim(base: dict, experts: list[dict], weights: list[str], density: float) -> list[dict]:
+    """Each expert's task vectors of a chain MLP trimmed to ``density`` of their entries by |tau_n| ⊙ F_n, F_n
+    the gradient of SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights (autograd, float64)."""
     trimmed: list[dict[str, torch.Tensor]] = []
     for e in experts:
         leaves = {k: e[k].double().abs().requires_grad_(True) for k in weights}
@@ -194,11 +188,47 @@ def test_own_flow_trim_is_ties_ranked_by_each_experts_own_flow():
         for k in weights:
             tau = e[k] - base[k]
             score = (tau.abs().double() * leaves[k].grad).reshape(-1)
-            keep = max(1, round(0.2 * int(torch.count_nonzero(tau))))
+            keep = max(1, round(density * int(torch.count_nonzero(tau))))
             kept = torch.zeros(tau.numel(), dtype=torch.bool)
             kept[torch.topk(score, keep).indices] = True
             mine[k] = tau * kept.view(tau.shape)
         trimmed.append(mine)
+    return trimmed
+
+
+def test_wudi_aggregate_is_wudi_over_the_sa_pruned_task_vectors():
+    """Issue 18's second hypothesis (saliency inside WUDI, started from the SA-pruned task vectors): after the
+    flow-ranked trim, each weight is WUDI's minimiser (the literal objective by autograd and Adam, 300 steps at
+    lr 1e-5, from the sum) over the trimmed task vectors, times scale; 1-D tensors follow outside_rule."""
+    from tests.test_methods import _wudi_oracle
+
+    base = mlp_base(9)
+    experts = perturb(base, 3)
+    out = samerge.merge(base, experts, "sa_merging", saliency_sign="own_flow", iterations=1, prune_ratio=0.8,
+                        aggregate="wudi", scale=0.9, outside_rule="base", graph="chain")
+    weights = [k for k in base if k.endswith(".weight")]
+    trimmed = _own_flow_trim(base, experts, weights, 0.2)
+    for k in weights:
+        tvs = torch.stack([m[k] for m in trimmed])
+        want = base[k].double() + 0.9 * _wudi_oracle(tvs, 300, 1e-5).view(base[k].shape)
+        torch.testing.assert_close(out[k].double(), want, rtol=0, atol=5e-6, msg=k)
+        # WUDI moved it away from the plain sum of the trimmed task vectors
+        assert (out[k].double() - base[k].double() - 0.9 * tvs.double().sum(0)).abs().max() > 1e-4, k
+    for k in base:
+        if k.endswith(".bias"):
+            assert torch.equal(out[k], base[k])
+
+
+def test_own_flow_trim_is_ties_ranked_by_each_experts_own_flow():
+    """Issue 18's first hypothesis as one configuration: one step keeping 20% of each task vector ranked by
+    |tau_n| ⊙ F_n (F_n: the gradient of the chain's SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights, by
+    autograd here), then TIES' sign election and disjoint mean at scale 1, biases at the base."""
+    base = mlp_base(9)
+    experts = perturb(base, 3)
+    out = samerge.merge(base, experts, "sa_merging", saliency_sign="own_flow", iterations=1, prune_ratio=0.8,
+                        aggregate="disjoint_mean", scale=1.0, outside_rule="base", graph="chain")
+    weights = [k for k in base if k.endswith(".weight")]
+    trimmed = _own_flow_trim(base, experts, weights, 0.2)
     for k in weights:
         t = torch.stack([m[k] for m in trimmed])
         elected = torch.sign(t.sum(0))

@@ -23,7 +23,8 @@ from tests.test_sa_merging import TINY, _with_config, experts_of
 VARIANTS = [{}, {"aggregate": "disjoint_mean", "outside_rule": "sum"},
             {"qk_rule": "uniform", "density_rule": "tadrop", "outside_rule": "mean"},
             {"preset": "paper", "saliency_sign": "own_value"},
-            {"saliency_sign": "own_flow", "iterations": 2, "aggregate": "disjoint_mean", "scale": 1.0}]
+            {"saliency_sign": "own_flow", "iterations": 2, "aggregate": "disjoint_mean", "scale": 1.0},
+            {"iterations": 2, "aggregate": "wudi", "outside_rule": "mean"}]
 
 
 def _bytes(state: dict[str, torch.Tensor]) -> dict[str, bytes]:

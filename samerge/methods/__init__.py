@@ -14,13 +14,15 @@ from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
 from samerge.methods.dare import Dare
 from samerge.methods.pcb import Pcb
 from samerge.methods.sa_merging import SaMerging
+from samerge.methods.sa_soft import SaSoft
 from samerge.methods.simple import TaskArithmetic, WeightAverage
 from samerge.methods.sparse import Breadcrumbs, Consensus
 from samerge.methods.ties import Ties
 from samerge.methods.wudi import Wudi
 
 REGISTRY: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, Consensus, Pcb, Wudi, SaMerging)
+    m.name: m for m in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, Consensus, Pcb, Wudi, SaMerging,
+                        SaSoft)
 }
 
 

@@ -63,9 +63,11 @@ class SaMergingParams(MethodParams):
     outside_rule: Literal["sum", "mean", "base"] = Field(
         default="base", description="tensors outside the chain (norms, biases, embeddings): base + scale*sum(tau) "
                                     "(the paper), base + mean(tau), or kept at the base")
-    aggregate: Literal["sum", "disjoint_mean"] = Field(
+    aggregate: Literal["sum", "disjoint_mean", "wudi"] = Field(
         default="sum", description="chain tensors: scale*sum of the pruned task vectors, or TIES' sign election "
-                                   "and disjoint mean over them (times scale)")
+                                   "and disjoint mean over them (times scale); wudi: every tensor of >= 2 dims "
+                                   "is WUDI's solution over the (pruned, in the chain) task vectors, times scale "
+                                   "(not in the paper; outside_rule then covers 1-D tensors)")
     density_rule: DensityRule = "uniform"
 
     @model_validator(mode="before")

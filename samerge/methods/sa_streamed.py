@@ -32,6 +32,7 @@ from samerge import kernels
 from samerge.graphs import FlowFactors, LockstepSource, Ref, lockstep_flows
 from samerge.memory import SLACK, format_size, process_rss, resolve_budget, too_small
 from samerge.methods.base import MergeContext, TensorGroup
+from samerge.methods.wudi import WudiParams, wudi_solve
 from samerge.saliency import AbsMap, abs_sum_into, conflicts, sum_into, topk_step_, unit_view, view2d
 from samerge.selection import Workspace
 
@@ -81,7 +82,10 @@ def aggregate(tau_of: Callable[[int], torch.Tensor], n_exp: int, in_chain: bool,
     """The merged update of one tensor into ``out``, reading each expert's pruned task vector ``tau_of(n)`` in
     turn (a pass or two over the experts, whatever N; none for the sum when ``summed``: ``out`` holds it).
     Sums run in expert order from +0.0, so whether a pruned entry is +0.0 or -0.0, stored or never stored, does
-    not change a bit."""
+    not change a bit. ``aggregate="wudi"``: a tensor of two or more dimensions is WUDI's solution over the
+    experts' (pruned, in the chain) task vectors instead, read as WUDI reads it (``out x rest``)."""
+    if params.aggregate == "wudi" and out.dim() >= 2:
+        return wudi_aggregate_(out, tau_of, n_exp).mul_(params.scale)
     if not in_chain and params.outside_rule == "base":
         return out.zero_()
     if not summed:
@@ -93,6 +97,19 @@ def aggregate(tau_of: Callable[[int], torch.Tensor], n_exp: int, in_chain: bool,
     if params.aggregate == "disjoint_mean":
         disjoint_mean_(out, tau_of, n_exp, ws)
     return out.mul_(params.scale)
+
+
+def wudi_aggregate_(out: torch.Tensor, tau_of: Callable[[int], torch.Tensor], n_exp: int) -> torch.Tensor:
+    """WUDI's merged task vector (:func:`samerge.methods.wudi.wudi_solve`, its defaults: 300 Adam steps, lr 1e-5)
+    over ``tau_of(0..n_exp-1)``, into ``out``. Each task vector is copied as it is read (``tau_of`` may hand out
+    one reused buffer)."""
+    stacked = torch.empty((n_exp, out.shape[0], out[0].numel()), dtype=torch.float32, device=out.device)
+    for n in range(n_exp):
+        stacked[n].copy_(tau_of(n).reshape(stacked.shape[1:]))
+    defaults = WudiParams()
+    merged, _ = wudi_solve(stacked, defaults.iterations, defaults.lr)
+    del stacked
+    return out.copy_(merged.view(out.shape))
 
 
 def disjoint_mean_(merged: torch.Tensor, tau_of: Callable[[int], torch.Tensor], n_exp: int, ws: Workspace) -> None:
@@ -218,6 +235,8 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     # in memory: base + N task vectors + |theta0 + tau| over the model (written out only off the fused CPU path or
     # for units held sparsely: an upper bound), the engine's group buffers, scratch
     in_memory = 4 * p_all * (n_experts + 1) + 4 * chain_numel + 4 * big * (n_experts + 3) + 22 * unit_max
+    if params.aggregate == "wudi":
+        in_memory += 4 * big * (n_experts + 5)
     # out of core: base, one task vector, |W| / ranking keys, input staging, the engine's output and its finite
     # check; per unit M, then the fused CPU kernels' (float32) bracket flags, kept mask, unpacked mask and
     # bracket candidates (~8 bytes per entry), or the torch path's 16-bit buckets and four boolean masks (12);
@@ -225,6 +244,8 @@ def memory_plan(context: MergeContext, n_experts: int, units: list[Unit], params
     streamed = 4 * big * 5 + 2 * big + (8 if fused else 12) * unit_max
     if params.aggregate == "disjoint_mean":
         streamed += 3 * 4 * big + 2 * big
+    elif params.aggregate == "wudi":  # the experts' task vectors of one tensor stacked, WUDI's iterate, Adam's state
+        streamed += 4 * big * (n_experts + 5)
     return MemoryPlan(base_rss, base_rss + in_memory + flows + SLACK, base_rss + streamed + flows + SLACK,
                       mask_bytes, base_rss + 2 * 4 * big + mask_bytes + SLACK)
 
@@ -498,7 +519,8 @@ class StreamedSA(LockstepSource):
         """The last TopKMask step for one tensor, then its merged update (the engine's writing pass)."""
         key, st = group.key, self.state
         in_chain = key in st.units_of
-        if not in_chain and self.params.outside_rule == "base":
+        wudi = self.params.aggregate == "wudi" and group.base.dim() >= 2
+        if not in_chain and self.params.outside_rule == "base" and not wudi:
             return self.ws.get("sa.merged", group.base.shape, group.base.dtype).zero_()
         self.key = None
         self._open(key, group.base)  # the engine has just read the base tensor
