@@ -23,7 +23,7 @@ FLOAT_KEYS = ["embed.weight", "layer.0.weight", "layer.0.bias", "layer.1.weight"
 
 def test_available_methods_lists_the_contract():
     assert samerge.available_methods() == ["weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs",
-                                           "consensus", "pcb", "wudi", "sa_merging", "sa_soft"]
+                                           "consensus", "pcb", "wudi", "sa_merging", "sa_soft", "flow_step"]
 
 
 @pytest.mark.parametrize("method", ["weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "consensus",

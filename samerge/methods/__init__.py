@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from samerge.errors import SamergeError, invalid
 from samerge.methods.base import MergeMethod, MethodParams, TensorGroup
 from samerge.methods.dare import Dare
+from samerge.methods.flow_step import FlowStep
 from samerge.methods.pcb import Pcb
 from samerge.methods.sa_merging import SaMerging
 from samerge.methods.sa_soft import SaSoft
@@ -22,7 +23,7 @@ from samerge.methods.wudi import Wudi
 
 REGISTRY: dict[str, type[MergeMethod]] = {
     m.name: m for m in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, Consensus, Pcb, Wudi, SaMerging,
-                        SaSoft)
+                        SaSoft, FlowStep)
 }
 
 
