@@ -8,7 +8,9 @@ import torch
 
 import samerge
 from samerge.errors import SamergeWarning
-from tests.test_sa_merging import mlp_base, perturb
+from samerge.engine import plan_merge
+from samerge.graphs import build_graph
+from tests.test_sa_merging import TINY, _with_config, experts_of, mlp_base, perturb
 
 
 def _oracle(base, experts, density, scale, sign):
@@ -69,3 +71,32 @@ def test_sa_soft_keeps_nothing_at_density_zero_and_everything_weighted_at_one():
     want = _oracle(base, experts, 1.0, 1.0, "own_flow")
     for k, w in want.items():
         torch.testing.assert_close(full[k].double(), w, rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
+def test_the_research_merges_run_on_every_family(name, model, exclude):
+    """sa_soft and flow_step on each supported family (packed q/k/v, tied embeddings, encoder-decoder), and
+    sa_merging's aggregate=wudi on two: every chain tensor moves, sa_soft keeps the rest at the base, tied tensors
+    stay tied, and a second run gives the same bytes."""
+    sd = model.state_dict()
+    config = model.config.to_dict() if hasattr(model, "config") else None
+    experts = experts_of(sd)
+    plan = plan_merge(dict(sd), experts, exclude or ())
+    keys = [k for k in plan.keys if k in plan.merged_keys]
+    chain = build_graph(keys, plan.shapes, config, "auto", plan.aliases).chain_keys()
+    runs = [("sa_soft", {}), ("flow_step", {})]
+    if name in ("llama-tied", "open_clip"):  # WUDI's 300 Adam steps per weight take ~1 s each: two families
+        runs.append(("sa_merging", {"aggregate": "wudi", "iterations": 2}))
+    for method, kw in runs:
+        out = samerge.merge(_with_config(dict(sd), config), experts, method, exclude=exclude or (), **kw)
+        if method != "sa_merging":
+            again = samerge.merge(_with_config(dict(sd), config), experts, method, exclude=exclude or (), **kw)
+            assert all(out[k].numpy().tobytes() == again[k].numpy().tobytes() for k in out), method
+        for k in chain:
+            assert not torch.equal(out[k], sd[k]), (method, k)
+        if method == "sa_soft":
+            for k in keys:
+                if k not in chain:
+                    assert torch.equal(out[k], sd[k]), k
+        if name == "llama-tied":
+            assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
