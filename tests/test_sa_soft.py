@@ -73,11 +73,14 @@ def test_sa_soft_keeps_nothing_at_density_zero_and_everything_weighted_at_one():
         torch.testing.assert_close(full[k].double(), w, rtol=0, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("name,model,exclude", TINY, ids=[t[0] for t in TINY])
-def test_the_research_merges_run_on_every_family(name, model, exclude):
-    """sa_soft and flow_step on each supported family (packed q/k/v, tied embeddings, encoder-decoder), and
-    sa_merging's aggregate=wudi on two: every chain tensor moves, sa_soft keeps the rest at the base, tied tensors
-    stay tied, and a second run gives the same bytes."""
+FAMILIES = [t for t in TINY if t[0] in ("roberta", "llama-tied", "t5", "open_clip")]
+
+
+@pytest.mark.parametrize("name,model,exclude", FAMILIES, ids=[t[0] for t in FAMILIES])
+def test_the_research_merges_run_on_each_kind_of_graph(name, model, exclude):
+    """sa_soft and flow_step on an encoder with a task head, a decoder with tied embeddings, an encoder-decoder and
+    open_clip's packed q/k/v, and sa_merging's aggregate=wudi on the last two kinds: every chain tensor moves,
+    sa_soft keeps the rest at the base, tied tensors stay tied, and a second run gives the same bytes."""
     sd = model.state_dict()
     config = model.config.to_dict() if hasattr(model, "config") else None
     experts = experts_of(sd)
