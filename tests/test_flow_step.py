@@ -9,16 +9,7 @@ import pytest
 import torch
 
 import samerge
-from tests.test_sa_merging import mlp_base, perturb
-
-
-def _flows(base, expert, weights):
-    leaves = {k: expert[k].double().abs().requires_grad_(True) for k in weights}
-    a = torch.ones(base[weights[0]].shape[1], dtype=torch.float64)
-    for k in weights:
-        a = leaves[k] @ a
-    a.sum().backward()
-    return {k: leaves[k].grad for k in weights}
+from tests.test_sa_merging import mlp_base, perturb, synflow_grads
 
 
 @pytest.mark.parametrize("norm,scale", [("expert", 1.0), ("expert", 0.5), ("none", 0.7)])
@@ -32,7 +23,7 @@ def test_flow_step_is_task_arithmetic_with_the_flow_share_steps(norm, scale):
     weights = [k for k in base if k.endswith(".weight")]
     shares = {k: 0.0 for k in weights}
     for e in experts:
-        f = _flows(base, e, weights)
+        f = synflow_grads(e, weights)
         for k in weights:
             tau = e[k].double() - base[k].double()
             shares[k] += float((tau.abs() * f[k]).sum() / (e[k].double().abs() * f[k]).sum()) / len(experts)

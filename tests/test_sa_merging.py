@@ -174,20 +174,27 @@ def test_rerun_gives_identical_bytes():
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
 
 
+def synflow_grads(expert: dict, weights: list[str]) -> dict[str, torch.Tensor]:
+    """F = ∂R/∂|W| of a chain MLP's SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights: autograd of the
+    literal product, float64."""
+    leaves = {k: expert[k].double().abs().requires_grad_(True) for k in weights}
+    a = torch.ones(expert[weights[0]].shape[1], dtype=torch.float64)
+    for k in weights:
+        a = leaves[k] @ a
+    a.sum().backward()
+    return {k: leaves[k].grad for k in weights}
+
+
 def _own_flow_trim(base: dict, experts: list[dict], weights: list[str], density: float) -> list[dict]:
     """Each expert's task vectors of a chain MLP trimmed to ``density`` of their entries by |tau_n| ⊙ F_n, F_n
     the gradient of SynFlow R = 1ᵀ|W_L|...|W_1|1 at the expert's own weights (autograd, float64)."""
     trimmed: list[dict[str, torch.Tensor]] = []
     for e in experts:
-        leaves = {k: e[k].double().abs().requires_grad_(True) for k in weights}
-        a = torch.ones(base[weights[0]].shape[1], dtype=torch.float64)
-        for k in weights:
-            a = leaves[k] @ a
-        a.sum().backward()
+        flow = synflow_grads(e, weights)
         mine = {}
         for k in weights:
             tau = e[k] - base[k]
-            score = (tau.abs().double() * leaves[k].grad).reshape(-1)
+            score = (tau.abs().double() * flow[k]).reshape(-1)
             keep = max(1, round(density * int(torch.count_nonzero(tau))))
             kept = torch.zeros(tau.numel(), dtype=torch.bool)
             kept[torch.topk(score, keep).indices] = True

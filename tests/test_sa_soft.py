@@ -10,19 +10,12 @@ import samerge
 from samerge.errors import SamergeWarning
 from samerge.engine import plan_merge
 from samerge.graphs import build_graph
-from tests.test_sa_merging import TINY, _with_config, experts_of, mlp_base, perturb
+from tests.test_sa_merging import TINY, _with_config, experts_of, mlp_base, perturb, synflow_grads
 
 
 def _oracle(base, experts, density, scale, sign):
     weights = [k for k in base if k.endswith(".weight")]
-    flows = []
-    for e in experts:
-        leaves = {k: e[k].double().abs().requires_grad_(True) for k in weights}
-        a = torch.ones(base[weights[0]].shape[1], dtype=torch.float64)
-        for k in weights:
-            a = leaves[k] @ a
-        a.sum().backward()
-        flows.append({k: leaves[k].grad for k in weights})
+    flows = [synflow_grads(e, weights) for e in experts]
     want = {}
     for k in weights:
         taus = [e[k].double() - base[k].double() for e in experts]

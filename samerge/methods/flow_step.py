@@ -23,9 +23,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from samerge.graphs import build_graph
 from samerge.methods.base import GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
-from samerge.saliency import expert_flows, flow_block, graph_units, unit_view
+from samerge.methods.sa_soft import own_flows
+from samerge.saliency import flow_block, unit_view
 from samerge.selection import Workspace
 
 
@@ -54,21 +54,15 @@ class FlowStep(MergeMethod):
         return True
 
     def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> StepState:
-        graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
-        reader = context.reader
-        base = {key: reader.base(key, torch.empty(context.shapes[key], dtype=reader.plan.compute_dtypes[key],
-                                                  device=context.device), check=True) for key in context.keys}
+        n_exp = context.reader.n_experts
         blocks: dict[str, list] = {}
-        for key, rows in graph_units(graph):
-            blocks.setdefault(key, []).append(rows)
-        total = {key: torch.zeros_like(b) for key, b in base.items()}
-        shares = {key: 0.0 for key in blocks}
+        total: dict[str, torch.Tensor] = {}
+        shares: dict[str, float] = {}
         tau_sq = 0.0
-        for n in range(reader.n_experts):
-            taus = {key: reader.task_vector(n, key, base[key], torch.empty_like(base[key]), check=True)
-                    for key in context.keys}
-            factors = expert_flows(graph, base, taus, params.qk_rule, context.shapes)
+        for base, taus, factors in own_flows(context, params.graph, params.qk_rule, blocks):
             for key in context.keys:
+                if key not in total:
+                    total[key] = torch.zeros_like(base[key])
                 tau_sq += float(torch.linalg.vector_norm(taus[key], dtype=torch.float64)) ** 2
                 total[key].add_(taus[key])
             for key, rows_list in blocks.items():
@@ -81,15 +75,14 @@ class FlowStep(MergeMethod):
                     torch.add(unit_view(base[key], rows), tau_u, out=w).abs_()
                     num += float((tau_u.abs() * f).sum(dtype=torch.float64))
                     den += float((w * f).sum(dtype=torch.float64))
-                shares[key] += (num / den if den > 0 else 0.0) / reader.n_experts
-            del taus, factors
+                shares[key] = shares.get(key, 0.0) + (num / den if den > 0 else 0.0) / n_exp
         mean_share = sum(shares.values()) / len(shares) if shares else 1.0
         rel = {key: (shares[key] / mean_share if key in shares and mean_share > 0 else 1.0) for key in context.keys}
         c = params.scale
         if params.norm == "expert":
             merged_sq = sum(rel[k] ** 2 * float(torch.linalg.vector_norm(total[k], dtype=torch.float64)) ** 2
                             for k in context.keys)
-            target_sq = tau_sq / reader.n_experts
+            target_sq = tau_sq / n_exp
             c *= math.sqrt(target_sq / merged_sq) if merged_sq > 0 else 1.0
         return StepState({key: c * rel[key] for key in context.keys}, shares)
 

@@ -14,13 +14,14 @@ the merge then streams tensor by tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from samerge.graphs import build_graph
+from samerge.graphs import FlowFactors, build_graph
 from samerge.methods.base import Density, GroupStream, MergeContext, MergeMethod, MethodParams, Scale, TensorGroup
 from samerge.saliency import expert_flows, graph_units, saliency_into, sum_into, unit_view
 from samerge.selection import Workspace, keep_count
@@ -39,6 +40,24 @@ class SaSoftParams(MethodParams):
 class SoftState:
     factors: list[dict] = field(default_factory=list)  # per expert: key -> flow factors
     units: dict[str, list[tuple[int, int] | None]] = field(default_factory=dict)  # chain key -> row blocks
+
+
+def own_flows(context: MergeContext, graph_name: str, qk_rule: str, units: dict[str, list]
+              ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FlowFactors]]:
+    """The plan pass of the research merges: reads the base once, then each expert in turn, yielding ``(base, its
+    task vectors, the connectivity flows of its own weights)`` with one expert in memory at a time. ``units`` is
+    filled first with the graph's chain keys and their row blocks."""
+    graph = build_graph(context.keys, context.shapes, context.config, graph_name, context.aliases)
+    for key, rows in graph_units(graph):
+        units.setdefault(key, []).append(rows)
+    reader = context.reader
+    base = {key: reader.base(key, torch.empty(context.shapes[key], dtype=reader.plan.compute_dtypes[key],
+                                              device=context.device), check=True) for key in context.keys}
+    for n in range(reader.n_experts):
+        taus = {key: reader.task_vector(n, key, base[key], torch.empty_like(base[key]), check=True)
+                for key in context.keys}
+        yield base, taus, expert_flows(graph, base, taus, qk_rule, context.shapes)
+        del taus
 
 
 def rank_weights_(score: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
@@ -61,20 +80,9 @@ class SaSoft(MergeMethod):
         return True
 
     def plan(self, params: Any, groups: GroupStream, ws: Workspace, context: MergeContext) -> SoftState:
-        graph = build_graph(context.keys, context.shapes, context.config, params.graph, context.aliases)
-        reader = context.reader
-        base: dict[str, torch.Tensor] = {}
-        for key in context.keys:
-            base[key] = reader.base(key, torch.empty(context.shapes[key], dtype=reader.plan.compute_dtypes[key],
-                                                     device=context.device), check=True)
         state = SoftState()
-        for key, rows in graph_units(graph):
-            state.units.setdefault(key, []).append(rows)
-        for n in range(reader.n_experts):
-            taus = {key: reader.task_vector(n, key, base[key], torch.empty_like(base[key]), check=True)
-                    for key in context.keys}
-            state.factors.append(expert_flows(graph, base, taus, params.qk_rule, context.shapes))
-            del taus
+        for _, _, factors in own_flows(context, params.graph, params.qk_rule, state.units):
+            state.factors.append(factors)
         return state
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: SoftState, ws: Workspace) -> torch.Tensor:
