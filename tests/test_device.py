@@ -25,7 +25,8 @@ from tests.test_sa_merging import TINY, _with_config, experts_of
 
 HAS_CUDA = torch.cuda.is_available()
 MODELS = {t[0]: t for t in TINY}
-PER_TENSOR = [m for m in samerge.available_methods() if m != "sa_merging"]
+GRAPH_METHODS = ("sa_merging", "sa_soft", "flow_step")  # they need a model with a connectivity graph
+PER_TENSOR = [m for m in samerge.available_methods() if m not in GRAPH_METHODS]
 PARAMS = {"wudi": {"iterations": 5, "lr": 1e-3}, "dare": {"density": 0.5, "seed": 3}, "ties": {"density": 0.3},
           "breadcrumbs": {}, "consensus": {}, "pcb": {}, "weight_average": {}, "task_arithmetic": {}}
 
@@ -60,6 +61,20 @@ def test_per_tensor_methods_create_every_tensor_on_the_merge_device(method):
     want = samerge.merge(base, experts, name, device="cpu", **params)
     with torch.device("meta"):  # a tensor created without a device would land here
         got = samerge.merge(base, experts, name, device="cpu", **params)
+    assert _equal(got, want)
+    assert all(t.device.type == "cpu" for t in got.values())
+
+
+@pytest.mark.parametrize("method,kw", [("sa_soft", {}), ("flow_step", {}),
+                                       ("sa_merging", {"aggregate": "wudi", "iterations": 2})])
+def test_the_research_merges_create_every_tensor_on_the_merge_device(method, kw):
+    _, model, exclude = MODELS["llama"]
+    sd = model.state_dict()
+    base = _with_config(dict(sd), model.config.to_dict())
+    experts = experts_of(sd)
+    want = samerge.merge(base, experts, method, device="cpu", **kw)
+    with torch.device("meta"):  # a tensor created without a device would land here
+        got = samerge.merge(base, experts, method, device="cpu", **kw)
     assert _equal(got, want)
     assert all(t.device.type == "cpu" for t in got.values())
 
