@@ -11,7 +11,7 @@ as the experts' own updates: ``||sum_l lambda_l Delta_l|| = sqrt(mean_n ||tau_n|
 ``norm="none"`` uses c = ``scale`` alone (``scale`` multiplies c in both cases).
 
 The plan pass reads the base and, one at a time, each expert (base, the running sum of the task vectors and one
-expert in memory); the merge then streams tensor by tensor.
+expert in memory); the merge then hands out the scaled sums, without reading the experts again.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class FlowStepParams(MethodParams):
 @dataclass
 class StepState:
     steps: dict[str, float] = field(default_factory=dict)  # key -> lambda_l
+    total: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> sum_n tau_n (handed out once)
     share: dict[str, float] = field(default_factory=dict)  # chain key -> share_l (reported, tested)
 
 
@@ -49,6 +50,7 @@ class FlowStep(MergeMethod):
     description = ("Task arithmetic with a step per tensor from its share of the connectivity flow, the whole update "
                    "as long as the experts' (not in the paper).")
     Params = FlowStepParams
+    merge_needs_task_vectors = False  # the plan pass keeps the summed task vectors: no second read of the experts
 
     def needs_plan(self, params: Any) -> bool:
         return True
@@ -84,9 +86,7 @@ class FlowStep(MergeMethod):
                             for k in context.keys)
             target_sq = tau_sq / n_exp
             c *= math.sqrt(target_sq / merged_sq) if merged_sq > 0 else 1.0
-        return StepState({key: c * rel[key] for key in context.keys}, shares)
+        return StepState({key: c * rel[key] for key in context.keys}, total, shares)
 
     def merge_tensor(self, group: TensorGroup, params: Any, state: StepState, ws: Workspace) -> torch.Tensor:
-        out = ws.get("out", group.base.shape, group.base.dtype)
-        torch.sum(group.task_vectors, dim=0, out=out)
-        return out.mul_(state.steps.get(group.key, 0.0))
+        return state.total.pop(group.key).mul_(state.steps.get(group.key, 0.0))
