@@ -38,13 +38,17 @@ from samerge.evaluation.search import Evaluator, parse_space, run_search, study_
 from samerge.evaluation.suite import standard_methods
 from samerge.io.writer import write_text_atomic
 
-# The space searched unless --space names a YAML/JSON file: the three families the suites' leaders come from
-# (task arithmetic, TIES, SA-Merging), each with its step λ, and per-expert weights where the method takes them.
+# The space searched unless --space names a YAML/JSON file: the families the suites' leaders come from (task
+# arithmetic, TIES, PCB, SA-Merging with its saliency signs and aggregates), each with its step λ, and per-expert
+# weights where the method takes them. WUDI (and aggregate=wudi) is left out: one trial costs minutes, not seconds.
 SPACE: dict[str, Any] = {
     "task_arithmetic": {"scale": {"low": 0.1, "high": 1.5, "log": True}, "weights": [0.5, 1.5]},
     "ties": {"density": [0.05, 0.6], "scale": {"low": 0.2, "high": 2.0, "log": True},
              "aggregate": {"choices": ["sum", "mean"]}, "weights": [0.5, 1.5]},
-    "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5]},
+    "pcb": {"density": [0.05, 0.5], "scale": {"low": 0.3, "high": 2.0, "log": True}},
+    "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5],
+                   "saliency_sign": {"choices": ["literal", "own_sign", "own_value", "own_flow"]},
+                   "aggregate": {"choices": ["sum", "disjoint_mean"]}},
 }
 
 

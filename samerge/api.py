@@ -26,6 +26,7 @@ from samerge.device import resolve_device
 from samerge.engine import MergeStats, merge_stream, plan_merge
 from samerge.errors import SamergeError, SamergeWarning
 from samerge.io import ACCEPTED_INPUTS, BackgroundHasher, Checkpoint, SafetensorsSink, as_checkpoint, parse_size
+from samerge.io.checkpoint import CONFIG_METADATA_KEY
 from samerge.io.hashing import DIGEST_HEX_LEN
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import DEFAULT_MAX_SHARD_SIZE
@@ -175,6 +176,7 @@ def merge_checkpoints(base: Any, experts: Sequence[Any], out: str | os.PathLike[
             "samerge.sha256": _checksum_placeholders(files),
             "samerge.torch": torch.__version__,
             "samerge.python": platform.python_version(),
+            **({CONFIG_METADATA_KEY: json.dumps(base_ckpt.config, sort_keys=True)} if base_ckpt.config else {}),
         }
         if out_dtype is not None:  # the engine casts merged tensors once, from the compute dtype
             plan = dataclasses.replace(plan, dtypes={k: out_dtype if d.is_floating_point else d

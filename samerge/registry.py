@@ -25,6 +25,7 @@ from typing import Any
 from samerge.engine import check_derived, plan_merge
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
+from samerge.evaluation.suite import base_metadata
 from samerge.io import open_checkpoint, save_safetensors
 from samerge.io.safetensors_format import read_header
 from samerge.io.writer import claim_output, publish_dir, write_text_atomic
@@ -41,7 +42,7 @@ def init_registry(reg: str | os.PathLike[str], suite: str, size: str = "small", 
     st, _ = open_suite(suite, size, seed)
     r.mkdir(parents=True, exist_ok=True)
     (r / "experts").mkdir(exist_ok=True)
-    save_safetensors(st.base, r / "base.safetensors", metadata={"samerge.role": "base"}, overwrite=True)
+    save_safetensors(st.base, r / "base.safetensors", metadata=base_metadata(st), overwrite=True)
     write_text_atomic(r / "manifest.json", json.dumps({"suite": suite, "size": size, "seed": seed,
                                                         "exclude": list(st.exclude)}, indent=2))
     return r

@@ -45,7 +45,7 @@ from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.report import write_report
 from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
 from samerge.evaluation.scoring import ROW_FIELDS, row_cells, score_models
-from samerge.evaluation.suite import Expert, Suite
+from samerge.evaluation.suite import Expert, Suite, base_metadata
 from samerge.io import open_checkpoint, SafetensorsSink, save_safetensors, sha256_file
 from samerge.io.safetensors_format import PlannedTensor
 from samerge.io.writer import publish_dir
@@ -134,7 +134,7 @@ def acquire(params: PipelineParams, layout: Layout, *, quiet: bool = False,
         else:
             st, data = open_suite(p.suite, p.size, p.seed, tasks=p.tasks or None, add_tasks=p.add_tasks,
                                   progress=not quiet)
-            save_safetensors(st.base, out / "base.safetensors", metadata={"samerge.role": "base"})
+            save_safetensors(st.base, out / "base.safetensors", metadata=base_metadata(st))
             if st.model_dir is not None:  # the base is a whole transformers model: its config and tokenizer
                 (out / HF_FILES).mkdir()
                 for f in sorted(st.model_dir.iterdir()):
@@ -418,8 +418,8 @@ def _merge_into(out: Path, params: PipelineParams, layout: Layout, method: str, 
     rep = merge_checkpoints(acq / "base.safetensors", experts, out / "model", method, params=dict(mp),
                             exclude=manifest.get("exclude", ()), force=params.extract.force,
                             progress=not quiet, max_memory=params.prune.max_memory, device=params.prune.device)
-    # merged from base.safetensors (the suite report merges the same state dicts, config-less); the base's config
-    # and tokenizer join the weights afterwards, so the folder loads with from_pretrained
+    # merged from base.safetensors (its metadata carries the config the suite report merges with: base_input); the
+    # base's config and tokenizer files join the weights afterwards, so the folder loads with from_pretrained
     hf = acq / HF_FILES
     for f in sorted(hf.iterdir()) if hf.is_dir() else []:
         shutil.copy2(f, out / "model" / f.name)

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import yaml
 
 import samerge
 from samerge.api import merge_checkpoints
-from samerge.errors import SamergeError
+from samerge.errors import SamergeError, SamergeWarning
 from samerge.io import open_checkpoint, open_model, parse_hub_id, save_safetensors
 from tests.conftest import make_base, make_experts
 
@@ -285,6 +286,30 @@ def test_api_takes_paths_state_dicts_and_modules_alike(berts):
     sa_mod = samerge.merge(base, experts, "sa_merging", iterations=2)
     assert all(torch.equal(sa_path[k], sa_mod[k]) for k in sa_path)
     assert all(p.grad is None for p in base.parameters())  # the caller's modules are only read
+
+
+def test_a_single_file_carries_its_models_config_for_the_graph(berts, tmp_path):
+    """A safetensors file samerge writes from a transformers model (a merge's output, the acquire stage's base) keeps
+    the model's config in its metadata: merging from that file alone builds the graph the folder builds (2 heads of
+    width 8 here), where a bare file of the same tensors can only guess the heads (width 64: one head)."""
+    base, experts, paths = berts
+    with pytest.warns(SamergeWarning, match="identical to the base"):  # the base as one file, written by a merge
+        out = merge_checkpoints(paths[0], [paths[0]], tmp_path / "base.safetensors", "task_arithmetic").out
+    with open_checkpoint(out) as ck:
+        assert ck.config == json.loads((paths[0] / "config.json").read_text())
+    want = samerge.merge(paths[0], paths[1:], "sa_merging", iterations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no head guessing
+        got = samerge.merge(out, paths[1:], "sa_merging", iterations=2)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    save_safetensors(base.state_dict(), tmp_path / "bare.safetensors")
+    with pytest.warns(SamergeWarning, match="the model's config is not given, so 1 attention heads of width 64"):
+        guessed = samerge.merge(tmp_path / "bare.safetensors", paths[1:], "sa_merging", iterations=2)
+    assert any(not torch.equal(guessed[k], want[k]) for k in want)  # the heads matter to the merge
+    save_safetensors(base.state_dict(), tmp_path / "bad.safetensors", metadata={"samerge.config": "[1, 2]"})
+    with pytest.raises(SamergeError, match=r"bad.safetensors: corrupt samerge.config metadata \(expected a JSON "
+                                           r"object, a model's config.json\)$"):
+        open_checkpoint(tmp_path / "bad.safetensors")
 
 
 def test_merge_checkpoints_takes_every_form_and_cards_in_memory_inputs(berts, tmp_path):

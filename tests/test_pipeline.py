@@ -193,6 +193,8 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
     with open_checkpoint(repo / "work/prune/sa_merging/model") as merged, \
             open_checkpoint(repo / "work/acquire/base.safetensors") as base:
         assert list(merged.keys()) == list(base.keys())
+        # the base file carries the model's config, so the graph methods merge with its heads, as the report does
+        assert base.config == json.loads((repo / "work/acquire/hf/config.json").read_text())
         k = "encoder.layer.0.attention.self.query.weight"
         assert merged[k].isfinite().all() and not merged[k].equal(base[k])
     assert "sa_merging" in (repo / "work/prune/sa_merging/model/README.md").read_text()

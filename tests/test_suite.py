@@ -49,7 +49,7 @@ def test_every_suite_is_opened_by_name_through_one_catalogue(suite_cache):
     from samerge.evaluation.catalog import EMBEDDED, open_suite
     from samerge.evaluation.hub import HubSuite
     from samerge.evaluation.llm import LlmLoraSuite
-    from samerge.evaluation.suite import EmbeddedSuite, Suite, standard_methods
+    from samerge.evaluation.suite import EmbeddedSuite, Suite, base_input, standard_methods
 
     assert set(EMBEDDED) == {"text", "vision", "llm-lora"}
     for name, cls in EMBEDDED.items():
@@ -59,6 +59,9 @@ def test_every_suite_is_opened_by_name_through_one_catalogue(suite_cache):
     st, data = open_suite("text", "small", 0, tasks=["language_id", "sentiment"])
     assert isinstance(st, Suite) and [t.name for t in data] == ["language_id", "sentiment"]
     assert st.default_methods() == standard_methods("small") and st.merge_methods == ()
+    # the report merges MiniLM with its config: its 12 heads of width 32, not the shapes' guess (6 of width 64)
+    assert base_input(st).config["num_attention_heads"] == st.config.num_attention_heads == 12
+    assert base_input(st).keys() == st.base.keys()
     with pytest.raises(SamergeError, match="the text suite has no method 'lora:ties' of its own"):
         st.merge("lora:ties", {}, [])
     _, every = open_suite("text", "small", 0)

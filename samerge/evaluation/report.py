@@ -34,7 +34,7 @@ from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.html import render_report
 from samerge.evaluation.scoring import ROW_FIELDS, ScoreCache, check_split, row_cells, score_models
-from samerge.evaluation.suite import Expert, Suite
+from samerge.evaluation.suite import Expert, Suite, base_input
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
 from samerge.overrides import parse_assignments
@@ -111,7 +111,7 @@ def merged_state(suite: Suite, experts: Sequence[Expert], name: str, params: Map
     if name in suite.merge_methods:
         return suite.merge(name, params, experts)
     kw = {"history": history} if name == "sa_merging" and history is not None else {}
-    return samerge.merge(suite.base, [e.encoder for e in experts], name, exclude=suite.exclude, **params, **kw)
+    return samerge.merge(base_input(suite), [e.encoder for e in experts], name, exclude=suite.exclude, **params, **kw)
 
 
 def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str] | None = None,

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from samerge.errors import SamergeError
-from samerge.io import open_checkpoint, save_safetensors
+from samerge.io import Checkpoint, open_checkpoint, save_safetensors
+from samerge.io.checkpoint import CONFIG_METADATA_KEY, read_config
 from samerge.io.writer import publish_dir, remove_path
 
 
@@ -54,6 +55,22 @@ class Suite(Protocol):
     def default_methods(self) -> list[str]: ...
 
     def merge(self, method: str, params: Mapping[str, Any], experts: Sequence[Expert]) -> dict[str, torch.Tensor]: ...
+
+
+def base_input(suite: Suite) -> Mapping[str, torch.Tensor]:
+    """The suite's base as a merge input: with the model's config.json where ``base`` is a whole transformers model
+    (``model_dir``), so a method that builds the connectivity graph reads the attention heads instead of guessing
+    them from the shapes; the plain state otherwise. The acquire stage stores the same config in base.safetensors
+    (:func:`base_metadata`), so the pipeline's merges and the report's are the same merge."""
+    config = read_config(suite.model_dir) if suite.model_dir is not None else None
+    return suite.base if config is None else Checkpoint.from_state(suite.base, f"{suite.name} base", config=config)
+
+
+def base_metadata(suite: Suite) -> dict[str, str]:
+    """The safetensors metadata of the suite's base written to a file: its role, and its config (see
+    :func:`base_input`) where it has one."""
+    config = read_config(suite.model_dir) if suite.model_dir is not None else None
+    return {"samerge.role": "base", **({CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)} if config else {})}
 
 
 def standard_methods(size: str) -> list[str]:

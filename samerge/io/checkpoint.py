@@ -36,6 +36,9 @@ SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 ALIASES_METADATA_KEY = "samerge.aliases"
+# A single safetensors file written by samerge from a whole transformers model (the acquire stage's base, a merged
+# file) carries the model's config.json here, so a graph method reads the attention heads instead of guessing them
+CONFIG_METADATA_KEY = "samerge.config"
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -224,7 +227,7 @@ def as_checkpoint(source: Any, what: str) -> Checkpoint:
     return state if isinstance(state, Checkpoint) else Checkpoint.from_state(state, f"{what} (state dict)")
 
 
-def _read_config(directory: Path) -> dict[str, Any] | None:
+def read_config(directory: Path) -> dict[str, Any] | None:
     cfg = directory / "config.json"
     if not cfg.is_file():
         return None
@@ -319,7 +322,15 @@ def _open_safetensors_files(path: Path, files: list[Path], directory: Path | Non
         if stored:
             raise CheckpointError(f"{path}: {stored[0]!r} is both stored and listed as a tied name in "
                                   f"{ALIASES_METADATA_KEY}; which one is meant is ambiguous")
-    config = _read_config(directory) if directory else None
+    config = read_config(directory) if directory else None
+    if config is None and CONFIG_METADATA_KEY in metadata:
+        try:
+            config = json.loads(metadata[CONFIG_METADATA_KEY])
+        except (json.JSONDecodeError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: corrupt {CONFIG_METADATA_KEY} metadata (expected a JSON object, a "
+                                  "model's config.json)")
     return Checkpoint(path, entries=entries, entry_files=by_key, aliases=aliases, files=list(files),
                       metadata=metadata, config=config, directory=directory)
 
@@ -355,7 +366,7 @@ def _open_pickle_files(path: Path, files: list[Path], directory: Path | None) ->
                 raise CheckpointError(f"{f}: tensor {k!r} appears in more than one shard")
             tensors[k] = v
     tensors, aliases = _untie(tensors)
-    config = _read_config(directory) if directory else None
+    config = read_config(directory) if directory else None
     return Checkpoint(path, tensors=tensors, aliases=aliases, files=list(files), config=config, directory=directory)
 
 
