@@ -37,7 +37,7 @@ from samerge.demo import prepare_demo
 from samerge.device import DEVICE_HELP
 from samerge.errors import SamergeError, SamergeWarning, invalid
 from samerge.evaluation.catalog import open_suite
-from samerge.evaluation.report import run_report, split_methods
+from samerge.evaluation.report import parse_method, run_report, split_methods
 from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
 from samerge.io import open_model, sha256_file
 from samerge.io.writer import write_text_atomic
@@ -351,7 +351,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     for flag, value in (("--trials", args.trials), ("--batch", args.batch), ("--n-jobs", args.n_jobs)):
         if value < 1:  # before the suite loads (minutes of fine-tuning the first time)
             raise SamergeError(f"{flag} must be at least 1, got {value}")
-    parse_space(mapping, n_experts=2)  # a mistake in the space, too (the weights' count is the suite's)
+    start = SearchParams().start if args.start is None else split_methods(args.start)
+    early = parse_space(mapping, n_experts=2)  # a mistake in the space, too (the weights' count is the suite's)
+    for x in start:  # and in the start configurations
+        early.study_params(*parse_method(x), f"--start {x!r}")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     add = _add_tasks(args.add_task)
     st, data = open_suite(args.suite, args.size, args.seed, tasks=tasks, add_tasks=add, progress=not args.quiet,
@@ -364,8 +367,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                               "tasks": [t.name for t in data], "samerge": __version__,
                               "add": {n: sha256_file(p) for n, p in add.items()}}, sort_keys=True)
     res = run_search(evaluator, space, n_trials=args.trials, timeout=args.timeout, seed=args.search_seed,
-                     batch=args.batch, n_jobs=args.n_jobs, storage=out / "study.db",
-                     study_name=study_key(space, args.search_seed, args.batch, fingerprint), progress=not args.quiet)
+                     batch=args.batch, n_jobs=args.n_jobs, storage=out / "study.db", start=start,
+                     study_name=study_key(space, args.search_seed, args.batch, fingerprint, start=start),
+                     progress=not args.quiet)
     res.write_outputs(out)
     best = res.best
     if best is None:
@@ -533,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", metavar="FILE.yaml", help="the search space, METHOD: {PARAM: [low, high] | {low, high, "
                                                         "log} | {choices: [...]} | value} (default: params.yaml's "
                                                         "default search.space)")
+    p.add_argument("--start", metavar="SPECS", help="comma-separated configurations the first trials run, e.g. "
+                                                    "'pcb,sa_merging[saliency_sign=own_value]' (default: none)")
     p.add_argument("--trials", type=int, default=40, help="finished trials (a resumed study counts its own)")
     p.add_argument("--timeout", type=float, help="seconds; no new batch starts after it")
     p.add_argument("--search-seed", type=int, default=0, help="the sampler's seed")

@@ -6,12 +6,14 @@ string, and text that is not valid YAML is kept as written (``--set note=a: b`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import yaml
 
 from samerge.errors import SamergeError
+from samerge.methods import available_methods
 
 
 def parse_value(text: str) -> Any:
@@ -35,3 +37,22 @@ def parse_assignments(items: Iterable[str], expected: str = "key=value", *, dott
             raise SamergeError(f"expected {expected}, got {item!r}")
         out[key] = parse_value(value)
     return out
+
+
+def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    """``"ties[aggregate=mean,scale=1.0]"`` -> ``("ties", {"aggregate": "mean", "scale": 1.0})``.
+
+    ``extra``: method names a suite adds to samerge's own (``prefix:name``, e.g. ``lora:ties``; see run_report).
+    """
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*(?::[A-Za-z_]\w*)?)\s*(?:\[(.*)\])?\s*", spec)
+    if not m:
+        raise SamergeError(f"cannot parse method {spec!r} (expected name or name[key=value,...])")
+    try:
+        params = parse_assignments(m.group(2).split(",")) if m.group(2) else {}
+    except SamergeError as exc:
+        raise SamergeError(f"method {spec!r}: {exc}") from None
+    name = m.group(1)
+    if name not in available_methods() and name not in extra:
+        raise SamergeError(f"unknown method {name!r} in {spec!r}; available methods: "
+                           f"{', '.join([*available_methods(), *extra])}")
+    return name, params

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from samerge.device import check_device_name
 from samerge.errors import SamergeError, invalid
 from samerge.io.writer import parse_size
 from samerge.methods import REGISTRY
-from samerge.overrides import parse_assignments
+from samerge.overrides import parse_assignments, parse_method
 from samerge.space import parse_space
 
 
@@ -131,9 +132,16 @@ class SearchParams(_Section):
         default_factory=lambda: {"task_arithmetic": {"scale": [0.1, 1.0]},
                                  "ties": {"density": [0.05, 0.6], "scale": [0.3, 1.5],
                                           "aggregate": {"choices": ["sum", "mean"]}},
-                                 "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5]}},
+                                 "pcb": {"density": [0.05, 0.5], "scale": [0.3, 1.5]},
+                                 "sa_merging": {"prune_ratio": [0.05, 0.3], "scale": [0.4, 1.5],
+                                                "saliency_sign": {"choices": ["literal", "own_sign", "own_value",
+                                                                              "own_flow"]}}},
         description="per method, its searched parameters: [low, high], {low, high, log}, {choices: [...]} or a "
                     "fixed value; weights: [low, high] = one weight per expert")
+    start: list[str] = Field(default_factory=list,
+                             description="configurations the first trials run before TPE samples (method specs, "
+                                         "e.g. sa_merging[saliency_sign=own_value]; each method's defaults for the "
+                                         "rest, inside the space), so the search is never below them on validation")
 
     @field_validator("fallback")
     @classmethod
@@ -148,6 +156,16 @@ class SearchParams(_Section):
         except SamergeError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _start(self) -> SearchParams:
+        try:
+            space = parse_space(self.space, n_experts=2)
+            for spec in self.start:
+                space.study_params(*parse_method(spec), f"search start {spec!r}")
+        except SamergeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class EvaluateParams(_Section):

@@ -91,6 +91,42 @@ class SearchSpace:
                 out += [f"{method}.{p}.{i}" for i in range(self.n_experts)] if s.per_expert else [f"{method}.{p}"]
         return out
 
+    def study_params(self, method: str, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The study parameters of one configuration, ``method`` with ``params`` and its defaults for the rest (a trial
+        the search starts from). A configuration the space cannot draw (a method or value outside it, a parameter it
+        does not search set away from its default) is one :class:`SamergeError` line naming ``where``."""
+        if method not in self.methods:
+            raise SamergeError(f"{where}: method {method!r} is not in the search space ({', '.join(self.methods)}); "
+                               f"add it (e.g. {method}: {{}} searches it at its defaults)")
+        model = get_method(method).Params
+        try:
+            values = model(**params)
+        except ValidationError as exc:
+            raise invalid(where, exc, model, noun="parameter") from None
+        defaults = model()
+        space = self.methods[method]
+        off = [p for p in params if p not in space and getattr(values, p) != getattr(defaults, p)]
+        if off:
+            raise SamergeError(f"{where}: {method}.{off[0]} is not searched, so a trial merges it at its default "
+                               f"{getattr(defaults, off[0])!r}; add it to the space or leave it out")
+        flat: dict[str, Any] = {"method": method} if len(self.methods) > 1 else {}
+        for p, s in space.items():
+            value = getattr(values, p)
+            if s.kind == "fixed":
+                if value != getattr(model(**{p: s.value}), p):
+                    raise SamergeError(f"{where}: {method}.{p} = {value!r}, but the space fixes it at {s.value!r}")
+                continue
+            names = [f"{method}.{p}.{i}" for i in range(self.n_experts)] if s.per_expert else [f"{method}.{p}"]
+            drawn = (value if value is not None else [1.0] * self.n_experts) if s.per_expert else [value]
+            for n, v in zip(names, drawn):
+                inside = (v in s.choices if s.kind == "categorical"
+                          else _number(v) and s.low <= v <= s.high and (s.kind == "float" or float(v).is_integer()))
+                if not inside:
+                    bounds = list(s.choices) if s.kind == "categorical" else f"[{s.low}, {s.high}]"
+                    raise SamergeError(f"{where}: {method}.{p} = {v!r} lies outside the search space ({bounds})")
+                flat[n] = v
+        return flat
+
     def complete(self, flat: Mapping[str, Any]) -> bool:
         """Whether the study parameters ``flat`` (a trial's ``params``) hold a whole configuration."""
         names = list(self.methods)

@@ -520,9 +520,10 @@ def search(params: PipelineParams, layout: Layout, *, quiet: bool = False,
             res = run_search(evaluator, space, n_trials=sp.n_trials, timeout=sp.timeout, seed=sp.seed,
                              batch=sp.batch, n_jobs=sp.n_jobs, storage=layout.work / STUDY,
                              study_name=study_key(space, sp.seed, sp.batch, fingerprint,
-                                                  warmup_tasks=sp.warmup_tasks, startup_trials=sp.startup_trials),
+                                                  warmup_tasks=sp.warmup_tasks, startup_trials=sp.startup_trials,
+                                                  start=sp.start),
                              warmup_tasks=sp.warmup_tasks, startup_trials=sp.startup_trials, progress=not quiet,
-                             map_trials=map_trials)
+                             start=sp.start, map_trials=map_trials)
             res.write_outputs(out)
             if res.best is None:
                 errors = [r["error"] for r in res.trials if r["error"]]

@@ -148,7 +148,11 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
     space.write_text(yaml.safe_dump({"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}}))
     out = tmp_path / "search"
     args = ["search", "--suite", "text", "--tasks", "sentiment,language_id", "--space", str(space), "--out", str(out),
-            "--quiet"]
+            "--start", "ties[density=0.3]", "--quiet"]
+    bad = run(*args[:-3], "--start", "wudi", "--trials", "2")  # refused before the suite loads
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "samerge: error: --start 'wudi': method 'wudi' is not in the search space (task_arithmetic, ties); add it "
+        "(e.g. wudi: {} searches it at its defaults)"] and not out.exists()
     r = run(*args, "--trials", "2", timeout=SUITE_TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("best: trial ") and "mean normalized validation score" in r.stdout
@@ -156,6 +160,7 @@ def test_search_finds_a_merge_on_a_suite_and_resumes_its_study(suite_cache, tmp_
             "study.db"} <= {p.name for p in out.iterdir()}
     first = list(csv.DictReader((out / "trials.csv").open()))
     assert [r["slot"] for r in first] == ["0", "1"] and all(r["state"] == "COMPLETE" for r in first)
+    assert first[0]["method"] == "ties" and json.loads(first[0]["params"])["density"] == 0.3  # the --start trial
     best = json.loads((out / "best.json").read_text())["best"]
     assert best["value"] == max(float(r["value"]) for r in first) and best["method"] in ("task_arithmetic", "ties")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())

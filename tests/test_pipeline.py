@@ -72,6 +72,8 @@ def test_params_file_is_valid_and_names_the_stages():
     ({"search.space": {"ties": {"densty": [0.1, 0.5]}}}, "parameters: search.space: search space ties: unknown "
                                                          "parameter 'densty'; valid parameters: density, scale"),
     ({"search.fallback": "tie"}, "parameters: search.fallback: unknown method 'tie'; available methods: "),
+    ({"search.start": ["ties[density=0.9]"]}, "parameters: search: search start 'ties[density=0.9]': ties.density = 0.9 "
+                                              "lies outside the search space ([0.05, 0.6])"),
     ({"search.n_trials": 0}, "parameters: search.n_trials: input should be greater than or equal to 1 (got 0)"),
 ])
 def test_bad_parameters_are_refused_with_the_valid_options(override, message):

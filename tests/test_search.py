@@ -305,6 +305,36 @@ def test_a_hopeless_trial_is_pruned(evaluator: Evaluator) -> None:
     assert {r["state"] for r in result.trials} == {"COMPLETE", "PRUNED"}
 
 
+def test_the_search_starts_from_the_given_configurations(evaluator: Evaluator) -> None:
+    """``start``: the first slots run exactly these configurations (each method's defaults for the rest), scored as
+    any trial is; the best trial is never below them; each one outside the space is one line."""
+    space = {"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.05, 0.6], "scale": [0.3, 1.5]},
+             "pcb": {}}
+    start = ["pcb", "ties[density=0.3]", "task_arithmetic[scale=0.5]"]
+    result = run_search(evaluator, space, n_trials=5, seed=0, start=start)
+    ties_scale = get_method("ties").Params().scale  # not given: the method's default
+    want = [("pcb", {}), ("ties", {"density": 0.3, "scale": ties_scale}), ("task_arithmetic", {"scale": 0.5})]
+    for r, (method, params) in zip(result.trials[:3], want):
+        assert (r["method"], r["params"]) == (method, params)
+        direct = evaluator.normalized(evaluator.scores(evaluator.merge(method, params)))  # the oracle: merged by hand
+        assert r["value"] == pytest.approx(sum(direct) / len(direct), abs=1e-12)
+    assert result.best is not None and result.best.value >= max(r["value"] for r in result.trials[:3])
+    assert len(result.trials) == 5 and result.trials[3]["slot"] == 3  # then TPE, as without a start
+    for bad, message in [
+        (["ties[density=0.9]"], r"search start 'ties\[density=0.9\]': ties.density = 0.9 lies outside the search "
+                                r"space \(\[0.05, 0.6\]\)$"),
+        (["wudi"], r"search start 'wudi': method 'wudi' is not in the search space \(task_arithmetic, ties, pcb\); "
+                   r"add it \(e.g. wudi: \{\} searches it at its defaults\)$"),
+        (["ties[aggregate=mean]"], r"ties.aggregate is not searched, so a trial merges it at its default 'sum'; add "
+                                   r"it to the space or leave it out$"),
+        (["pcb[density=2]"], r"search start 'pcb\[density=2\]'.*density"),
+        (["pcb", "ties", "pcb", "ties", "pcb", "ties"], r"6 start configurations need n_trials >= 6, got 5$"),
+        ("pcb", r"start must be a list of method specs"),
+    ]:
+        with pytest.raises(SamergeError, match=message):
+            run_search(evaluator, space, n_trials=5, seed=0, start=bad)
+
+
 def test_a_failing_merge_fails_only_its_trial(evaluator: Evaluator) -> None:
     # breadcrumbs refuses aggregate=mean without sign_election (a rule across fields, left to each trial's merge):
     # those trials fail, the others complete

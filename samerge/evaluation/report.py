@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -30,36 +29,16 @@ from typing import Any
 import torch
 
 import samerge
-from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
 from samerge.evaluation.html import render_report
 from samerge.evaluation.scoring import ROW_FIELDS, ScoreCache, check_split, row_cells, score_models
 from samerge.evaluation.suite import Expert, Suite, base_input
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
-from samerge.overrides import parse_assignments
+from samerge.overrides import parse_method
 
 # what the score columns of report.md hold (report.csv has plain accuracy beside it)
 _METRIC = "Score (balanced accuracy; a hub suite task: its own metric)"
-
-
-def parse_method(spec: str, extra: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
-    """``"ties[aggregate=mean,scale=1.0]"`` -> ``("ties", {"aggregate": "mean", "scale": 1.0})``.
-
-    ``extra``: method names a suite adds to samerge's own (``prefix:name``, e.g. ``lora:ties``; see run_report).
-    """
-    m = re.fullmatch(r"\s*([A-Za-z_]\w*(?::[A-Za-z_]\w*)?)\s*(?:\[(.*)\])?\s*", spec)
-    if not m:
-        raise SamergeError(f"cannot parse method {spec!r} (expected name or name[key=value,...])")
-    try:
-        params = parse_assignments(m.group(2).split(",")) if m.group(2) else {}
-    except SamergeError as exc:
-        raise SamergeError(f"method {spec!r}: {exc}") from None
-    name = m.group(1)
-    if name not in samerge.available_methods() and name not in extra:
-        raise SamergeError(f"unknown method {name!r} in {spec!r}; available methods: "
-                           f"{', '.join([*samerge.available_methods(), *extra])}")
-    return name, params
 
 
 def split_methods(text: str) -> list[str]:

@@ -24,7 +24,8 @@ trial's parameters depend only on (seed, slot, the history before its batch): th
 ``batch`` give the same trials and the same best trial whether the batch runs on one thread, ``n_jobs`` threads or
 other machines, and a resumed study (see below) gives the same trials as an uninterrupted one. (A sampler on the
 real study would also see the running trials of its batch and the trials a kill left behind.) The parameters found
-this way are enqueued into the real study (``enqueue_trial``), so the study records them with their distributions
+this way (or, for the first slots, the ``start`` configurations as given) are enqueued into the real study
+(``enqueue_trial``), so the study records them with their distributions
 (plots, importances) and is written only through Optuna. A ``timeout`` stops the search between batches: its result
 then depends on how many batches ran (on the machine's speed), which no seed can fix.
 
@@ -69,7 +70,7 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.metrics import normalized
-from samerge.evaluation.report import merged_state, method_recipe
+from samerge.evaluation.report import merged_state, method_recipe, parse_method
 from samerge.evaluation.scoring import on_split
 from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import OutputLock, write_text_atomic
@@ -106,13 +107,13 @@ def _quiet(optuna: Any) -> Iterator[None]:
 
 
 def study_key(space: SearchSpace, seed: int, batch: int, fingerprint: str, *, warmup_tasks: int = 2,
-              startup_trials: int = 5) -> str:
+              startup_trials: int = 5, start: Sequence[str] = ()) -> str:
     """A short name for the study of this search (16 hex digits): the same key exactly when everything that decides
-    its trials is the same — the space, the seed, the batch, the pruning settings and ``fingerprint`` (the caller's
-    description of the suite, tasks and experts, e.g. their content hashes)."""
+    its trials is the same — the space, the seed, the batch, the pruning settings, the configurations it starts from
+    and ``fingerprint`` (the caller's description of the suite, tasks and experts, e.g. their content hashes)."""
     blob = json.dumps({"space": space.to_dict(), "seed": seed, "batch": batch, "fingerprint": fingerprint,
-                       "warmup_tasks": warmup_tasks, "startup_trials": startup_trials, "format": SEARCH_FORMAT},
-                      sort_keys=True, default=str)
+                       "warmup_tasks": warmup_tasks, "startup_trials": startup_trials, "format": SEARCH_FORMAT,
+                       **({"start": list(start)} if start else {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -538,7 +539,7 @@ def _row(t: Any, space: SearchSpace, tasks: Sequence[str]) -> dict[str, Any]:
 def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, n_trials: int,
                timeout: float | None = None, seed: int = 0, batch: int = 1, n_jobs: int = 1,
                storage: str | Path | None = None, study_name: str = "samerge-search", warmup_tasks: int = 2,
-               startup_trials: int = 5, progress: bool = False,
+               startup_trials: int = 5, progress: bool = False, start: Sequence[str] = (),
                map_trials: Callable[[list[TrialSpec]], Sequence[TrialResult]] | None = None) -> SearchResult:
     """Search ``space`` on ``evaluator``'s validation tasks until the study holds ``n_trials`` finished trials
     (slots ``0..n_trials-1``; those already in ``storage`` count), or until ``timeout`` seconds have passed (checked
@@ -546,6 +547,9 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
 
     ``batch`` trials are sampled together and evaluated on ``n_jobs`` threads, or by ``map_trials`` (a list of
     :class:`TrialSpec` -> their :class:`TrialResult`, e.g. one task each on other workers), then told in slot order.
+    ``start``: configurations (method specs such as ``wudi`` or ``sa_merging[saliency_sign=own_value]``, the
+    method's defaults for the rest) that the first slots run instead of sampling, so the search knows them and its
+    best trial is never below theirs on validation; each must lie in ``space``.
     ``storage``: an SQLite file (or an SQLAlchemy URL) holding the study ``study_name`` (see :func:`study_key`);
     None keeps it in memory. ``warmup_tasks``/``startup_trials``: pruning (module docstring). ``progress``: a bar
     with the best value so far and its method. The result is a function of (seed, n_trials, batch, space, pruning
@@ -563,11 +567,17 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
     if map_trials is not None and n_jobs > 1:
         raise SamergeError("search: give n_jobs or map_trials, not both (map_trials decides where trials run)")
     space = parse_space(space, len(evaluator.experts))
+    if isinstance(start, str) or not all(isinstance(x, str) for x in start):
+        raise SamergeError(f"search: start must be a list of method specs (e.g. ['wudi', 'pcb']), got {start!r}")
+    if len(start) > n_trials:
+        raise SamergeError(f"search: {len(start)} start configurations need n_trials >= {len(start)}, got {n_trials}")
+    starts = [space.study_params(*parse_method(x), f"search start {x!r}") for x in start]
     optuna = _optuna()
     S = optuna.trial.TrialState
     tasks = evaluator.tasks
     settings = {"space": space.to_dict(), "seed": seed, "batch": batch, "warmup_tasks": warmup_tasks,
-                "startup_trials": startup_trials, "tasks": tasks, "format": SEARCH_FORMAT}
+                "startup_trials": startup_trials, "tasks": tasks, "format": SEARCH_FORMAT,
+                **({"start": list(start)} if start else {})}
     with contextlib.ExitStack() as stack:
         stack.enter_context(_quiet(optuna))
         path = _storage_path(storage)
@@ -587,13 +597,13 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
         _recover(study, optuna)
         return _drive(optuna, S, study, evaluator, space, n_trials=n_trials, timeout=timeout, seed=seed,
                       batch=batch, n_jobs=n_jobs, warmup_tasks=warmup_tasks, startup_trials=startup_trials,
-                      progress=progress, map_trials=map_trials, path=path)
+                      progress=progress, map_trials=map_trials, path=path, starts=starts)
 
 
 def _drive(optuna: Any, S: Any, study: Any, evaluator: Evaluator, space: SearchSpace, *, n_trials: int,
            timeout: float | None, seed: int, batch: int, n_jobs: int, warmup_tasks: int, startup_trials: int,
            progress: bool, map_trials: Callable[[list[TrialSpec]], Sequence[TrialResult]] | None,
-           path: Path | None) -> SearchResult:
+           path: Path | None, starts: Sequence[dict[str, Any]] = ()) -> SearchResult:
     from tqdm.auto import tqdm
 
     tasks = evaluator.tasks
@@ -629,7 +639,7 @@ def _drive(optuna: Any, S: Any, study: Any, evaluator: Evaluator, space: SearchS
             for s in todo:
                 old = slots.get(s)  # an interrupted attempt: its exact parameters again
                 params = (dict(old.params) if old is not None and space.complete(old.params)
-                          else _sample(optuna, space, history, seed, s))
+                          else dict(starts[s]) if s < len(starts) else _sample(optuna, space, history, seed, s))
                 study.enqueue_trial(params, user_attrs={"slot": s})
                 trial = study.ask()
                 method, mparams = space.suggest(trial)
