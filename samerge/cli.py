@@ -37,8 +37,9 @@ from samerge.demo import prepare_demo
 from samerge.device import DEVICE_HELP
 from samerge.errors import SamergeError, SamergeWarning, invalid
 from samerge.evaluation.catalog import open_suite
-from samerge.evaluation.report import parse_method, run_report, split_methods
+from samerge.evaluation.report import run_report, split_methods
 from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
+from samerge.space import parse_start
 from samerge.io import open_model, sha256_file
 from samerge.io.writer import write_text_atomic
 from samerge.layout import STAGES
@@ -352,9 +353,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if value < 1:  # before the suite loads (minutes of fine-tuning the first time)
             raise SamergeError(f"{flag} must be at least 1, got {value}")
     start = SearchParams().start if args.start is None else split_methods(args.start)
-    early = parse_space(mapping, n_experts=2)  # a mistake in the space, too (the weights' count is the suite's)
-    for x in start:  # and in the start configurations
-        early.study_params(*parse_method(x), f"--start {x!r}")
+    # a mistake in the space or the start configurations, too (the weights' count is the suite's)
+    parse_start(parse_space(mapping, n_experts=2), start, "--start")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     add = _add_tasks(args.add_task)
     st, data = open_suite(args.suite, args.size, args.seed, tasks=tasks, add_tasks=add, progress=not args.quiet,

@@ -20,8 +20,8 @@ from samerge.device import check_device_name
 from samerge.errors import SamergeError, invalid
 from samerge.io.writer import parse_size
 from samerge.methods import REGISTRY
-from samerge.overrides import parse_assignments, parse_method
-from samerge.space import parse_space
+from samerge.overrides import parse_assignments
+from samerge.space import parse_space, parse_start
 
 
 class _Section(BaseModel):
@@ -160,9 +160,7 @@ class SearchParams(_Section):
     @model_validator(mode="after")
     def _start(self) -> SearchParams:
         try:
-            space = parse_space(self.space, n_experts=2)
-            for spec in self.start:
-                space.study_params(*parse_method(spec), f"search start {spec!r}")
+            parse_start(parse_space(self.space, n_experts=2), self.start)
         except SamergeError as exc:
             raise ValueError(str(exc)) from None
         return self

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from samerge.errors import SamergeError, invalid
 from samerge.methods import REGISTRY, get_method
+from samerge.overrides import parse_method
 
 RANGE_KEYS = ("low", "high", "log")
 Scalar = None | bool | int | float | str
@@ -132,6 +133,14 @@ class SearchSpace:
         names = list(self.methods)
         method = flat.get("method", names[0] if len(names) == 1 else None)
         return method in self.methods and all(n in flat for n in self.searched(method))
+
+
+def parse_start(space: SearchSpace, specs: Sequence[str], where: str = "search start") -> list[dict[str, Any]]:
+    """The study parameters of each start configuration (method specs, e.g. ``["wudi", "sa_merging[scale=1.0]"]``;
+    see :meth:`SearchSpace.study_params`); every mistake is one line naming ``where`` and the spec."""
+    if isinstance(specs, str) or not all(isinstance(x, str) for x in specs):
+        raise SamergeError(f"search: start must be a list of method specs (e.g. ['wudi', 'pcb']), got {specs!r}")
+    return [space.study_params(*parse_method(x), f"{where} {x!r}") for x in specs]
 
 
 def _is_int_field(annotation: Any) -> bool:

@@ -70,11 +70,11 @@ import torch
 
 from samerge.errors import SamergeError
 from samerge.evaluation.metrics import normalized
-from samerge.evaluation.report import merged_state, method_recipe, parse_method
+from samerge.evaluation.report import merged_state, method_recipe
 from samerge.evaluation.scoring import on_split
 from samerge.evaluation.suite import Expert, Suite
 from samerge.io.writer import OutputLock, write_text_atomic
-from samerge.space import SearchSpace, _number, parse_space
+from samerge.space import SearchSpace, _number, parse_space, parse_start
 
 SEARCH_FORMAT = 1  # bump when a change makes stored studies incomparable (what a study key and its settings mean)
 
@@ -567,11 +567,9 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
     if map_trials is not None and n_jobs > 1:
         raise SamergeError("search: give n_jobs or map_trials, not both (map_trials decides where trials run)")
     space = parse_space(space, len(evaluator.experts))
-    if isinstance(start, str) or not all(isinstance(x, str) for x in start):
-        raise SamergeError(f"search: start must be a list of method specs (e.g. ['wudi', 'pcb']), got {start!r}")
-    if len(start) > n_trials:
-        raise SamergeError(f"search: {len(start)} start configurations need n_trials >= {len(start)}, got {n_trials}")
-    starts = [space.study_params(*parse_method(x), f"search start {x!r}") for x in start]
+    starts = parse_start(space, start)
+    if len(starts) > n_trials:
+        raise SamergeError(f"search: {len(starts)} start configurations need n_trials >= {len(starts)}, got {n_trials}")
     optuna = _optuna()
     S = optuna.trial.TrialState
     tasks = evaluator.tasks

@@ -9,6 +9,7 @@ experts with :func:`finetune` and cache them on disk (``$SAMERGE_CACHE`` or ``~/
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -57,20 +58,29 @@ class Suite(Protocol):
     def merge(self, method: str, params: Mapping[str, Any], experts: Sequence[Expert]) -> dict[str, torch.Tensor]: ...
 
 
+@functools.lru_cache(maxsize=16)
+def _config_json(model_dir: Path) -> str | None:
+    """The model folder's config.json as canonical JSON text (read once per folder and process: every merge of a
+    report or search asks for it)."""
+    config = read_config(model_dir)
+    return None if config is None else json.dumps(config, sort_keys=True)
+
+
 def base_input(suite: Suite) -> Mapping[str, torch.Tensor]:
     """The suite's base as a merge input: with the model's config.json where ``base`` is a whole transformers model
     (``model_dir``), so a method that builds the connectivity graph reads the attention heads instead of guessing
     them from the shapes; the plain state otherwise. The acquire stage stores the same config in base.safetensors
     (:func:`base_metadata`), so the pipeline's merges and the report's are the same merge."""
-    config = read_config(suite.model_dir) if suite.model_dir is not None else None
-    return suite.base if config is None else Checkpoint.from_state(suite.base, f"{suite.name} base", config=config)
+    text = _config_json(suite.model_dir) if suite.model_dir is not None else None
+    return suite.base if text is None else Checkpoint.from_state(suite.base, f"{suite.name} base",
+                                                                config=json.loads(text))
 
 
 def base_metadata(suite: Suite) -> dict[str, str]:
     """The safetensors metadata of the suite's base written to a file: its role, and its config (see
     :func:`base_input`) where it has one."""
-    config = read_config(suite.model_dir) if suite.model_dir is not None else None
-    return {"samerge.role": "base", **({CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)} if config else {})}
+    text = _config_json(suite.model_dir) if suite.model_dir is not None else None
+    return {"samerge.role": "base", **({CONFIG_METADATA_KEY: text} if text else {})}
 
 
 def standard_methods(size: str) -> list[str]:
