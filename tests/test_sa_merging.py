@@ -444,6 +444,38 @@ def test_every_family_merges_alike_with_or_without_its_wrapper_prefix(name, mode
         assert torch.equal(out[k], renamed[rename(k)]), k
 
 
+def test_a_whole_clip_models_config_gives_the_vision_towers_heads():
+    """A CLIPModel's config.json nests a text and a vision section; the graph is of the vision tower, so its heads
+    come from `vision_config` (here 4 of width 8), not from the text tower's (2 of width 16), and the merge of the
+    whole model equals the merge of its vision tower saved alone with its own flat config (the text tower, outside
+    the graph, aside). Before, the text tower (as many layers, first in the file) was taken for the graph and the
+    merge stopped: "expected tensor 'text_model.embeddings.patch_embedding.weight' is missing"."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16))
+    config = model.config.to_dict()
+    sd = model.state_dict()
+    keys = list(sd)
+    graph = build_graph(keys, {k: tuple(v.shape) for k, v in sd.items()}, config)
+    heads = {(b.n_heads, b.n_kv_heads) for b in graph.encoder.blocks if hasattr(b, "n_kv_heads")}
+    assert heads == {(4, 4)}
+
+    experts = experts_of(sd)
+    whole = samerge.merge(_with_config(dict(sd), config), experts, "sa_merging")
+    tower = [k for k in sd if k.startswith(("vision_model.", "visual_projection."))]  # CLIPVisionModelWithProjection
+    alone = samerge.merge(_with_config({k: sd[k] for k in tower}, config["vision_config"]),
+                          [{k: e[k] for k in tower} for e in experts], "sa_merging")
+    assert any(not torch.equal(alone[k], sd[k]) for k in tower if "q_proj" in k)
+    for k in tower:
+        assert torch.equal(whole[k], alone[k]), k
+
+
 def _with_config(state, config):
     class WithConfig(dict):
         pass

@@ -55,6 +55,7 @@ _LLAMA = {
 
 _CLIP_HF = {
     "anchor": r"^(?P<p>.*?)encoder\.layers\.(?P<i>\d+)\.self_attn\.q_proj\.weight$",
+    "config_section": "vision_config",  # a whole CLIPModel's config.json: the tower this graph is of
     "stacks": [{
         "patch": "{p}embeddings.patch_embedding.weight",
         "embed_norm": "?{p}pre_layrnorm.weight",
@@ -174,9 +175,9 @@ def _heads(template: dict[str, Any], config: Mapping[str, Any] | None, q_rows: i
     """The query and key/value head counts, and whether they were guessed (no head count or width in the config
     and none fixed by the family: heads of width 64 assumed)."""
     cfg = dict(config or {})
-    for sub in ("text_config", "vision_config"):
-        if isinstance(cfg.get(sub), dict) and "num_attention_heads" not in cfg:
-            cfg.update({k: v for k, v in cfg[sub].items() if k not in cfg})
+    sub = template.get("config_section", "text_config")  # a composite config (CLIPModel, a multimodal LLM): the
+    if isinstance(cfg.get(sub), dict) and "num_attention_heads" not in cfg:  # section of the tower the graph is of
+        cfg.update({k: v for k, v in cfg[sub].items() if k not in cfg})
     n_heads = cfg.get(template.get("heads_config", "num_attention_heads")) or cfg.get("n_head")
     guessed = False
     if not n_heads:
@@ -205,8 +206,9 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
     for k in keys:
         m = anchor.match(k)
         # the tower the filter names: by its wrapper prefix (open_clip's `visual.`), or saved on its own (no prefix)
-        # and told by its patch embedding, which a text tower does not have
-        if m and (marker in m.group("p") or (patch is not None and patch.format(p=m.group("p")) in keyset)):
+        # and told by its patch embedding, which a text tower does not have (a whole CLIPModel holds both towers)
+        has_patch = patch is not None and patch.format(p=m.group("p")) in keyset if m else False
+        if m and ((marker in m.group("p") if marker else patch is None) or has_patch):
             layers.setdefault(m.group("p"), set()).add(int(m.group("i")))
     if not layers:
         raise SamergeError(f"connectivity graph: no {family} layers found")
