@@ -43,48 +43,67 @@ def wudi_objective(tau_m: torch.Tensor, task_vectors: torch.Tensor) -> torch.Ten
 
 def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[torch.Tensor, list[float]]:
     """Optimise one 2-D weight on ``task_vectors``' device; returns (tau_m there, the objective before each step
-    and after the last).
+    and after the last; float32, so exact to about 1e-7 of the start's objective).
 
-    The objective and its gradient ``2 sum_i (tau_m - tau_i) tau_i^T tau_i / ||tau_i||^2`` are evaluated in
-    closed form, one expert at a time, through whichever Gram matrix is smaller: ``tau_i^T tau_i`` (in x in) for
-    tall weights such as token embeddings, ``(tau_m - tau_i) tau_i^T`` (out x out) otherwise. Memory stays
-    O(out x in) (a batched out x out product for a 30k-row embedding would need tens of GB).
+    Written as ``tau_m = S + D`` (``S = sum_i tau_i``, the start; Adam moves ``D`` from 0, which is the same Adam
+    as on ``tau_m`` from ``S``), the objective is a quadratic in ``D``:
+
+        L = L0 + 2 <D, C> + <Q(D), D>,   gradient 2 (Q(D) + C),
+        Q(D) = sum_i D G_i,  C = sum_i (S - tau_i) G_i,  G_i = tau_i^T tau_i / ||tau_i||^2,
+
+    where ``L0`` (the objective at the start) and ``C`` are computed once from the ``S - tau_i`` (the other experts'
+    sums, without cancellation). ``Q(D)`` is one product with ``H = sum_i G_i`` (in x in) where ``H`` is no larger
+    than the task vectors themselves (in <= n * out; then also cheaper than the per-expert form), else
+    ``sum_i (D tau_i^T) tau_i / ||tau_i||^2`` per expert (two thin products each; no in x in matrix, so a wide
+    weight stays O(out x in) in memory). Each step costs one (out x in) @ (in x in) product instead of one per
+    expert.
     """
     tvs = task_vectors.to(dtype=torch.float32)
     norms = tvs.square().sum(dim=(1, 2))
     live = norms > 0
     tvs, norms = tvs[live], norms[live]
-    tau_m = task_vectors.to(dtype=torch.float32).sum(0).clone().requires_grad_(True)
+    start = task_vectors.to(dtype=torch.float32).sum(0)
     if tvs.shape[0] == 0 or iterations == 0:
-        return tau_m.detach(), []
-    n_out, n_in = tau_m.shape
-    tall = n_out >= n_in
-    grams = [t.t() @ t / nrm for t, nrm in zip(tvs, norms)] if tall else None
-    opt = torch.optim.Adam([tau_m], lr=lr)
+        return start, []
+    n, n_out, n_in = tvs.shape
+    gram = n_in <= n * n_out
+    h = start.new_zeros(n_in, n_in) if gram else None
+    c = torch.zeros_like(start)
+    loss0 = 0.0
+    for t, nrm in zip(tvs, norms):
+        rest = start - t  # the other experts' sum: tau_m - tau_i at the start
+        if gram:
+            g = (t.t() @ t).div_(nrm)
+            h.add_(g)  # type: ignore[union-attr]
+            rg = rest @ g
+        else:
+            rg = (rest @ t.t()) @ t / nrm
+        c.add_(rg)
+        loss0 += float((rg * rest).sum(dtype=torch.float64))
+
+    def quad(d: torch.Tensor) -> torch.Tensor:
+        if gram:
+            return d @ h
+        out = torch.zeros_like(d)
+        for t, nrm in zip(tvs, norms):
+            out.add_((d @ t.t()) @ t, alpha=1.0 / float(nrm))
+        return out
+
+    delta = torch.zeros_like(start, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
     history: list[float] = []
-    grad = torch.empty_like(tau_m)
     for step in range(iterations + 1):
-        loss = 0.0
-        grad.zero_()
         with torch.no_grad():
-            for i, (t, nrm) in enumerate(zip(tvs, norms)):
-                d = tau_m - t
-                if tall:
-                    dg = d @ grams[i]  # type: ignore[index]
-                    loss += float((dg * d).sum())
-                    grad.add_(dg, alpha=2.0)
-                else:
-                    p = d @ t.t()
-                    loss += float(p.square().sum() / nrm)
-                    grad.add_(p @ t, alpha=2.0 / float(nrm))
-        history.append(loss)
-        if step == iterations:
-            break
-        tau_m.grad = grad.clone()
-        # Adam makes its step counters at its first step, on the default device (torch 2.11): tau_m's device here
-        with torch.device(tau_m.device):
+            d = delta.detach()
+            q = quad(d)
+            history.append(loss0 + float((2.0 * c + q).mul_(d).sum(dtype=torch.float64)))
+            if step == iterations:
+                break
+            delta.grad = q.add_(c).mul_(2.0)
+        # Adam makes its step counters at its first step, on the default device (torch 2.11): delta's device here
+        with torch.device(delta.device):
             opt.step()
-    return tau_m.detach(), history
+    return start + delta.detach(), history
 
 
 class Wudi(MergeMethod):
