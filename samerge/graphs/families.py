@@ -201,7 +201,7 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
     template = FAMILY_TEMPLATES[family]
     anchor = re.compile(template["anchor"])
     layers: dict[str, set[int]] = {}
-    keyset = set(keys)
+    keyset = set(keys) | set(aliases)  # as the resolver sees them: a tied patch embedding is found too
     marker, patch = template.get("prefix_filter", ""), template["stacks"][0].get("patch")
     for k in keys:
         m = anchor.match(k)

@@ -81,12 +81,14 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[
         c.add_(rg)
         loss0 += float((rg * rest).sum(dtype=torch.float64))
 
+    inv_norms = (1.0 / norms.double()).tolist()  # once: a float() per expert and step would sync a GPU each time
+
     def quad(d: torch.Tensor) -> torch.Tensor:
         if gram:
             return d @ h
         out = torch.zeros_like(d)
-        for t, nrm in zip(tvs, norms):
-            out.add_((d @ t.t()) @ t, alpha=1.0 / float(nrm))
+        for t, inv in zip(tvs, inv_norms):
+            out.add_((d @ t.t()) @ t, alpha=inv)
         return out
 
     delta = torch.zeros_like(start, requires_grad=True)
