@@ -205,11 +205,14 @@ def build_transformer(family: str, keys: Sequence[str], shapes: Mapping[str, tup
     marker, patch = template.get("prefix_filter", ""), template["stacks"][0].get("patch")
     for k in keys:
         m = anchor.match(k)
+        if not m:
+            continue
+        p = m.group("p")
         # the tower the filter names: by its wrapper prefix (open_clip's `visual.`), or saved on its own (no prefix)
         # and told by its patch embedding, which a text tower does not have (a whole CLIPModel holds both towers)
-        has_patch = patch is not None and patch.format(p=m.group("p")) in keyset if m else False
-        if m and ((marker in m.group("p") if marker else patch is None) or has_patch):
-            layers.setdefault(m.group("p"), set()).add(int(m.group("i")))
+        named = marker in p if marker else patch is None
+        if named or (patch is not None and patch.format(p=p) in keyset):
+            layers.setdefault(p, set()).add(int(m.group("i")))
     if not layers:
         raise SamergeError(f"connectivity graph: no {family} layers found")
     prefix = max(layers, key=lambda p: len(layers[p]))  # the main tower

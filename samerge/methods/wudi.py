@@ -59,10 +59,10 @@ def wudi_solve(task_vectors: torch.Tensor, iterations: int, lr: float) -> tuple[
     expert.
     """
     tvs = task_vectors.to(dtype=torch.float32)
+    start = tvs.sum(0)
     norms = tvs.square().sum(dim=(1, 2))
     live = norms > 0
     tvs, norms = tvs[live], norms[live]
-    start = task_vectors.to(dtype=torch.float32).sum(0)
     if tvs.shape[0] == 0 or iterations == 0:
         return start, []
     n, n_out, n_in = tvs.shape
