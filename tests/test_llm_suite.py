@@ -178,13 +178,13 @@ def test_device_choice_and_clear_errors(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_task_dump_for_a_machine_without_the_data_gives_the_same_tasks(suite_cache, tmp_path):
+def test_task_dump_for_a_machine_without_the_data_gives_the_same_tasks(suite_cache, tmp_path, capsys):
     """benchmarks/llm_lora_device.py: the dumped tasks load back equal to the suite's own; a missing one is an error."""
     import importlib.util
     from pathlib import Path
 
     from samerge.errors import SamergeError
-    from samerge.evaluation.llm import BUILTIN_LLM_TASKS, load_llm_task
+    from samerge.evaluation.llm import BUILTIN_LLM_TASKS, LlmLoraSuite, load_llm_task
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_lora_device.py"
     spec = importlib.util.spec_from_file_location("llm_lora_device", path)
@@ -196,3 +196,10 @@ def test_task_dump_for_a_machine_without_the_data_gives_the_same_tasks(suite_cac
         assert load(name, "small", 0) == load_llm_task(name, "small", 0)
     with pytest.raises(SamergeError, match="seed 1: dump it first"):
         load("sentiment", "small", 1)
+    # the search subcommand reads its tasks from the dump too: a seed the dump lacks stops it with that line (before
+    # any fine-tuning), never a silent fallback to the machine's own data
+    code = mod.search(tmp_path / "tasks.json", ["--size", "small", "--seeds", "1", "--trials", "1",
+                                                "--out", str(tmp_path / "search")])
+    assert code == 2
+    assert "seed 1: dump it first" in capsys.readouterr().err
+    assert LlmLoraSuite.load_task is load_llm_task  # the suite reads its own data again afterwards
