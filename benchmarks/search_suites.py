@@ -102,11 +102,15 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
 
     searched = {"method": best.method, "params": best.params, "val": best.value, **on_test(result.best_state()),
                 "recipe": result.recipe()}
+    # with --start standard, slot i ran baseline i on validation: a COMPLETE one gives its score without a second run
+    ran = ({r["slot"]: r for r in result.trials if r["state"] == "COMPLETE"} if starts == standard_methods(args.size)
+           else {})
     baselines = {}
-    for spec in standard_methods(args.size):
+    for i, spec in enumerate(standard_methods(args.size)):
         name, params = parse_method(spec, suite.merge_methods)
         state = val.merge(name, params)
-        baselines[spec] = {"val": mean(val.normalized(val.scores(state))), **on_test(state)}
+        v = ran[i]["value"] if i in ran and ran[i]["method"] == name else mean(val.normalized(val.scores(state)))
+        baselines[spec] = {"val": v, **on_test(state)}
         print(f"  seed {seed} {spec}: val {baselines[spec]['val']:.4f} test {baselines[spec]['test']:.4f}",
               flush=True)
     trial_seconds = [r["seconds"] for r in result.trials]
