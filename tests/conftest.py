@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests import servers
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -61,3 +63,9 @@ def base() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def experts(base: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return make_experts(base, 3)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 for one test; its URL (tests/servers.py)."""
+    yield from servers.mlflow_server(tmp_path / "mlflow-server")

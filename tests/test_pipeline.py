@@ -8,8 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from samerge.io import open_checkpoint
 from samerge.layout import STUDY, read_rows
 from samerge.params import load_params
 from samerge.stages import STAGES
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,12 +37,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", TQDM_DISABLE="1", **extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -279,40 +272,6 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(suite_cache, t
 # ------------------------------------------------------------------------------------------------ MLflow
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    d = tmp_path / "mlflow-server"
-    d.mkdir()
-    log = open(d / "server.log", "w")  # noqa: SIM115 - closed in the finaliser
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")],
-        cwd=d, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError("mlflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
-        time.sleep(1)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
 def test_the_stages_and_the_suite_report_score_alike(suite_cache, tmp_path):
     """One pipeline: the stages (acquire -> prune, search -> evaluate, files between them, merges streamed from disk)
     and `samerge suite report` (the same steps in memory) give the same scores for the same methods with the same
@@ -430,7 +389,7 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     # what is pending; `--resend` sends it once the server is back
     from samerge.errors import SamergeError
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     t0 = time.time()
     with pytest.raises(SamergeError, match=r"is unreachable .*samerge stage report --resend") as info:
         run_stage("report", params, work, overrides=small, quiet=True)

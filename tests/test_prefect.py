@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 from samerge.errors import SamergeError  # noqa: E402
 from samerge.stages import STAGES  # noqa: E402
 from tasks.stages import STAGE_TASKS, acquire, is_transient, retry_if_transient  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -147,12 +147,6 @@ class Deployed:
         return "\n".join(parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:  # the child keeps its own handle
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -208,7 +202,7 @@ def expert_folders(suite_cache: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, suite_cache: Path) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "SAMERGE_", "MLFLOW_"))}  # nothing of the caller's own setup

@@ -35,7 +35,6 @@ import yaml
 from samerge.io import open_checkpoint
 from samerge.layout import STUDY, Layout
 from samerge.stages import run_stage, search_evaluator
-from tests import test_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -44,8 +43,6 @@ TASKS = ["sentiment", "language_id"]
 SPACE = {"task_arithmetic": {"scale": [0.1, 1.0]}, "ties": {"density": [0.1, 0.5]}}
 OVER: dict[str, Any] = {"acquire.tasks": TASKS, "prune.methods": ["task_arithmetic"], "report.track": False,
                         "search.n_trials": 3, "search.space": SPACE}
-
-mlflow_server = test_pipeline.mlflow_server  # the real MLflow server on 127.0.0.1 (a fixture)
 
 
 @pytest.fixture(scope="module")
