@@ -18,6 +18,10 @@ the searched pick is never below the best default on validation; the trials left
 Resumable: each seed's results are ``OUT/seed<N>.json`` (written whole when the seed is done; a seed with one is
 skipped), its search's outputs ``OUT/seed<N>-search/`` and the studies live in ``OUT/studies.sqlite`` (an
 interrupted search continues where it stopped). ``table.md`` is rewritten from the seeds present at the end.
+The baselines' scores (validation and test) are kept in ``OUT/scores.jsonl`` under the keys ``samerge suite
+report`` uses, each as soon as it is computed; ``--scores FILE`` (repeatable) also reads a suite report's
+``scores.jsonl``, so baselines that report already scored on the same experts are not merged or scored again (the
+file is read, never written; take it from the same scoring code, since a key holds no code version).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import samerge
 from samerge.cli import _seed_list
 from samerge.errors import SamergeError
 from samerge.evaluation.catalog import open_suite
-from samerge.evaluation.report import parse_method, split_methods
-from samerge.evaluation.search import Evaluator, parse_space, run_search, study_key
+from samerge.evaluation.report import parse_method, score_keys, split_methods
+from samerge.evaluation.scoring import ScoreCache
+from samerge.evaluation.search import Evaluator, _primary, parse_space, run_search, study_key
 from samerge.evaluation.suite import standard_methods
 from samerge.io.writer import write_text_atomic
 from samerge.methods import get_method
@@ -105,12 +110,31 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
     # with --start standard, slot i ran baseline i on validation: a COMPLETE one gives its score without a second run
     ran = ({r["slot"]: r for r in result.trials if r["state"] == "COMPLETE"} if starts == standard_methods(args.size)
            else {})
+    parsed = [(spec, *parse_method(spec, suite.merge_methods)) for spec in standard_methods(args.size)]
+    keys = {split: score_keys(args.suite, args.size, seed, split, val.tasks, parsed) for split in ("val", "test")}
+    own = ScoreCache(out / "scores.jsonl")
+    read = [own, *(ScoreCache(Path(f)) for f in args.scores or [])]
     baselines = {}
-    for i, spec in enumerate(standard_methods(args.size)):
-        name, params = parse_method(spec, suite.merge_methods)
-        state = val.merge(name, params)
-        v = ran[i]["value"] if i in ran and ran[i]["method"] == name else mean(val.normalized(val.scores(state)))
-        baselines[spec] = {"val": v, **on_test(state)}
+    for i, (spec, name, params) in enumerate(parsed):
+        made: list[dict[str, Any]] = []
+
+        def state() -> dict[str, Any]:  # merged once, and only when a score is missing
+            if not made:
+                made.append(val.merge(name, params))
+            return made[0]
+
+        def scores(ev: Evaluator, split: str) -> list[float]:
+            key = keys[split][spec]
+            got = next((c.get(key) for c in read if c.get(key) is not None), None)
+            if got is None:
+                got = ev.suite.scores(state(), ev.experts)
+                own.put(key, got)
+            return [_primary(got[t]) for t in ev.tasks]
+
+        v = (ran[i]["value"] if i in ran and ran[i]["method"] == name
+             else mean(val.normalized(scores(val, "val"))))
+        normalized = test.normalized(scores(test, "test"))
+        baselines[spec] = {"val": v, "test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
         print(f"  seed {seed} {spec}: val {baselines[spec]['val']:.4f} test {baselines[spec]['test']:.4f}",
               flush=True)
     trial_seconds = [r["seconds"] for r in result.trials]
@@ -169,11 +193,16 @@ def main(argv: list[str] | None = None) -> int:
                                                  "to hold them, so the search never ends below the best default on "
                                                  "validation). Default: none (the measured vision table)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--scores", action="append", default=None,
+                   help="a suite report's scores.jsonl to read the baselines' scores from (repeatable; read only)")
     p.add_argument("--out", required=True)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     try:
         space = yaml.safe_load(Path(args.space).read_text(encoding="utf-8")) if args.space else SPACE
+        for f in args.scores or []:
+            if not Path(f).is_file():
+                raise SamergeError(f"--scores {f}: no such file (a suite report's scores.jsonl)")
         seeds = dict.fromkeys(_seed_list(args.seeds))  # the CLI's parser of --seeds, repeats dropped
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -71,10 +71,19 @@ def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params)
 
 
-def _fingerprint(spec: str, name: str, params: dict[str, Any]) -> str:
-    """What decides a method's result besides the experts: its resolved parameters (defaults included)."""
-    return json.dumps({"spec": spec, "name": name, "params": resolved_params(name, params),
-                       "version": samerge.__version__}, sort_keys=True, default=str)
+def score_keys(suite: str, size: str, seed: int, split: str, tasks: Sequence[str],
+               parsed: Sequence[tuple[str, str, dict[str, Any]]], files: Mapping[str, str] | None = None
+               ) -> dict[str, str]:
+    """The score cache's key of the base, the experts (``"base"``, ``"expert"``) and each ``(spec, name, params)``
+    of ``parsed`` on one seed of a suite: where (suite, size, seed, split, tasks, the added tasks' file hashes
+    ``files``) and, for a method, what decides its result besides the experts (its resolved parameters, defaults
+    included). The report and benchmarks/search_suites.py read and write scores under these keys."""
+    where = json.dumps({"suite": suite, "size": size, "seed": seed, "split": split, "tasks": list(tasks),
+                        "files": dict(files or {})}, sort_keys=True)
+    return {"base": where + "base", "expert": where + "expert",
+            **{spec: where + json.dumps({"spec": spec, "name": name, "params": resolved_params(name, params),
+                                         "version": samerge.__version__}, sort_keys=True, default=str)
+               for spec, name, params in parsed}}
 
 
 def method_recipe(name: str, params: Mapping[str, Any], exclude: Sequence[str] = ()) -> dict[str, Any]:
@@ -137,10 +146,7 @@ def run_report(suite: str, size: str, out: str | Path, *, methods: Sequence[str]
             recipes.setdefault(spec, method_recipe(name, params, st.exclude))
             if name in st.merge_methods:
                 notes[spec] = f"A merge of the {suite} suite's own (not samerge merge): its parameters as given."
-        where = json.dumps({"suite": suite, "size": size, "seed": sd, "split": split,
-                            "tasks": [d.name for d in data], "files": files}, sort_keys=True)
-        keys = {"base": where + "base", "expert": where + "expert",
-                **{spec: where + _fingerprint(spec, name, params) for spec, name, params in parsed}}
+        keys = score_keys(suite, size, sd, split, [d.name for d in data], parsed, files)
         hists: dict[str, list[Any]] = {spec: [] for spec, _, _ in parsed}
         # merge (when a method's scores are not cached) and score, on the split asked for
         models = {spec: partial(merged_state, st, experts, name, params, hists[spec]) for spec, name, params in parsed}
