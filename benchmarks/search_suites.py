@@ -125,7 +125,7 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
 
         def scores(ev: Evaluator, split: str) -> list[float]:
             key = keys[split][spec]
-            got = next((c.get(key) for c in read if c.get(key) is not None), None)
+            got = next((hit for hit in (c.get(key) for c in read) if hit is not None), None)
             if got is None:
                 got = ev.suite.scores(state(), ev.experts)
                 own.put(key, got)
