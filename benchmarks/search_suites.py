@@ -101,12 +101,6 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
     if best is None:
         raise SamergeError(f"seed {seed}: no trial of the search completed")
 
-    def on_test(state: Any) -> dict[str, Any]:
-        normalized = test.normalized(test.scores(state))
-        return {"test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
-
-    searched = {"method": best.method, "params": best.params, "val": best.value, **on_test(result.best_state()),
-                "recipe": result.recipe()}
     # with --start standard, slot i ran baseline i on validation: a COMPLETE one gives its score without a second run
     ran = ({r["slot"]: r for r in result.trials if r["state"] == "COMPLETE"} if starts == standard_methods(args.size)
            else {})
@@ -137,6 +131,17 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
         baselines[spec] = {"val": v, "test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
         print(f"  seed {seed} {spec}: val {baselines[spec]['val']:.4f} test {baselines[spec]['test']:.4f}",
               flush=True)
+    # the pick scored on test once; a pick that is one of the baselines (the same method, the same parameters once
+    # filled with its defaults) is that baseline's merge, so its test scores are reused instead of merged again
+    same = next((spec for spec, name, params in parsed if name == best.method
+                 and get_method(name).Params(**params) == get_method(name).Params(**best.params)), None)
+    if same is None:
+        normalized = test.normalized(test.scores(result.best_state()))
+        on_test = {"test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
+    else:
+        on_test = {k: baselines[same][k] for k in ("test", "test_tasks")}
+    searched = {"method": best.method, "params": best.params, "val": best.value, **on_test,
+                "same_as": same, "recipe": result.recipe()}
     trial_seconds = [r["seconds"] for r in result.trials]
     return {"suite": args.suite, "size": args.size, "seed": seed, "tasks": val.tasks, "trials": args.trials,
             "batch": args.batch, "searched": searched, "baselines": baselines,
