@@ -92,10 +92,28 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
     space = parse_space(widened(space_decl, starts), len(experts))
     fingerprint = json.dumps({"suite": args.suite, "size": args.size, "seed": seed, "tasks": val.tasks,
                               "version": samerge.__version__}, sort_keys=True)
+    parsed = [(spec, *parse_method(spec, suite.merge_methods)) for spec in standard_methods(args.size)]
+    keys = {split: score_keys(args.suite, args.size, seed, split, val.tasks, parsed) for split in ("val", "test")}
+    own = ScoreCache(out / "scores.jsonl")
+    read = [own, *(ScoreCache(Path(f)) for f in args.scores or [])]
+
+    def cached(spec: str, split: str) -> dict[str, Any] | None:
+        return next((hit for hit in (c.get(keys[split][spec]) for c in read) if hit is not None), None)
+
+    def baseline_of(method: str, params: dict[str, Any]) -> str | None:
+        """The baseline that is this configuration (same method, same parameters with its defaults filled)."""
+        return next((spec for spec, name, ps in parsed if name == method
+                     and get_method(name).Params(**ps) == get_method(name).Params(**params)), None)
+
+    def measured(method: str, params: dict[str, Any]) -> list[float] | None:  # a baseline's cached val scores
+        spec = baseline_of(method, params)
+        got = cached(spec, "val") if spec is not None else None
+        return None if got is None else [_primary(got[t]) for t in val.tasks]
+
     result = run_search(val, space, n_trials=args.trials, seed=seed, batch=args.batch, n_jobs=args.n_jobs,
                         start=starts, storage=out / "studies.sqlite",
                         study_name=study_key(space, seed, args.batch, fingerprint, start=starts),
-                        progress=args.progress)
+                        progress=args.progress, measured=measured)
     result.write_outputs(out / f"seed{seed}-search")
     best = result.best
     if best is None:
@@ -104,10 +122,6 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
     # with --start standard, slot i ran baseline i on validation: a COMPLETE one gives its score without a second run
     ran = ({r["slot"]: r for r in result.trials if r["state"] == "COMPLETE"} if starts == standard_methods(args.size)
            else {})
-    parsed = [(spec, *parse_method(spec, suite.merge_methods)) for spec in standard_methods(args.size)]
-    keys = {split: score_keys(args.suite, args.size, seed, split, val.tasks, parsed) for split in ("val", "test")}
-    own = ScoreCache(out / "scores.jsonl")
-    read = [own, *(ScoreCache(Path(f)) for f in args.scores or [])]
     baselines = {}
     for i, (spec, name, params) in enumerate(parsed):
         made: list[dict[str, Any]] = []
@@ -118,11 +132,10 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
             return made[0]
 
         def scores(ev: Evaluator, split: str) -> list[float]:
-            key = keys[split][spec]
-            got = next((hit for hit in (c.get(key) for c in read) if hit is not None), None)
+            got = cached(spec, split)
             if got is None:
                 got = ev.suite.scores(state(), ev.experts)
-                own.put(key, got)
+                own.put(keys[split][spec], got)
             return [_primary(got[t]) for t in ev.tasks]
 
         v = (ran[i]["value"] if i in ran and ran[i]["method"] == name
@@ -133,8 +146,7 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
               flush=True)
     # the pick scored on test once; a pick that is one of the baselines (the same method, the same parameters once
     # filled with its defaults) is that baseline's merge, so its test scores are reused instead of merged again
-    same = next((spec for spec, name, params in parsed if name == best.method
-                 and get_method(name).Params(**params) == get_method(name).Params(**best.params)), None)
+    same = baseline_of(best.method, best.params)
     if same is None:
         normalized = test.normalized(test.scores(result.best_state()))
         on_test = {"test": mean(normalized), "test_tasks": dict(zip(test.tasks, normalized))}
@@ -149,6 +161,7 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
             "cost": {"trials": len(trial_seconds), "trial_seconds_total": sum(trial_seconds),
                      "trial_seconds_mean": mean(trial_seconds),
                      "states": {s: sum(r["state"] == s for r in result.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                     "measured": sum(r["measured"] for r in result.trials),
                      "seed_wall_seconds": time.monotonic() - t0}}
 
 
@@ -179,7 +192,9 @@ def table(records: list[dict[str, Any]]) -> str:
         c = r["cost"]
         lines.append(f"Cost, seed {r['seed']}: {c['trials']} trials × {c['trial_seconds_mean']:.1f} s = "
                      f"{c['trial_seconds_total']:.0f} s of trials ({c['states']['PRUNED']} pruned, "
-                     f"{c['states']['FAIL']} failed); the whole seed {c['seed_wall_seconds']:.0f} s wall.")
+                     f"{c['states']['FAIL']} failed"
+                     + (f"; {c['measured']} scored from a report's cache, 0 s" if c.get("measured") else "")
+                     + f"); the whole seed {c['seed_wall_seconds']:.0f} s wall.")
     return "\n".join(lines) + "\n"
 
 

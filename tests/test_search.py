@@ -492,6 +492,30 @@ def test_a_configuration_drawn_again_is_not_run_again(evaluator: Evaluator, monk
     assert sorted(merges) == sorted({t.params["method"] for t in trials}) and signature(again) == signature(result)
 
 
+def test_measured_scores_stand_in_for_a_trial(evaluator: Evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measured``: a configuration whose validation scores were measured elsewhere is not merged again, and the
+    study is the one made without it (the scores here are measured by hand, the oracle); a wrong count is one line."""
+    space = {"task_arithmetic": {"scale": [0.1, 1.0]}, "pcb": {}}
+    plain = run_search(evaluator, space, n_trials=6, seed=0, start=["pcb"])
+    by_hand = evaluator.scores(evaluator.merge("pcb", {}))
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def measured(method: str, params: dict[str, Any]) -> list[float] | None:
+        asked.append((method, params))
+        return by_hand if (method, params) == ("pcb", {}) else None
+
+    merges: list[str] = []
+    original = Evaluator.merge
+    monkeypatch.setattr(Evaluator, "merge", lambda self, m, p: merges.append(m) or original(self, m, p))
+    given = run_search(evaluator, space, n_trials=6, seed=0, start=["pcb"], measured=measured)
+    assert signature(given) == signature(plain) and given.trials[0]["method"] == "pcb"
+    assert "pcb" not in merges and ("pcb", {}) in asked
+    assert len(merges) == 6 - sum(r["method"] == "pcb" for r in given.trials)
+    assert given.study.trials[0].user_attrs.get("measured") is True and given.trials[0]["seconds"] == 0.0
+    with pytest.raises(SamergeError, match=r"^search: measured scores of pcb give 1 scores for \d+ tasks$"):
+        run_search(evaluator, space, n_trials=2, seed=0, start=["pcb"], measured=lambda m, p: [0.5])
+
+
 def test_one_driver_per_study_file(evaluator: Evaluator, tmp_path: Path) -> None:
     from samerge.io.writer import OutputLock
 

@@ -232,7 +232,12 @@ def _replay(spec: TrialSpec, earlier: Any) -> TrialResult:
     prune it (or the same error). Its seconds are 0: nothing ran."""
     if "error" in earlier.user_attrs:
         return TrialResult(spec.number, error=earlier.user_attrs["error"])
-    values, scores = earlier.user_attrs["normalized"], earlier.user_attrs["scores"]
+    return _cut(spec, earlier.user_attrs["normalized"], earlier.user_attrs["scores"])
+
+
+def _cut(spec: TrialSpec, values: Sequence[float], scores: Sequence[float]) -> TrialResult:
+    """The result of a trial whose whole scores are known (nothing runs): cut where ``spec``'s thresholds prune it,
+    as :func:`evaluate_trial` would have."""
     for j in range(len(values)):
         if _stops(values[:j + 1], spec.thresholds):
             return TrialResult(spec.number, tuple(values[:j + 1]), tuple(scores[:j + 1]), True)
@@ -531,7 +536,7 @@ def _row(t: Any, space: SearchSpace, tasks: Sequence[str]) -> dict[str, Any]:
     return {"number": t.number, "slot": int(t.user_attrs["slot"]), "state": t.state.name,
             "method": t.user_attrs.get("method", t.params.get("method", next(iter(space.methods)))),
             "value": t.value, "params": t.user_attrs.get("params"), "seconds": float(t.user_attrs.get("seconds", 0.0)),
-            "error": t.user_attrs.get("error"),
+            "error": t.user_attrs.get("error"), "measured": bool(t.user_attrs.get("measured")),
             "scores": dict(zip(tasks, t.user_attrs.get("scores", []))),
             "normalized": dict(zip(tasks, t.user_attrs.get("normalized", [])))}
 
@@ -540,7 +545,8 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
                timeout: float | None = None, seed: int = 0, batch: int = 1, n_jobs: int = 1,
                storage: str | Path | None = None, study_name: str = "samerge-search", warmup_tasks: int = 2,
                startup_trials: int = 5, progress: bool = False, start: Sequence[str] = (),
-               map_trials: Callable[[list[TrialSpec]], Sequence[TrialResult]] | None = None) -> SearchResult:
+               map_trials: Callable[[list[TrialSpec]], Sequence[TrialResult]] | None = None,
+               measured: Callable[[str, dict[str, Any]], Sequence[float] | None] | None = None) -> SearchResult:
     """Search ``space`` on ``evaluator``'s validation tasks until the study holds ``n_trials`` finished trials
     (slots ``0..n_trials-1``; those already in ``storage`` count), or until ``timeout`` seconds have passed (checked
     before each batch). The result covers every finished slot of the study.
@@ -557,6 +563,10 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
     Trials run in parallel only within a batch (``n_jobs`` above ``batch`` gains nothing); a larger ``batch``
     samples more trials from the same history (TPE learns less per trial). One driver per study: a second one on
     the same SQLite file fails at once (an SQLAlchemy URL is not locked: do not drive one study twice).
+    ``measured(method, params)``: the primary validation scores (task order) of a configuration already scored on
+    these experts and tasks elsewhere (e.g. a suite report's score cache), or None; such a trial is not run (its
+    seconds are 0, its user attribute ``measured`` is set). Scores are deterministic, so the study is the one it
+    would be without it — if the scores given are this code's on these experts.
     """
     for name, value, least in (("n_trials", n_trials, 1), ("batch", batch, 1), ("n_jobs", n_jobs, 1),
                                ("startup_trials", startup_trials, 1), ("warmup_tasks", warmup_tasks, 1)):
@@ -595,13 +605,14 @@ def run_search(evaluator: Evaluator, space: Mapping[str, Any] | SearchSpace, *, 
         _recover(study, optuna)
         return _drive(optuna, S, study, evaluator, space, n_trials=n_trials, timeout=timeout, seed=seed,
                       batch=batch, n_jobs=n_jobs, warmup_tasks=warmup_tasks, startup_trials=startup_trials,
-                      progress=progress, map_trials=map_trials, path=path, starts=starts)
+                      progress=progress, map_trials=map_trials, path=path, starts=starts, measured=measured)
 
 
 def _drive(optuna: Any, S: Any, study: Any, evaluator: Evaluator, space: SearchSpace, *, n_trials: int,
            timeout: float | None, seed: int, batch: int, n_jobs: int, warmup_tasks: int, startup_trials: int,
            progress: bool, map_trials: Callable[[list[TrialSpec]], Sequence[TrialResult]] | None,
-           path: Path | None, starts: Sequence[dict[str, Any]] = ()) -> SearchResult:
+           path: Path | None, starts: Sequence[dict[str, Any]] = (),
+           measured: Callable[[str, dict[str, Any]], Sequence[float] | None] | None = None) -> SearchResult:
     from tqdm.auto import tqdm
 
     tasks = evaluator.tasks
@@ -649,6 +660,12 @@ def _drive(optuna: Any, S: Any, study: Any, evaluator: Evaluator, space: SearchS
                 if earlier is not None:  # e.g. a method searched at its defaults, drawn again: not run again
                     trial.set_user_attr("copied_from", int(earlier.user_attrs["slot"]))
                     replayed.append(_replay(spec, earlier))
+                elif measured is not None and (got := measured(method, dict(mparams))) is not None:
+                    if len(got) != len(tasks):
+                        raise SamergeError(f"search: measured scores of {method} give {len(got)} scores for "
+                                           f"{len(tasks)} tasks")
+                    trial.set_user_attr("measured", True)
+                    replayed.append(_cut(spec, evaluator.normalized(got), [float(x) for x in got]))
                 specs.append(spec)
             run = [sp for sp in specs if sp.number not in {r.number for r in replayed}]
             if not run:
