@@ -20,8 +20,9 @@ skipped), its search's outputs ``OUT/seed<N>-search/`` and the studies live in `
 interrupted search continues where it stopped). ``table.md`` is rewritten from the seeds present at the end.
 The baselines' scores (validation and test) are kept in ``OUT/scores.jsonl`` under the keys ``samerge suite
 report`` uses, each as soon as it is computed; ``--scores FILE`` (repeatable) also reads a suite report's
-``scores.jsonl``, so baselines that report already scored on the same experts are not merged or scored again (the
-file is read, never written; take it from the same scoring code, since a key holds no code version).
+``scores.jsonl``, so baselines that report already scored on the same experts are not merged or scored again, on
+test, on validation, and as the start trials of ``--start standard`` (the file is read, never written). Only scores
+made by this very code are taken (each line names its code; see ``samerge.evaluation.scoring.ScoreCache``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 import samerge
 from samerge.cli import main
+from samerge.errors import SamergeWarning
 from samerge.evaluation.report import parse_method, split_methods
+from samerge.evaluation.scoring import code_fingerprint
 from samerge.evaluation.tasks import BUILTIN_TEXT_TASKS, load_builtin, load_file_task
 
 
@@ -219,4 +222,15 @@ def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache,
     run_report("text", "small", out, methods=["task_arithmetic", "weight_average"], tasks=["sentiment", "language_id"],
                seeds=[0, 1], split="val", against=ref)
     assert len(calls) == first + 2  # weight_average, once per seed
+    # a stored score made by other code (here: another samerge's fingerprint on one line) is computed again, and
+    # a warning says how many were set aside
+    lines = (out / "scores.jsonl").read_text(encoding="utf-8").splitlines()
+    i = next(i for i, line in enumerate(lines) if '\\"weight_average\\"' in line and '\\"seed\\": 1' in line)
+    assert json.loads(lines[i])["code"] == code_fingerprint()
+    lines[i] = json.dumps({**json.loads(lines[i]), "code": "0" * 16})
+    (out / "scores.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.warns(SamergeWarning, match=r"^1 stored score\(s\) in .*scores.jsonl were made by other code"):
+        run_report("text", "small", out, methods=["task_arithmetic", "weight_average"],
+                   tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
+    assert calls[first + 2:] == [1]  # weight_average of seed 1, and nothing else
     assert main(["suite", "report", "--seeds", "0,x", "--out", str(out)]) == 2

@@ -11,8 +11,11 @@ and ``normalized`` is score / expert score on that task (:func:`~samerge.evaluat
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
+import warnings
 from statistics import fmean as mean
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +23,8 @@ from typing import Any
 
 import torch
 
-from samerge.errors import SamergeError
+import samerge
+from samerge.errors import SamergeError, SamergeWarning
 from samerge.evaluation.metrics import normalized
 from samerge.evaluation.suite import Expert, Suite
 
@@ -48,22 +52,45 @@ def on_split(experts: Sequence[Expert], split: str) -> list[Expert]:
     return out
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """What a stored score depends on besides its key: samerge's version, torch's, and a digest of samerge's Python
+    sources (any change to the code that merges or scores could change a score)."""
+    root = Path(samerge.__file__).resolve().parent
+    h = hashlib.sha256(f"{samerge.__version__}\0{torch.__version__}".encode())
+    for p in sorted(root.rglob("*.py")):
+        h.update(b"\0" + p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class ScoreCache:
     """A JSON-lines file of scores, each appended and synced as soon as it is computed, so an interrupted run
-    resumes where it stopped; a line cut by an interruption is ignored, and so is a line in the format of an earlier
-    samerge (one number per task, before ``score`` became balanced accuracy): that score is computed again."""
+    resumes where it stopped. Each line names the code that made it (:func:`code_fingerprint`): a line made by
+    other code (another samerge or torch, or an edited checkout) is not used but counted in ``other_code`` (a
+    warning says so), and its score is computed again; so is a line cut by an interruption, or one in the format of
+    an earlier samerge (one number per task, before ``score`` became balanced accuracy)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, dict[str, float]]] = {}
+        self.other_code = 0
         if path.exists():
+            code = code_fingerprint()
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    if all(isinstance(v, dict) and "score" in v for v in rec["scores"].values()):
-                        self.done[rec["key"]] = rec["scores"]
+                    if not all(isinstance(v, dict) and "score" in v for v in rec["scores"].values()):
+                        continue
+                    if rec.get("code") != code:
+                        self.other_code += 1
+                        continue
+                    self.done[rec["key"]] = rec["scores"]
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
+            if self.other_code:
+                warnings.warn(SamergeWarning(
+                    f"{self.other_code} stored score(s) in {path} were made by other code (another samerge or torch, "
+                    "or an edited checkout): they are computed again"), stacklevel=2)
 
     def get(self, key: str) -> dict[str, dict[str, float]] | None:
         return self.done.get(key)
@@ -72,7 +99,7 @@ class ScoreCache:
         self.done[key] = scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "scores": scores}) + "\n")
+            f.write(json.dumps({"key": key, "scores": scores, "code": code_fingerprint()}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
