@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -233,4 +234,9 @@ def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache,
         run_report("text", "small", out, methods=["task_arithmetic", "weight_average"],
                    tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
     assert calls[first + 2:] == [1]  # weight_average of seed 1, and nothing else
+    with warnings.catch_warnings():  # scored again by this code: the old line no longer counts, no warning
+        warnings.simplefilter("error", SamergeWarning)
+        run_report("text", "small", out, methods=["task_arithmetic", "weight_average"],
+                   tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
+    assert calls[first + 2:] == [1]
     assert main(["suite", "report", "--seeds", "0,x", "--out", str(out)]) == 2

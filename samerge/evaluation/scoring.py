@@ -73,20 +73,21 @@ class ScoreCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, dict[str, float]]] = {}
-        self.other_code = 0
+        self.other_code = 0  # keys held only by lines of other code (what this code computes again)
         if path.exists():
-            code = code_fingerprint()
+            code, other = code_fingerprint(), set()
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
                     if not all(isinstance(v, dict) and "score" in v for v in rec["scores"].values()):
                         continue
                     if rec.get("code") != code:
-                        self.other_code += 1
+                        other.add(rec["key"])
                         continue
                     self.done[rec["key"]] = rec["scores"]
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
+            self.other_code = len(other - self.done.keys())
             if self.other_code:
                 warnings.warn(SamergeWarning(
                     f"{self.other_code} stored score(s) in {path} were made by other code (another samerge or torch, "
