@@ -101,10 +101,12 @@ def run_seed(args: argparse.Namespace, seed: int, space_decl: dict[str, Any], ou
     def cached(spec: str, split: str) -> dict[str, Any] | None:
         return next((hit for hit in (c.get(keys[split][spec]) for c in read) if hit is not None), None)
 
+    filled = [(spec, name, get_method(name).Params(**ps)) for spec, name, ps in parsed]  # each baseline's parameters
+
     def baseline_of(method: str, params: dict[str, Any]) -> str | None:
         """The baseline that is this configuration (same method, same parameters with its defaults filled)."""
-        return next((spec for spec, name, ps in parsed if name == method
-                     and get_method(name).Params(**ps) == get_method(name).Params(**params)), None)
+        return next((spec for spec, name, model in filled if name == method
+                     and model == get_method(name).Params(**params)), None)
 
     def measured(method: str, params: dict[str, Any]) -> list[float] | None:  # a baseline's cached val scores
         spec = baseline_of(method, params)
