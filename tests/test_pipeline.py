@@ -371,7 +371,8 @@ def test_pipeline_is_tracked_in_a_real_mlflow_server(suite_cache, tmp_path, mlfl
     run_stage("prune", params, work, method="sa_merging", overrides=small, quiet=True)  # re-merge: same tensors
     merged = work / "work/prune/sa_merging/model"
     assert {"config.json", "tokenizer.json", "model.safetensors", "README.md"} <= {f.name for f in merged.iterdir()}
-    pipe = mlflow.transformers.load_model("models:/samerge-text@champion")
+    (tmp_path / "pipe").mkdir()  # MLflow downloads there (by default into a temp folder it never removes)
+    pipe = mlflow.transformers.load_model("models:/samerge-text@champion", dst_path=str(tmp_path / "pipe"))
     hf = AutoModel.from_pretrained(local / "model").eval()
     tok = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
     with open_checkpoint(merged) as ck:

@@ -63,7 +63,8 @@ def test_a_merge_that_is_no_transformers_model_is_a_models_from_code_pyfunc(tmp_
         info, flavor = log_merged_model(mlflow, d, "samerge-vision")
     assert flavor == "code" and info.registered_model_version == 1
     shutil.rmtree(d)  # the registered model is self-contained
-    model = mlflow.pyfunc.load_model("models:/samerge-vision/1")
+    (tmp_path / "loaded").mkdir()  # MLflow downloads there (by default into a temp folder it never removes)
+    model = mlflow.pyfunc.load_model("models:/samerge-vision/1", dst_path=str(tmp_path / "loaded"))
     got = model.predict(["_conv_stem.weight", "_fc_tied.weight", "_bn0.bias"])
     assert torch.equal(torch.from_numpy(got["_conv_stem.weight"]), conv.float())
     assert torch.equal(torch.from_numpy(got["_fc_tied.weight"]), head)
