@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import pytest
 import torch
@@ -11,6 +13,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (``timeout``, a CI runner's cancel) ends like Ctrl-C: pytest tears the fixtures
+    down, so the servers the tests started in their own process groups (MLflow, Prefect) are stopped, not left
+    running."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture(scope="session")
