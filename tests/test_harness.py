@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 INNER = '''
@@ -48,7 +50,9 @@ def test_a_run_stopped_with_sigterm_stops_the_servers_its_fixtures_started(tmp_p
     try:
         deadline = time.time() + 120
         while not (pid_file.exists() and pid_file.read_text()):
-            assert run.poll() is None and time.time() < deadline, run.stdout.read().decode() if run.stdout else ""
+            if run.poll() is not None or time.time() > deadline:  # stopped first: reading a live run's output blocks
+                run.kill()
+                pytest.fail("the inner run never started its server:\n" + run.communicate()[0].decode())
             time.sleep(0.2)
         server = int(pid_file.read_text())
         assert _running(server)

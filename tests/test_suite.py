@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import warnings
@@ -220,8 +221,9 @@ def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache,
     run_report("text", "small", out, methods=["task_arithmetic"], tasks=["sentiment", "language_id"], seeds=[0, 1],
                split="val", against=ref)
     assert len(calls) == first
-    run_report("text", "small", out, methods=["task_arithmetic", "weight_average"], tasks=["sentiment", "language_id"],
-               seeds=[0, 1], split="val", against=ref)
+    both = functools.partial(run_report, "text", "small", out, methods=["task_arithmetic", "weight_average"],
+                             tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
+    both()
     assert len(calls) == first + 2  # weight_average, once per seed
     # a stored score made by other code (here: another samerge's fingerprint on one line) is computed again, and
     # a warning says how many were set aside
@@ -231,12 +233,10 @@ def test_several_seeds_on_the_validation_split_paired_and_resumable(suite_cache,
     lines[i] = json.dumps({**json.loads(lines[i]), "code": "0" * 16})
     (out / "scores.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.warns(SamergeWarning, match=r"^1 stored score\(s\) in .*scores.jsonl were made by other code"):
-        run_report("text", "small", out, methods=["task_arithmetic", "weight_average"],
-                   tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
+        both()
     assert calls[first + 2:] == [1]  # weight_average of seed 1, and nothing else
     with warnings.catch_warnings():  # scored again by this code: the old line no longer counts, no warning
         warnings.simplefilter("error", SamergeWarning)
-        run_report("text", "small", out, methods=["task_arithmetic", "weight_average"],
-                   tasks=["sentiment", "language_id"], seeds=[0, 1], split="val", against=ref)
+        both()
     assert calls[first + 2:] == [1]
     assert main(["suite", "report", "--seeds", "0,x", "--out", str(out)]) == 2
